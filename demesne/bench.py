@@ -1,0 +1,346 @@
+"""Load generator for any OpenAI-compatible server: `demesne bench`.
+
+Owns the synthetic prompts (a shared prefix plus a distinct suffix per request), the
+streaming client that times each request, and the figures printed from those timings.
+It speaks plain HTTP to `/completions` or `/chat/completions`, so it can measure demesne,
+llama-server, vLLM or anything else that streams OpenAI-style SSE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import aiohttp
+import click
+import orjson
+from tqdm import tqdm
+
+# Short, common words: each is about one token in most vocabularies, so a prompt of N
+# words is about N tokens without needing the server's tokenizer.
+WORDS = (
+    "the of and to in is it you that he was for on are as with his they at be this have "
+    "from or one had by word but not what all were we when your can said there use an each "
+    "which she do how their if will up other about out many then them these so some her "
+    "would make like him into time has look two more write go see number no way could "
+    "people my than first water been call who oil its now find long down day did get come "
+    "made may part over new sound take only little work know place year live me back give "
+    "most very after thing our just name good man think say great where help through much "
+    "before line right too mean old any same tell boy follow came want show also around form "
+    "three small set put end does another well large must big even such because turn here "
+    "why ask went men read need land different home us move try kind hand picture again "
+    "change off play spell air away animal house point page letter mother answer found study "
+    "still learn should world high every near add food between own below country plant last "
+    "school father keep tree never start city earth eye light thought head under story saw "
+    "left few while along might close something seem next hard open example begin life "
+    "always those both paper together got group often run important until children side feet "
+    "car mile night walk white sea began grow took river four carry state once book hear stop "
+    "without second later miss idea enough eat face watch far real almost let above girl "
+    "sometimes mountain cut young talk soon list song being leave family"
+).split()
+
+def build_prompts(n: int, prompt_tokens: int, shared_prefix_tokens: int, seed: int = 0) -> list[str]:
+    """Return `n` prompts of about `prompt_tokens` words each.
+
+    The first `shared_prefix_tokens` words are the same in every prompt; the rest start with
+    the request index, so no two suffixes are equal even where the random words collide.
+    """
+    shared = min(max(shared_prefix_tokens, 0), prompt_tokens)
+    prefix = _words(random.Random(f"{seed}:prefix"), shared)
+    prompts = []
+    for i in range(n):
+        suffix_len = max(prompt_tokens - shared - 1, 0)
+        suffix = [str(i)] + _words(random.Random(f"{seed}:{i}"), suffix_len)
+        prompts.append(" ".join(prefix + suffix))
+    return prompts
+
+
+def _words(rng: random.Random, k: int) -> list[str]:
+    return [rng.choice(WORDS) for _ in range(k)]
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0..100) with linear interpolation; None for no values."""
+    if not values:
+        return None
+    xs = sorted(values)
+    pos = (len(xs) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+@dataclass
+class RequestStats:
+    """What one streamed request measured. Times are in seconds."""
+
+    ok: bool = False
+    error: str | None = None
+    ttft: float | None = None
+    itls: list[float] = field(default_factory=list)
+    chunks: int = 0
+    completion_tokens: int | None = None
+    prompt_tokens: int | None = None
+    cached_tokens: int | None = None
+    latency: float = 0.0
+
+    @property
+    def output_tokens(self) -> int:
+        # Usage is authoritative; a server that sends none still sends one chunk per token
+        # or more, so the chunk count is a lower bound.
+        return self.completion_tokens if self.completion_tokens is not None else self.chunks
+
+
+@dataclass
+class BenchResult:
+    """Every request's stats plus the settings and wall time of the run."""
+
+    concurrency: int
+    max_tokens: int
+    prompt_tokens: int
+    shared_prefix_tokens: int
+    model: str
+    wall_s: float
+    requests: list[RequestStats]
+
+    @property
+    def ok(self) -> list[RequestStats]:
+        return [r for r in self.requests if r.ok]
+
+    @property
+    def failed(self) -> list[RequestStats]:
+        return [r for r in self.requests if not r.ok]
+
+    @property
+    def output_tokens(self) -> int:
+        return sum(r.output_tokens for r in self.ok)
+
+    @property
+    def output_tok_s(self) -> float:
+        return self.output_tokens / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def req_s(self) -> float:
+        return len(self.ok) / self.wall_s if self.wall_s > 0 else 0.0
+
+    def ttft(self, q: float) -> float | None:
+        return percentile([r.ttft for r in self.ok if r.ttft is not None], q)
+
+    def itl(self, q: float) -> float | None:
+        return percentile([gap for r in self.ok for gap in r.itls], q)
+
+
+def _ms(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{seconds * 1000:.1f} ms"
+
+
+def _mean(values: list[int]) -> float | None:
+    return sum(values) / len(values) if values else None
+
+
+def format_result(result: BenchResult) -> str:
+    """A short human-readable report of one run."""
+    lines = [
+        f"model {result.model}  concurrency {result.concurrency}  "
+        f"prompt ~{result.prompt_tokens} words (shared {result.shared_prefix_tokens})  "
+        f"max_tokens {result.max_tokens}",
+        f"requests        {len(result.ok)} ok, {len(result.failed)} failed",
+        f"wall time       {result.wall_s:.2f} s",
+        f"output          {result.output_tokens} tokens, {result.output_tok_s:.1f} tok/s",
+        f"throughput      {result.req_s:.2f} req/s",
+        f"TTFT            p50 {_ms(result.ttft(50))}  p90 {_ms(result.ttft(90))}",
+        f"inter-token     p50 {_ms(result.itl(50))}  p90 {_ms(result.itl(90))}",
+    ]
+    prompt = _mean([r.prompt_tokens for r in result.ok if r.prompt_tokens is not None])
+    if prompt is not None:
+        lines.append(f"prompt tokens   {prompt:.1f} mean (from usage)")
+    cached = _mean([r.cached_tokens for r in result.ok if r.cached_tokens is not None])
+    if cached is not None:
+        lines.append(f"cached tokens   {cached:.1f} mean per request")
+    lines += _error_lines(result.failed)
+    return "\n".join(lines)
+
+
+def _error_lines(failed: list[RequestStats], limit: int = 5) -> list[str]:
+    # Distinct messages only: 64 copies of the same 503 say no more than one.
+    messages: dict[str, int] = {}
+    for r in failed:
+        msg = r.error or "unknown error"
+        messages[msg] = messages.get(msg, 0) + 1
+    return [f"error           {n}x {msg}" for msg, n in list(messages.items())[:limit]]
+
+
+def _headers(api_key: str | None) -> dict[str, str]:
+    return {"Authorization": f"Bearer {api_key}"} if api_key else {}
+
+
+async def fetch_model(session: aiohttp.ClientSession, url: str, api_key: str | None) -> str:
+    """The first model id the server lists."""
+    async with session.get(f"{url}/models", headers=_headers(api_key)) as resp:
+        resp.raise_for_status()
+        body = await resp.json(loads=orjson.loads)
+    return body["data"][0]["id"]
+
+
+def _request_body(endpoint: str, model: str, prompt: str, max_tokens: int, temperature: float) -> dict:
+    body = {
+        "model": model,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
+    if endpoint == "chat":
+        body["messages"] = [{"role": "user", "content": prompt}]
+    else:
+        body["prompt"] = prompt
+    return body
+
+
+def _chunk_text(chunk: dict) -> str:
+    choices = chunk.get("choices") or []
+    if not choices:
+        return ""
+    choice = choices[0]
+    if "delta" in choice:
+        return (choice["delta"] or {}).get("content") or ""
+    return choice.get("text") or ""
+
+
+def _read_usage(stats: RequestStats, usage: dict) -> None:
+    stats.completion_tokens = usage.get("completion_tokens")
+    stats.prompt_tokens = usage.get("prompt_tokens")
+    details = usage.get("prompt_tokens_details") or {}
+    stats.cached_tokens = details.get("cached_tokens")
+
+
+async def _sse_events(resp: aiohttp.ClientResponse):
+    """Yield each `data:` payload of an SSE stream, parsed, until `[DONE]`."""
+    async for raw in resp.content:
+        line = raw.strip()
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return
+        yield orjson.loads(data)
+
+
+async def _consume(resp: aiohttp.ClientResponse, stats: RequestStats, start: float) -> None:
+    last = None
+    async for chunk in _sse_events(resp):
+        if "error" in chunk:
+            err = chunk["error"]
+            stats.error = err.get("message", str(err)) if isinstance(err, dict) else str(err)
+            return
+        if chunk.get("usage"):
+            _read_usage(stats, chunk["usage"])
+        if not _chunk_text(chunk):
+            continue
+        now = time.perf_counter()
+        if last is None:
+            stats.ttft = now - start
+        else:
+            stats.itls.append(now - last)
+        last = now
+        stats.chunks += 1
+    stats.ok = stats.error is None
+
+
+async def _one_request(session: aiohttp.ClientSession, url: str, body: dict, headers: dict) -> RequestStats:
+    """Send one streaming request and time it; never raises for server or network errors."""
+    stats = RequestStats()
+    start = time.perf_counter()
+    try:
+        async with session.post(url, data=orjson.dumps(body), headers=headers) as resp:
+            if resp.status != 200:
+                stats.error = f"HTTP {resp.status}: {(await resp.text())[:200]}"
+            else:
+                await _consume(resp, stats, start)
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError) as exc:
+        stats.error = f"{type(exc).__name__}: {exc}"
+    stats.latency = time.perf_counter() - start
+    return stats
+
+
+async def run_bench(
+    url: str,
+    *,
+    concurrency: int,
+    requests: int,
+    prompt_tokens: int,
+    shared_prefix_tokens: int,
+    max_tokens: int,
+    api_key: str | None = None,
+    model: str | None = None,
+    temperature: float = 0.0,
+    endpoint: str = "completions",
+    progress: bool = True,
+) -> BenchResult:
+    """Send `requests` streaming requests, at most `concurrency` at a time, and time them."""
+    url = url.rstrip("/")
+    path = "/chat/completions" if endpoint == "chat" else "/completions"
+    headers = {**_headers(api_key), "Content-Type": "application/json"}
+    prompts = build_prompts(requests, prompt_tokens, shared_prefix_tokens)
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    # No total timeout: a long generation under heavy load is a result, not an error.
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        model = model or await fetch_model(session, url, api_key)
+        bodies = [_request_body(endpoint, model, p, max_tokens, temperature) for p in prompts]
+        with tqdm(total=requests, file=sys.stderr, disable=not progress, unit="req") as bar:
+            start = time.perf_counter()
+            results = await _drive(session, url + path, bodies, headers, concurrency, bar)
+            wall = time.perf_counter() - start
+    return BenchResult(concurrency, max_tokens, prompt_tokens, shared_prefix_tokens, model, wall, results)
+
+
+async def _drive(session, url: str, bodies: list[dict], headers: dict, concurrency: int, bar) -> list[RequestStats]:
+    """Run the requests through `concurrency` workers, keeping results in request order."""
+    results: list[RequestStats | None] = [None] * len(bodies)
+    pending = iter(range(len(bodies)))
+
+    async def worker() -> None:
+        # One shared iterator: each worker takes the next index when its last one finishes.
+        for i in pending:
+            results[i] = await _one_request(session, url, bodies[i], headers)
+            bar.update(1)
+
+    await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+    return results  # type: ignore[return-value]
+
+
+@click.command("bench")
+@click.option("--url", default="http://127.0.0.1:9090/v1", show_default=True, help="Base URL of the OpenAI API.")
+@click.option("--api-key", envvar="DEMESNE_API_KEY", default=None, help="Bearer token (env DEMESNE_API_KEY).")
+@click.option("--model", default=None, help="Model id; default: the first one /models lists.")
+@click.option("--concurrency", default=16, show_default=True, type=click.IntRange(min=1))
+@click.option("--requests", "n_requests", default=64, show_default=True, type=click.IntRange(min=1))
+@click.option("--prompt-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--shared-prefix-tokens", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--temperature", default=0.0, show_default=True, type=float)
+@click.option("--endpoint", type=click.Choice(["completions", "chat"]), default="completions", show_default=True)
+@click.option("--no-progress", is_flag=True, help="Do not draw a progress bar.")
+def bench(url, api_key, model, concurrency, n_requests, prompt_tokens, shared_prefix_tokens,
+          max_tokens, temperature, endpoint, no_progress):
+    """Measure throughput and latency of an OpenAI-compatible server with streamed requests."""
+    try:
+        result = asyncio.run(run_bench(
+            url, concurrency=concurrency, requests=n_requests, prompt_tokens=prompt_tokens,
+            shared_prefix_tokens=shared_prefix_tokens, max_tokens=max_tokens, api_key=api_key,
+            model=model, temperature=temperature, endpoint=endpoint, progress=not no_progress,
+        ))
+    except (aiohttp.ClientError, KeyError, IndexError) as exc:
+        # Only the model lookup can get here; the requests themselves record their errors.
+        raise click.ClickException(f"cannot list models at {url}/models: {exc}") from exc
+    click.echo(format_result(result))
+    if not result.ok:
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    bench()

@@ -1,0 +1,220 @@
+"""Command line: `demesne serve`, `demesne bench`, `demesne-engine`, `demesne-gateway`.
+
+`demesne serve` runs one engine (a child process) and one gateway (this process) on an IPC
+socket; the two separate commands are for systemd units and for several GPUs or hosts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import sys
+from collections.abc import Callable
+
+import click
+
+from .bench import bench
+from .config import CACHE_TYPES, FLASH_ATTN, SPLIT_MODES, ConfigError, EngineConfig, GatewayConfig, default_engine_endpoint
+from .model import ModelNotFound, resolve_model
+
+log = logging.getLogger("demesne")
+
+
+def _fail(message: str) -> None:
+    click.echo(f"demesne: error: {message}", err=True)
+    sys.exit(2)
+
+
+def _floats(_ctx, _param, value: str | None) -> tuple[float, ...]:
+    if not value:
+        return ()
+    try:
+        return tuple(float(x) for x in value.split(","))
+    except ValueError:
+        raise click.BadParameter("expected numbers separated by commas, e.g. 3,1") from None
+
+
+def _apply(options: list[Callable]) -> Callable:
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return decorate
+
+
+LOG_LEVEL = click.option("--log-level", default="info", type=click.Choice(["debug", "info", "warning", "error"]), show_default=True)
+
+ENGINE_OPTIONS = [
+    click.option("--model", type=click.Path(dir_okay=False), help="GGUF to serve [default: the bundled Gemma 3 270M]"),
+    click.option("--model-alias", help="model id clients use [default: the file name without .gguf]"),
+    click.option("--ctx-size", default=16384, show_default=True, help="total KV cells, shared by all sequences"),
+    click.option("--max-seqs", default=32, show_default=True, help="sequences decoding at once"),
+    click.option("--batch-size", default=512, show_default=True, help="tokens per decode step (decode rows + prompt chunk)"),
+    click.option("--ubatch-size", default=512, show_default=True, help="physical batch size inside llama.cpp"),
+    click.option("--threads", default=0, show_default=True, help="threads for generation [0: physical cores]"),
+    click.option("--threads-batch", default=0, show_default=True, help="threads for prompt processing [0: --threads]"),
+    click.option("--n-gpu-layers", default=0, show_default=True, help="layers offloaded to the GPU [-1: all]"),
+    click.option("--split-mode", default="layer", type=click.Choice(SPLIT_MODES), show_default=True, help="how to split across GPUs"),
+    click.option("--tensor-split", callback=_floats, help="proportions per GPU, e.g. 3,1"),
+    click.option("--main-gpu", default=0, show_default=True, help="the GPU for the whole model with --split-mode none"),
+    click.option("--flash-attn", default="auto", type=click.Choice(FLASH_ATTN), show_default=True),
+    click.option("--cache-type-k", default="f16", type=click.Choice(CACHE_TYPES), show_default=True, help="K cache type"),
+    click.option("--cache-type-v", default="f16", type=click.Choice(CACHE_TYPES), show_default=True, help="V cache type (quantized needs flash attention)"),
+    click.option("--max-waiting", default=1024, show_default=True, help="queued requests beyond this are refused with 429"),
+    click.option("--seed", type=int, help="engine-wide seed for requests that bring none"),
+]
+
+GATEWAY_OPTIONS = [
+    click.option("--host", default="127.0.0.1", show_default=True),
+    click.option("--port", default=9090, show_default=True),
+    click.option("--api-key", "api_keys", multiple=True, envvar="DEMESNE_API_KEY", help="accepted key (repeatable; env DEMESNE_API_KEY)"),
+    click.option("--chat-template", type=click.Path(dir_okay=False), help="Jinja file overriding the model's chat template"),
+]
+
+
+def _engine_config(model: str | None, listen: str, **kw) -> EngineConfig:
+    kw.pop("log_level", None)
+    return EngineConfig(model=resolve_model(model), listen=listen, **kw)
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _run_async(coro) -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - not on Windows
+        asyncio.run(coro)
+    else:
+        uvloop.run(coro)
+
+
+# -- engine --------------------------------------------------------------------------------
+
+
+def run_engine(config: EngineConfig, log_level: str = "info") -> None:
+    """Body of an engine process (also the target of `demesne serve`'s child)."""
+    from .engine.proc import serve_engine
+    from .engine.runner import ModelLoadError
+
+    _setup_logging(log_level)
+    try:
+        serve_engine(config)
+    except ModelLoadError as exc:
+        _fail(str(exc))
+
+
+@click.command("engine")
+@_apply(ENGINE_OPTIONS)
+@click.option("--listen", default=default_engine_endpoint, show_default="ipc://$XDG_RUNTIME_DIR/demesne-engine.sock", help="ZeroMQ endpoint to bind")
+@LOG_LEVEL
+def engine_cmd(model, listen, log_level, **kw):
+    """Run one engine: the model on one accelerator, behind a ZeroMQ socket."""
+    try:
+        config = _engine_config(model, listen, **kw)
+    except (ConfigError, ModelNotFound) as exc:
+        _fail(str(exc))
+    run_engine(config, log_level)
+
+
+# -- gateway -------------------------------------------------------------------------------
+
+
+@click.command("gateway")
+@_apply(GATEWAY_OPTIONS)
+@click.option("--engine", "engines", multiple=True, default=[default_engine_endpoint()], show_default=True, help="engine endpoint (repeatable)")
+@click.option("--model", type=click.Path(dir_okay=False), help="local copy of the engine's GGUF, when its path is not readable here")
+@LOG_LEVEL
+def gateway_cmd(log_level, **kw):
+    """Run one gateway: HTTP on the outside, engines over ZeroMQ on the inside."""
+    from .gateway.app import serve_gateway
+
+    _setup_logging(log_level)
+    try:
+        if kw["model"]:
+            kw["model"] = resolve_model(kw["model"])
+        config = GatewayConfig(**{**kw, "engines": tuple(kw["engines"]), "api_keys": tuple(kw["api_keys"])})
+    except (ConfigError, ModelNotFound) as exc:
+        _fail(str(exc))
+    _run_async(serve_gateway(config))
+
+
+# -- serve: one engine and one gateway -----------------------------------------------------
+
+
+@click.command("serve")
+@_apply(ENGINE_OPTIONS + GATEWAY_OPTIONS)
+@LOG_LEVEL
+def serve_cmd(log_level, host, port, api_keys, chat_template, model, **engine_kw):
+    """Run an engine and a gateway together on this machine (the bundled model by default)."""
+    _setup_logging(log_level)
+    run_dir = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    endpoint = f"ipc://{run_dir}/demesne-{os.getpid()}.sock"
+    try:
+        engine_config = _engine_config(model, endpoint, **engine_kw)
+        gateway_config = GatewayConfig(
+            engines=(endpoint,), host=host, port=port, api_keys=tuple(api_keys), chat_template=chat_template
+        )
+    except (ConfigError, ModelNotFound) as exc:
+        _fail(str(exc))
+    engine = multiprocessing.get_context("spawn").Process(
+        target=run_engine, args=(engine_config, log_level), name="demesne-engine"
+    )
+    engine.start()
+    try:
+        _run_async(_serve_with_engine(gateway_config, engine))
+    finally:
+        _stop_process(engine)
+    if engine.exitcode not in (0, None, -15):
+        sys.exit(engine.exitcode if engine.exitcode > 0 else 1)
+
+
+async def _serve_with_engine(config: GatewayConfig, engine: multiprocessing.Process) -> None:
+    """The gateway, until a signal or until the engine process dies."""
+    from .gateway.app import serve_gateway
+
+    gateway = asyncio.ensure_future(serve_gateway(config))
+    while not gateway.done():
+        if not engine.is_alive():
+            log.error("the engine process exited (code %s); stopping", engine.exitcode)
+            gateway.cancel()
+            break
+        await asyncio.sleep(0.5)
+    try:
+        await gateway
+    except asyncio.CancelledError:
+        pass
+
+
+def _stop_process(proc: multiprocessing.Process) -> None:
+    if proc.is_alive():
+        proc.terminate()
+        proc.join(30)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+
+
+# -- entry points --------------------------------------------------------------------------
+
+
+@click.group()
+@click.version_option(package_name="demesne")
+def main():
+    """demesne: an OpenAI-compatible LLM server on llama.cpp for ordinary hardware."""
+
+
+main.add_command(serve_cmd)
+main.add_command(engine_cmd)
+main.add_command(gateway_cmd)
+main.add_command(bench)
+engine_main = engine_cmd
+gateway_main = gateway_cmd

@@ -1,0 +1,91 @@
+"""Frozen configuration for each process, checked once in ``__post_init__`` and passed down."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+CACHE_TYPES = ("f16", "q8_0", "q4_0")
+SPLIT_MODES = ("none", "layer", "row")
+FLASH_ATTN = ("auto", "on", "off")
+
+
+def default_engine_endpoint() -> str:
+    run_dir = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
+    return f"ipc://{run_dir}/demesne-engine.sock"
+
+
+class ConfigError(ValueError):
+    """A setting that cannot work; the CLI prints it as one line and exits with code 2."""
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    model: str  # path to a GGUF file
+    model_alias: str | None = None  # the id clients use; default: the file's stem
+    ctx_size: int = 16384  # total KV cells, shared by every sequence
+    max_seqs: int = 32  # sequences decoding at once
+    batch_size: int = 512  # tokens per llama_decode (decode rows + prefill chunk)
+    ubatch_size: int = 512
+    threads: int = 0  # 0: one per physical core, as llama.cpp picks
+    threads_batch: int = 0
+    n_gpu_layers: int = 0  # -1: all
+    split_mode: str = "layer"
+    tensor_split: tuple[float, ...] = ()
+    main_gpu: int = 0
+    flash_attn: str = "auto"
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    listen: str = field(default_factory=default_engine_endpoint)
+    max_waiting: int = 1024  # requests queued beyond this are refused with 429
+    seed: int | None = None  # engine-wide seed for requests that bring none
+
+    def __post_init__(self) -> None:
+        _require(self.ctx_size >= 256, f"--ctx-size must be at least 256, got {self.ctx_size}")
+        _require(1 <= self.max_seqs <= 256, f"--max-seqs must be in [1, 256], got {self.max_seqs}")
+        _require(
+            self.batch_size >= self.max_seqs,
+            f"--batch-size ({self.batch_size}) must be at least --max-seqs ({self.max_seqs}):"
+            " every running sequence needs a row in each step",
+        )
+        _require(1 <= self.ubatch_size, "--ubatch-size must be positive")
+        _require(self.threads >= 0 and self.threads_batch >= 0, "--threads must be >= 0")
+        _require(self.split_mode in SPLIT_MODES, f"--split-mode must be one of {SPLIT_MODES}")
+        _require(self.flash_attn in FLASH_ATTN, f"--flash-attn must be one of {FLASH_ATTN}")
+        for name, value in (("k", self.cache_type_k), ("v", self.cache_type_v)):
+            _require(value in CACHE_TYPES, f"--cache-type-{name} must be one of {CACHE_TYPES}")
+        _require(all(x >= 0 for x in self.tensor_split), "--tensor-split takes non-negative numbers")
+        _require(self.max_waiting >= 1, "--max-waiting must be positive")
+
+    @property
+    def model_id(self) -> str:
+        return self.model_alias or os.path.splitext(os.path.basename(self.model))[0]
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayConfig:
+    engines: tuple[str, ...] = ()
+    host: str = "127.0.0.1"
+    port: int = 9090
+    api_keys: tuple[str, ...] = ()
+    model: str | None = None  # local copy of the GGUF when the engine's path is not readable here
+    chat_template: str | None = None  # a Jinja file overriding the model's template
+    max_body_bytes: int = 8 * 1024 * 1024
+    heartbeat_interval: float = 1.0
+    heartbeat_timeout: float = 5.0  # an engine silent this long is taken as dead
+
+    def __post_init__(self) -> None:
+        _require(len(self.engines) > 0, "at least one --engine endpoint is needed")
+        _require(0 <= self.port < 65536, f"--port must be in [0, 65535], got {self.port}")
+        _require(all(self.api_keys), "an API key may not be empty")
+        _require(
+            self.heartbeat_timeout > self.heartbeat_interval > 0,
+            "heartbeat timeout must exceed the interval",
+        )
+        if self.chat_template is not None:
+            _require(os.path.isfile(self.chat_template), f"--chat-template {self.chat_template}: no such file")

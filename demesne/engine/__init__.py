@@ -1,0 +1,1 @@
+"""The engine process: scheduler, sampler and llama.cpp for one accelerator."""

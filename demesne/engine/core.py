@@ -1,0 +1,239 @@
+"""Engine.step(): schedule -> run the model -> sample -> emit deltas. No sockets here.
+
+The process wrapper (proc.py) hands requests in with :meth:`Engine.submit` and
+:meth:`Engine.abort` between steps and sends out what :meth:`Engine.step` returns.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..config import EngineConfig
+from ..protocol import FINISH_LENGTH, FINISH_STOP, Delta, Error, Generate, ModelInfo
+from .request import Sequence
+from .runner import DecodeError, ModelRunner
+from .sampler import Sampler
+from .scheduler import Scheduler, StepPlan
+
+log = logging.getLogger("demesne.engine")
+
+
+@dataclass(slots=True)
+class Counters:
+    """Monotonic totals, reported to gateways for /metrics."""
+
+    prompt_tokens: int = 0  # prompt tokens of admitted requests
+    prefill_tokens: int = 0  # tokens decoded as prompt (recomputation after preemption too)
+    generation_tokens: int = 0
+    decode_seconds: float = 0.0
+    sample_seconds: float = 0.0
+    steps: int = 0
+    requests_finished: int = 0
+    requests_refused: int = 0
+
+
+class Engine:
+    def __init__(self, config: EngineConfig, runner: ModelRunner):
+        self.config = config
+        self.runner = runner
+        self.n_ctx = runner.n_ctx
+        self.scheduler = Scheduler(runner.n_ctx, config.max_seqs, config.batch_size, config.max_waiting)
+        self.sampler = Sampler(runner.n_vocab, config.batch_size)
+        self.counters = Counters()
+        self.by_rid: dict[str, Sequence] = {}
+        self._seed_rng = np.random.default_rng(config.seed)
+        bos, eos = runner.bos_eos_text()
+        self.model_info = ModelInfo(
+            id=config.model_id,
+            path=config.model,
+            n_ctx=runner.n_ctx,
+            n_vocab=runner.n_vocab,
+            chat_template=runner.chat_template(),
+            bos_token=bos,
+            eos_token=eos,
+        )
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    # -- requests in -------------------------------------------------------------------
+
+    def submit(self, client: bytes, req: Generate) -> Error | None:
+        """Queue a request; an Error when it can never be served or the queue is full."""
+        error = self._check(req)
+        if error is None:
+            seq = Sequence(
+                rid=req.rid,
+                client=client,
+                prompt_len=len(req.prompt),
+                max_tokens=req.max_tokens,
+                params=req.params,
+                tokens=list(req.prompt),
+                rng=self._rng_for(req),
+            )
+            if self.scheduler.add(seq):
+                self.by_rid[req.rid] = seq
+                return None
+            error = Error(req.rid, 429, "the engine's queue is full; retry later", "engine_overloaded")
+        self.counters.requests_refused += 1
+        return error
+
+    def _check(self, req: Generate) -> Error | None:
+        n_prompt = len(req.prompt)
+        if req.rid in self.by_rid:
+            return Error(req.rid, 400, f"request id {req.rid} is already in use", "duplicate_id")
+        if n_prompt == 0:
+            return Error(req.rid, 400, "the prompt is empty", "empty_prompt", "prompt")
+        if req.max_tokens < 1:
+            return Error(req.rid, 400, "max_tokens must be at least 1", "invalid_value", "max_tokens")
+        if any(t < 0 or t >= self.runner.n_vocab for t in req.prompt):
+            return Error(req.rid, 400, "the prompt holds token ids outside the vocabulary", "invalid_value", "prompt")
+        if n_prompt + req.max_tokens > self.n_ctx:
+            return Error(
+                req.rid, 400,
+                f"this model's context holds {self.n_ctx} tokens; the prompt has {n_prompt}"
+                f" and max_tokens asks for {req.max_tokens} more",
+                "context_length_exceeded", "max_tokens" if n_prompt < self.n_ctx else "messages",
+            )
+        return None
+
+    def _rng_for(self, req: Generate) -> np.random.Generator | None:
+        if req.params.greedy:
+            return None
+        seed = req.params.seed if req.params.seed is not None else self._seed_rng.integers(2**63)
+        return np.random.default_rng(seed)
+
+    def abort(self, rid: str) -> None:
+        seq = self.by_rid.get(rid)
+        if seq is not None:
+            self._release(seq)
+
+    def abort_client(self, client: bytes) -> int:
+        """Abort every request of a gateway that went away; returns how many."""
+        gone = [s for s in self.by_rid.values() if s.client == client]
+        for seq in gone:
+            self._release(seq)
+        return len(gone)
+
+    def _release(self, seq: Sequence) -> None:
+        was_running = seq.seq_id >= 0
+        seq_id = seq.seq_id
+        self.scheduler.remove(seq)
+        if was_running:
+            self.runner.drop_sequence(seq_id)
+        del self.by_rid[seq.rid]
+
+    # -- the step ----------------------------------------------------------------------
+
+    def step(self) -> list[tuple[bytes, Delta]]:
+        """Run one decode over everything scheduled; return (gateway, delta) pairs to send."""
+        plan = self.scheduler.schedule()
+        for seq_id in plan.dropped:
+            self.runner.drop_sequence(seq_id)
+        if not plan.chunks:
+            return []
+        outputs = self._fill_batch(plan)
+        t0 = time.perf_counter()
+        try:
+            logits = self.runner.decode()
+        except DecodeError as exc:
+            return self._on_decode_error(plan, exc)
+        t1 = time.perf_counter()
+        for seq, n in plan.chunks:
+            seq.n_computed += n
+        tokens = self._sample(logits, outputs)
+        t2 = time.perf_counter()
+        self._count(t1 - t0, t2 - t1)
+        return self._advance(outputs, tokens)
+
+    def _fill_batch(self, plan: StepPlan) -> list[Sequence]:
+        """Write every chunk into the batch; return the sequences that get an output row."""
+        batch = self.runner.batch
+        batch.clear()
+        outputs = []
+        for seq, n in plan.chunks:
+            start = seq.n_computed
+            last = start + n == len(seq.tokens)
+            batch.add_span(seq.tokens[start : start + n], start, seq.seq_id, last)
+            if last:
+                outputs.append(seq)
+            if not seq.counted:
+                seq.counted = True
+                self.counters.prompt_tokens += seq.prompt_len
+            if n > 1 or start < seq.prompt_len:  # not the one-token decode of a sampled token
+                self.counters.prefill_tokens += n
+        return outputs
+
+    def _sample(self, logits: np.ndarray, outputs: list[Sequence]) -> np.ndarray:
+        if not outputs:
+            return np.empty(0, np.int64)
+        self.sampler.prepare([s.params for s in outputs])
+        return self.sampler.sample(logits, [s.rng for s in outputs])
+
+    def _advance(self, outputs: list[Sequence], tokens: np.ndarray) -> list[tuple[bytes, Delta]]:
+        deltas = []
+        eog = self.runner.eog
+        for seq, token in zip(outputs, tokens.tolist()):
+            if eog[token]:
+                seq.finish = FINISH_STOP
+            else:
+                seq.append(token)
+                self.counters.generation_tokens += 1
+                if seq.n_generated >= seq.max_tokens or len(seq.tokens) >= self.n_ctx:
+                    seq.finish = FINISH_LENGTH
+            deltas.append((seq.client, self._delta(seq)))
+            if seq.finish:
+                self._release(seq)
+                self.counters.requests_finished += 1
+        return deltas
+
+    def _delta(self, seq: Sequence) -> Delta:
+        first = seq.n_sent == 0
+        tokens = seq.unsent()
+        report = first or seq.finish is not None
+        return Delta(
+            rid=seq.rid,
+            tokens=tokens,
+            finish=seq.finish,
+            prompt_tokens=seq.prompt_len if report else 0,
+        )
+
+    def _count(self, decode_s: float, sample_s: float) -> None:
+        c = self.counters
+        c.steps += 1
+        c.decode_seconds += decode_s
+        c.sample_seconds += sample_s
+
+    def _on_decode_error(self, plan: StepPlan, exc: DecodeError) -> list[tuple[bytes, Delta]]:
+        # KV state is unchanged on code 1 (no slot); the scheduler's count of free cells was
+        # optimistic (fragmentation). Preempt the newest sequence and go on.
+        log.warning("%s with %d tokens; preempting the newest sequence", exc, plan.n_tokens)
+        if exc.code != 1 or len(self.scheduler.running) <= 1:
+            raise exc
+        self.runner.drop_sequence(self.scheduler.preempt(self.scheduler.running[-1]))
+        return []
+
+    # -- reporting ---------------------------------------------------------------------
+
+    def stats(self) -> dict[str, float]:
+        c = self.counters
+        return {
+            "requests_running": len(self.scheduler.running),
+            "requests_waiting": len(self.scheduler.waiting),
+            "prompt_tokens_total": c.prompt_tokens,
+            "prefill_tokens_total": c.prefill_tokens,
+            "generation_tokens_total": c.generation_tokens,
+            "decode_seconds_total": c.decode_seconds,
+            "sample_seconds_total": c.sample_seconds,
+            "steps_total": c.steps,
+            "requests_finished_total": c.requests_finished,
+            "requests_refused_total": c.requests_refused,
+            "preemptions_total": self.scheduler.n_preemptions,
+            "kv_cells_used": self.scheduler.cells_used(),
+            "kv_cells_total": self.n_ctx,
+        }

@@ -1,0 +1,54 @@
+"""A sequence's state and counters: what it holds in KV, what it generated, what is unsent."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from ..protocol import SamplingParams
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """One request inside the engine.
+
+    ``tokens`` is everything that belongs in the KV cache in the end: the prompt, then each
+    sampled token. ``n_computed`` of them are in KV already. A step feeds
+    ``tokens[n_computed:]`` (or a chunk of it); when the chunk reaches the end, its last row
+    yields logits and the sampled token is appended. Decoding is the case of one token left;
+    after a preemption the whole of ``tokens`` is prefilled again, generated tokens included.
+    """
+
+    rid: str
+    client: bytes  # the gateway's ZeroMQ identity, where deltas go
+    prompt_len: int
+    max_tokens: int
+    params: SamplingParams
+    tokens: list[int]
+    rng: np.random.Generator | None = None
+    seq_id: int = -1  # llama.cpp sequence id while running, -1 while waiting
+    n_computed: int = 0
+    n_generated: int = 0
+    n_sent: int = 0  # generated tokens already sent to the gateway
+    finish: str | None = None
+    counted: bool = False  # prompt tokens counted in the engine's totals
+
+    @property
+    def n_remaining(self) -> int:
+        """Tokens not yet in KV."""
+        return len(self.tokens) - self.n_computed
+
+    def unsent(self) -> list[int]:
+        start = self.prompt_len + self.n_sent
+        self.n_sent = self.n_generated
+        return self.tokens[start : self.prompt_len + self.n_generated]
+
+    def append(self, token: int) -> None:
+        self.tokens.append(token)
+        self.n_generated += 1
+
+    def reset_kv(self) -> None:
+        """Forget KV state (preempted): everything is prefilled again when readmitted."""
+        self.seq_id = -1
+        self.n_computed = 0

@@ -1,0 +1,218 @@
+"""The only engine module that imports llama_cpp: model and context, the batch, decode, KV ops.
+
+Everything above this module speaks numpy arrays and sequence ids; nothing else touches
+ctypes. The context always uses a *unified* KV cache (one pool of ``ctx_size`` cells shared
+by every sequence, so a cell can later belong to several sequences at once) and full-size
+sliding-window caches (``swa_full``), without which reusing KV across sequences is wrong on
+SWA models such as Gemma 3 (see shared/LLAMA_FACTS.md).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+
+import llama_cpp
+import numpy as np
+
+from ..config import EngineConfig
+from ..llama_logs import quiet_llama_logs
+
+log = logging.getLogger("demesne.engine")
+
+_CACHE_TYPES = {"f16": llama_cpp.GGML_TYPE_F16, "q8_0": llama_cpp.GGML_TYPE_Q8_0, "q4_0": llama_cpp.GGML_TYPE_Q4_0}
+_SPLIT_MODES = {
+    "none": llama_cpp.LLAMA_SPLIT_MODE_NONE,
+    "layer": llama_cpp.LLAMA_SPLIT_MODE_LAYER,
+    "row": llama_cpp.LLAMA_SPLIT_MODE_ROW,
+}
+_FLASH_ATTN = {
+    "auto": llama_cpp.LLAMA_FLASH_ATTN_TYPE_AUTO,
+    "on": llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED,
+    "off": llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED,
+}
+
+
+class ModelLoadError(RuntimeError):
+    """The GGUF could not be loaded or the context could not be created."""
+
+
+class DecodeError(RuntimeError):
+    def __init__(self, code: int):
+        super().__init__(f"llama_decode returned {code}")
+        self.code = code  # 1: no KV slot for the batch; the KV state is unchanged
+
+
+class Batch:
+    """A ``llama_batch`` whose arrays are numpy-owned, so the hot loop fills them by slices.
+
+    Each token may carry up to ``n_seq_max`` sequence ids: row ``i`` of ``seq_id`` holds the
+    ids and ``n_seq_id[i]`` says how many are valid. Nothing here is freed by llama.cpp.
+    """
+
+    def __init__(self, capacity: int, n_seq_max: int):
+        self.capacity = capacity
+        self.token = np.zeros(capacity, np.int32)
+        self.pos = np.zeros(capacity, np.int32)
+        self.n_seq_id = np.ones(capacity, np.int32)
+        self.seq_id = np.zeros((capacity, n_seq_max), np.int32)
+        self.logits = np.zeros(capacity, np.int8)
+        row_addr = self.seq_id.ctypes.data + np.arange(capacity, dtype=np.uintp) * self.seq_id.strides[0]
+        self._seq_rows = row_addr.astype(np.uintp)
+        self._iota = np.arange(capacity, dtype=np.int32)
+        self.n_tokens = 0
+        self.n_outputs = 0
+        self._struct = llama_cpp.llama_batch(
+            n_tokens=0,
+            token=self._ptr(self.token, llama_cpp.llama_token),
+            embd=None,
+            pos=self._ptr(self.pos, llama_cpp.llama_pos),
+            n_seq_id=self._ptr(self.n_seq_id, ctypes.c_int32),
+            seq_id=ctypes.cast(self._seq_rows.ctypes.data, ctypes.POINTER(ctypes.POINTER(llama_cpp.llama_seq_id))),
+            logits=self._ptr(self.logits, ctypes.c_int8),
+        )
+
+    @staticmethod
+    def _ptr(array: np.ndarray, ctype):
+        return array.ctypes.data_as(ctypes.POINTER(ctype))
+
+    def clear(self) -> None:
+        self.n_tokens = 0
+        self.n_outputs = 0
+
+    def add_span(self, tokens, pos0: int, seq_id: int, output_last: bool) -> None:
+        """Append consecutive tokens of one sequence starting at position ``pos0``."""
+        n, k = self.n_tokens, len(tokens)
+        end = n + k
+        self.token[n:end] = tokens
+        np.add(self._iota[:k], pos0, out=self.pos[n:end])
+        self.n_seq_id[n:end] = 1
+        self.seq_id[n:end, 0] = seq_id
+        self.logits[n:end] = 0
+        if output_last:
+            self.logits[end - 1] = 1
+            self.n_outputs += 1
+        self.n_tokens = end
+
+    def as_struct(self) -> llama_cpp.llama_batch:
+        self._struct.n_tokens = self.n_tokens
+        return self._struct
+
+
+class ModelRunner:
+    """Owns the llama.cpp model, context and batch; decodes a batch and hands back logits."""
+
+    def __init__(self, config: EngineConfig):
+        llama_cpp.llama_backend_init()
+        quiet_llama_logs()
+        self.config = config
+        self._tensor_split = None  # kept alive: the model params point into it
+        self.model = self._load_model(config)
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.ctx = self._new_context(config)
+        self.memory = llama_cpp.llama_get_memory(self.ctx)
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self.n_seq_max = config.max_seqs
+        self.batch = Batch(config.batch_size, self.n_seq_max)
+        self.eog = np.array(
+            [llama_cpp.llama_vocab_is_eog(self.vocab, t) for t in range(self.n_vocab)], dtype=bool
+        )
+
+    def _load_model(self, config: EngineConfig):
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = config.n_gpu_layers if config.n_gpu_layers >= 0 else 0x7FFFFFFF
+        params.split_mode = _SPLIT_MODES[config.split_mode]
+        params.main_gpu = config.main_gpu
+        if config.tensor_split:
+            n_dev = llama_cpp.llama_max_devices()
+            values = list(config.tensor_split)[:n_dev] + [0.0] * max(0, n_dev - len(config.tensor_split))
+            self._tensor_split = (ctypes.c_float * n_dev)(*values)
+            params.tensor_split = self._tensor_split
+        model = llama_cpp.llama_model_load_from_file(config.model.encode(), params)
+        if not model:
+            raise ModelLoadError(f"cannot load model {config.model}")
+        return model
+
+    def _new_context(self, config: EngineConfig):
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = config.ctx_size
+        params.n_batch = config.batch_size
+        params.n_ubatch = min(config.ubatch_size, config.batch_size)
+        params.n_seq_max = config.max_seqs
+        threads = config.threads or _physical_cores()
+        params.n_threads = threads
+        params.n_threads_batch = config.threads_batch or threads
+        params.flash_attn_type = _FLASH_ATTN[config.flash_attn]
+        params.type_k = _CACHE_TYPES[config.cache_type_k]
+        params.type_v = _CACHE_TYPES[config.cache_type_v]
+        params.kv_unified = True
+        params.swa_full = True
+        params.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(self.model, params)
+        if not ctx:
+            raise ModelLoadError(
+                "cannot create the llama.cpp context (too little memory for --ctx-size, or a"
+                " quantized V cache without flash attention?)"
+            )
+        return ctx
+
+    # -- model facts -------------------------------------------------------------------
+
+    def chat_template(self) -> str | None:
+        raw = llama_cpp.llama_model_chat_template(self.model, None)
+        return raw.decode("utf-8") if raw else None
+
+    def token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        raw = llama_cpp.llama_vocab_get_text(self.vocab, token)
+        return raw.decode("utf-8", "replace") if raw else ""
+
+    def bos_eos_text(self) -> tuple[str, str]:
+        return (
+            self.token_text(llama_cpp.llama_vocab_bos(self.vocab)),
+            self.token_text(llama_cpp.llama_vocab_eos(self.vocab)),
+        )
+
+    # -- the step ----------------------------------------------------------------------
+
+    def decode(self) -> np.ndarray:
+        """Run the filled batch; return a read-only view of its logits, (n_outputs, n_vocab).
+
+        The view is valid until the next decode.
+        """
+        rc = llama_cpp.llama_decode(self.ctx, self.batch.as_struct())
+        if rc != 0:
+            raise DecodeError(rc)
+        n_out = self.batch.n_outputs
+        if n_out == 0:
+            return np.empty((0, self.n_vocab), np.float32)
+        ptr = llama_cpp.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
+
+    def drop_sequence(self, seq_id: int) -> None:
+        """Free every KV cell of ``seq_id`` (cells other sequences share stay)."""
+        llama_cpp.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+
+    def close(self) -> None:
+        if self.ctx:
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+
+def _physical_cores() -> int:
+    # llama.cpp's own default: physical cores; hyper-threads slow matrix kernels down.
+    try:
+        with open("/proc/cpuinfo") as f:
+            cores = {line for line in f if line.startswith("core id")}
+        siblings = len(os.sched_getaffinity(0))
+        if cores:
+            return max(1, min(len(cores), siblings))
+        return max(1, siblings)
+    except (OSError, AttributeError):
+        return max(1, (os.cpu_count() or 2) // 2)

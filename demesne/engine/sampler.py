@@ -1,0 +1,101 @@
+"""Picks the next token of every output row at once, with numpy.
+
+With a 262k-token vocabulary a full sort of each row costs more than the decode step, so:
+
+- one ``argmax`` over the whole ``(rows, vocab)`` block serves every greedy row, and gives
+  each row's maximum logit;
+- stochastic rows keep only *candidates*, tokens whose probability is at least
+  ``1e-7`` of the row's best at that row's temperature (a comparison against a threshold,
+  written into a preallocated mask), and only those few are sorted, cut by top-k and top-p,
+  and drawn from;
+- every row draws from its own generator, so a seeded request gives the same tokens
+  whatever else shares the batch.
+
+Per-row parameters are gathered into arrays once per step by :meth:`Sampler.prepare`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..protocol import SamplingParams
+
+# A token below 1e-7 of the best token's probability is never a candidate. Even a long flat
+# tail of such tokens changes the sampled distribution by far less than top_p rounding does.
+_LOG_CUTOFF = float(np.log(1e7))
+
+
+class Sampler:
+    def __init__(self, n_vocab: int, max_rows: int):
+        self.n_vocab = n_vocab
+        self._mask = np.empty((max_rows, n_vocab), dtype=bool)
+        self._temp = np.ones(max_rows, np.float32)
+        self._top_p = np.ones(max_rows, np.float64)
+        self._top_k = np.zeros(max_rows, np.int64)
+        self._greedy = np.ones(max_rows, bool)
+
+    def prepare(self, params: list[SamplingParams]) -> None:
+        """Gather the rows' parameters for the coming :meth:`sample` call."""
+        n = len(params)
+        for i, p in enumerate(params):
+            self._greedy[i] = p.greedy
+            self._temp[i] = p.temperature if not p.greedy else 1.0
+            self._top_p[i] = p.top_p
+            self._top_k[i] = p.top_k if p.top_k > 0 else self.n_vocab
+        self._n = n
+
+    def sample(self, logits: np.ndarray, rngs: list[np.random.Generator | None]) -> np.ndarray:
+        """Return one token id per row of ``logits`` (rows as given to :meth:`prepare`)."""
+        n = logits.shape[0]
+        best = logits.argmax(axis=1)
+        if self._greedy[:n].all():
+            return best
+        rows = np.flatnonzero(~self._greedy[:n])
+        row_max = logits[np.arange(n), best]
+        chosen = self._sample_rows(logits, rows, row_max, rngs)
+        best[rows] = chosen
+        return best
+
+    def _sample_rows(self, logits, rows, row_max, rngs) -> np.ndarray:
+        n = logits.shape[0]
+        temp = self._temp[:n]
+        # Candidates of every stochastic row in one pass; greedy rows get an impossible bar.
+        bar = np.full(n, np.inf, np.float32)
+        bar[rows] = row_max[rows] - temp[rows] * _LOG_CUTOFF
+        mask = self._mask[:n]
+        np.greater_equal(logits, bar[:, None], out=mask)
+        r, c = np.nonzero(mask)  # row-major: rows ascending
+        scaled = (logits[r, c] - row_max[r]) / temp[r]
+        prob = np.exp(scaled.astype(np.float64))
+        # Sort candidates by probability within their row, then keep each row's top-k prefix.
+        order = np.lexsort((-prob, r))
+        r, c, prob = r[order], c[order], prob[order]
+        counts = np.bincount(r, minlength=n)
+        starts = np.cumsum(counts) - counts
+        rank = np.arange(r.size) - starts[r]
+        prob *= rank < self._top_k[r]
+        # top-p: keep the smallest prefix whose mass reaches top_p (the first always stays).
+        ends = starts + counts
+        cum, base = _segment_bases(prob, starts)
+        row_total = np.zeros(n)
+        row_total[rows] = cum[ends[rows] - 1] - base[rows]
+        before = cum - prob - base[r]
+        prob *= before < self._top_p[r] * row_total[r]
+        return self._draw(prob, c, starts, ends, rows, rngs)
+
+    @staticmethod
+    def _draw(prob, tokens, starts, ends, rows, rngs) -> np.ndarray:
+        cum, base = _segment_bases(prob, starts)
+        u = np.array([(rngs[i] or np.random.default_rng()).random() for i in rows])
+        target = base[rows] + u * (cum[ends[rows] - 1] - base[rows])
+        idx = np.searchsorted(cum, target, side="right")
+        # Kept tokens are a prefix of each row: rounding past it steps back onto its last one.
+        n_kept = np.add.reduceat((prob > 0).astype(np.int64), starts[rows])
+        return tokens[np.minimum(idx, starts[rows] + n_kept - 1)]
+
+
+def _segment_bases(values: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Running sum of ``values`` and, per segment, the sum before the segment starts."""
+    cum = np.cumsum(values)
+    base = np.where(starts > 0, cum[np.maximum(starts - 1, 0)], 0.0)
+    return cum, base

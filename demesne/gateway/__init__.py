@@ -1,0 +1,1 @@
+"""The gateway process: HTTP, auth, OpenAI shapes, chat templates, text; routes to engines."""

@@ -1,0 +1,85 @@
+"""The model's Jinja chat template, rendered in a sandbox; the built-in fallback; overrides.
+
+Precedence: ``--chat-template FILE``, then the GGUF's ``tokenizer.chat_template``, then
+:data:`FALLBACK_TEMPLATE` for base models that have none (the bundled Gemma 3 270M). The
+template sees what Hugging Face passes: ``messages``, ``add_generation_prompt``,
+``bos_token``, ``eos_token``, ``tools``, ``raise_exception``, and ``strftime_now``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+
+import jinja2
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+log = logging.getLogger("demesne.gateway")
+
+# A plain transcript, which base models continue sensibly:
+#
+#     <bos>{system}\n\nUser: {user}\nAssistant: {assistant}\n ... Assistant:
+#
+# A base model will happily write the user's next turn as well, so this template comes
+# with the stop string "\nUser:" (added to each chat request that uses it).
+FALLBACK_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{% if message.role == 'system' %}{{ message.content }}\n\n"
+    "{% elif message.role == 'user' %}User: {{ message.content }}\n"
+    "{% elif message.role == 'assistant' %}Assistant: {{ message.content }}\n"
+    "{% elif message.role == 'tool' %}Tool result: {{ message.content }}\n"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}Assistant:{% endif %}"
+)
+FALLBACK_STOPS = ("\nUser:",)
+
+
+class TemplateError(ValueError):
+    """The template refused the conversation (``raise_exception``) or failed to render."""
+
+
+def _raise_exception(message: str):
+    raise TemplateError(message)
+
+
+def _strftime_now(fmt: str) -> str:
+    return datetime.datetime.now().strftime(fmt)
+
+
+class ChatTemplate:
+    def __init__(self, source: str, bos_token: str, eos_token: str, origin: str, stops: tuple[str, ...] = ()):
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined)
+        env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
+        self._template = env.from_string(source)
+        self.bos_token = bos_token
+        self.eos_token = eos_token
+        self.origin = origin  # "file PATH", "model", or "built-in fallback"
+        self.stops = stops
+
+    @classmethod
+    def select(cls, override_path: str | None, model_template: str | None, bos: str, eos: str) -> ChatTemplate:
+        if override_path:
+            with open(override_path, encoding="utf-8") as f:
+                template = cls(f.read(), bos, eos, f"file {override_path}")
+        elif model_template:
+            template = cls(model_template, bos, eos, "the model's tokenizer.chat_template")
+        else:
+            template = cls(FALLBACK_TEMPLATE, bos, eos, "the built-in fallback (the model has none)", FALLBACK_STOPS)
+        log.info("chat template: %s", template.origin)
+        return template
+
+    def render(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
+        try:
+            return self._template.render(
+                messages=messages,
+                tools=tools,
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token,
+                eos_token=self.eos_token,
+            )
+        except TemplateError:
+            raise
+        except jinja2.TemplateError as exc:
+            raise TemplateError(f"the chat template failed: {exc}") from exc

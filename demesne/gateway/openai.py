@@ -1,0 +1,275 @@
+"""The OpenAI API surface: request validation into one typed request, and response shapes.
+
+Every error a client can cause is an :class:`ApiError`, which the error middleware turns
+into ``{"error": {"message", "type", "param", "code"}}`` with its status.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..protocol import SamplingParams
+
+MAX_STOP_STRINGS = 4
+ROLES = ("system", "developer", "user", "assistant", "tool")
+
+_ERROR_TYPES = {401: "invalid_request_error", 429: "rate_limit_error"}
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+
+    def body(self) -> dict[str, Any]:
+        kind = _ERROR_TYPES.get(self.status) or ("server_error" if self.status >= 500 else "invalid_request_error")
+        return {"error": {"message": self.message, "type": kind, "param": self.param, "code": self.code}}
+
+
+def bad(message: str, param: str | None = None, code: str | None = "invalid_value") -> ApiError:
+    return ApiError(400, message, param, code)
+
+
+@dataclass(slots=True)
+class CompletionRequest:
+    """A validated request of either endpoint, before its prompt is tokenized."""
+
+    chat: bool
+    model: str
+    messages: list[dict] | None  # chat
+    prompt: str | list[int] | None  # completions: text or token ids
+    max_tokens: int | None
+    params: SamplingParams
+    stop: list[str] = field(default_factory=list)
+    stream: bool = False
+    include_usage: bool = False
+
+
+# -- field checks ------------------------------------------------------------------------
+
+
+def _typed(body: dict, name: str, types: type | tuple[type, ...], default: Any = None) -> Any:
+    value = body.get(name, default)
+    if value is None:
+        return default
+    # bool is an int in Python; a JSON true is never a valid number here.
+    if isinstance(value, bool) and bool not in (types if isinstance(types, tuple) else (types,)):
+        raise bad(f"'{name}' must be of type {_type_name(types)}", name, "invalid_type")
+    if not isinstance(value, types):
+        raise bad(f"'{name}' must be of type {_type_name(types)}", name, "invalid_type")
+    return value
+
+
+def _type_name(types) -> str:
+    names = {int: "integer", float: "number", str: "string", bool: "boolean", list: "array", dict: "object"}
+    types = types if isinstance(types, tuple) else (types,)
+    return " or ".join(dict.fromkeys(names.get(t, t.__name__) for t in types))
+
+
+def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
+    value = float(_typed(body, name, (int, float), default))
+    if value != value or value > hi or value < lo or (lo_open and value == lo):
+        bracket = "(" if lo_open else "["
+        raise bad(f"'{name}' must be in {bracket}{lo}, {hi}], got {value}", name)
+    return value
+
+
+def _max_tokens(body: dict) -> int | None:
+    name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
+    value = _typed(body, name, int)
+    if value is not None and value < 1:
+        raise bad(f"'{name}' must be at least 1, got {value}", name)
+    return value
+
+
+def _stop(body: dict) -> list[str]:
+    stop = body.get("stop")
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        stop = [stop]
+    if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+        raise bad("'stop' must be a string or an array of strings", "stop", "invalid_type")
+    if len(stop) > MAX_STOP_STRINGS:
+        raise bad(f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", "stop")
+    return [s for s in stop if s]
+
+
+def _sampling(body: dict) -> SamplingParams:
+    seed = _typed(body, "seed", int)
+    top_k = _typed(body, "top_k", int, 0)
+    if top_k < 0:
+        raise bad(f"'top_k' must be >= 0, got {top_k}", "top_k")
+    return SamplingParams(
+        temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
+        top_k=top_k,
+        seed=seed,
+    )
+
+
+def _common(body: dict, chat: bool) -> dict[str, Any]:
+    model = _typed(body, "model", str)
+    if not model:
+        raise bad("'model' is required", "model", "missing_required_parameter")
+    n = _typed(body, "n", int, 1)
+    if n != 1:
+        raise bad("only n=1 is supported so far", "n", "unsupported_value")
+    stream = _typed(body, "stream", bool, False)
+    options = _typed(body, "stream_options", dict, {})
+    include_usage = bool(_typed(options, "include_usage", bool, False)) if options else False
+    if options and not stream:
+        raise bad("'stream_options' is only allowed when 'stream' is true", "stream_options")
+    _typed(body, "user", str)
+    return dict(
+        chat=chat,
+        model=model,
+        max_tokens=_max_tokens(body),
+        params=_sampling(body),
+        stop=_stop(body),
+        stream=stream,
+        include_usage=include_usage,
+    )
+
+
+# -- the two endpoints ---------------------------------------------------------------------
+
+
+def parse_chat(body: Any) -> CompletionRequest:
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object", None, "invalid_type")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad("'messages' must be a non-empty array", "messages", "invalid_type" if messages else "missing_required_parameter")
+    clean = [_message(m, i) for i, m in enumerate(messages)]
+    return CompletionRequest(messages=clean, prompt=None, **_common(body, chat=True))
+
+
+def _message(m: Any, i: int) -> dict:
+    where = f"messages[{i}]"
+    if not isinstance(m, dict):
+        raise bad(f"'{where}' must be an object", where, "invalid_type")
+    role = m.get("role")
+    if role not in ROLES:
+        raise bad(f"'{where}.role' must be one of {', '.join(ROLES)}; got {role!r}", f"{where}.role")
+    content = _content(m.get("content"), f"{where}.content", allow_null=role == "assistant")
+    out = {"role": "system" if role == "developer" else role, "content": content}
+    if isinstance(m.get("name"), str):
+        out["name"] = m["name"]
+    return out
+
+
+def _content(content: Any, where: str, allow_null: bool) -> str:
+    if content is None and allow_null:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for j, part in enumerate(content):
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind == "text" and isinstance(part.get("text"), str):
+                texts.append(part["text"])
+            elif kind in ("image_url", "input_audio", "file"):
+                raise bad(f"'{where}[{j}]': this model takes text only, not {kind}", f"{where}[{j}]", "unsupported_content")
+            else:
+                raise bad(f"'{where}[{j}]' must be a text part", f"{where}[{j}]", "invalid_type")
+        return "".join(texts)
+    raise bad(f"'{where}' must be a string or an array of content parts", where, "invalid_type")
+
+
+def parse_completion(body: Any) -> CompletionRequest:
+    if not isinstance(body, dict):
+        raise bad("the request body must be a JSON object", None, "invalid_type")
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
+        prompt = prompt[0]  # a batch of one
+    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+        pass  # token ids
+    elif not isinstance(prompt, str):
+        raise bad("'prompt' must be a string or an array of token ids (one prompt per request)", "prompt", "invalid_type")
+    if body.get("echo"):
+        raise bad("'echo' is not supported", "echo", "unsupported_value")
+    if body.get("suffix"):
+        raise bad("'suffix' is not supported", "suffix", "unsupported_value")
+    if body.get("logprobs") is not None:
+        raise bad("'logprobs' is not supported yet", "logprobs", "unsupported_value")
+    return CompletionRequest(messages=None, prompt=prompt, **_common(body, chat=False))
+
+
+def check_chat_extras(body: dict) -> None:
+    """Fields real clients send that demesne cannot honour yet: a clear 400, never ignored."""
+    if body.get("logprobs"):
+        raise bad("'logprobs' is not supported yet", "logprobs", "unsupported_value")
+    if body.get("tools"):
+        raise bad("'tools' are not supported yet", "tools", "unsupported_value")
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        raise bad("only response_format 'text' is supported so far", "response_format", "unsupported_value")
+
+
+# -- responses -------------------------------------------------------------------------------
+
+
+def new_id(chat: bool) -> str:
+    return ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int = 0) -> dict:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }
+
+
+@dataclass(slots=True)
+class Shaper:
+    """Builds the response objects and stream chunks of one request."""
+
+    chat: bool
+    model: str
+    fingerprint: str
+    id: str = ""
+    created: int = 0
+
+    def __post_init__(self) -> None:
+        self.id = self.id or new_id(self.chat)
+        self.created = self.created or int(time.time())
+
+    def _envelope(self, obj: str) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint}
+
+    def response(self, text: str, finish: str, use: dict) -> dict:
+        if self.chat:
+            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None}, "logprobs": None, "finish_reason": finish}
+            return {**self._envelope("chat.completion"), "choices": [choice], "usage": use}
+        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        return {**self._envelope("text_completion"), "choices": [choice], "usage": use}
+
+    def chunk(self, text: str | None, finish: str | None = None, first: bool = False, with_usage: bool = False) -> dict:
+        if self.chat:
+            delta: dict[str, Any] = {}
+            if first:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            body = {**self._envelope("chat.completion.chunk"), "choices": [choice]}
+        else:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            body = {**self._envelope("text_completion"), "choices": [choice]}
+        if with_usage:
+            body["usage"] = None
+        return body
+
+    def usage_chunk(self, use: dict) -> dict:
+        obj = "chat.completion.chunk" if self.chat else "text_completion"
+        return {**self._envelope(obj), "choices": [], "usage": use}

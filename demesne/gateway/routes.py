@@ -1,0 +1,225 @@
+"""The route table and its handlers."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import orjson
+from aiohttp import web
+
+from .. import protocol as p
+from .app_keys import CLIENT, FINGERPRINT, MODELS, STARTED
+from .engine_client import EngineRefused, EngineUnavailable
+from .generation import ModelContext, Piece, generate_text
+from .openai import ApiError, CompletionRequest, Shaper, bad, check_chat_extras, parse_chat, parse_completion, usage
+
+log = logging.getLogger("demesne.gateway")
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_post("/v1/chat/completions", chat_completions)
+    app.router.add_post("/v1/completions", completions)
+    app.router.add_get("/v1/models", list_models)
+    app.router.add_get("/v1/models/{model:.+}", get_model)
+    app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
+
+
+async def _json_body(request: web.Request):
+    raw = await request.read()  # raises 413 past client_max_size
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise bad(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+
+
+async def chat_completions(request: web.Request) -> web.StreamResponse:
+    body = await _json_body(request)
+    req = parse_chat(body)
+    check_chat_extras(body)
+    return await _complete(request, req)
+
+
+async def completions(request: web.Request) -> web.StreamResponse:
+    return await _complete(request, parse_completion(await _json_body(request)))
+
+
+# -- a completion, either endpoint ----------------------------------------------------------
+
+
+def _model(request: web.Request, model_id: str) -> ModelContext:
+    models = request.app[MODELS]
+    if model_id not in models:
+        if not request.app[CLIENT].any_alive():
+            raise ApiError(503, "no engine is reachable", None, "engine_unavailable")
+        raise ApiError(404, f"The model '{model_id}' does not exist", "model", "model_not_found")
+    return models[model_id]
+
+
+def _prompt_tokens(model: ModelContext, req: CompletionRequest) -> tuple[list[int], str]:
+    """Token ids of the prompt, and the name of the field they came from."""
+    if req.chat:
+        text = model.template.render(req.messages)
+        return model.tokenizer.encode(text, add_special=not text.startswith(model.template.bos_token)), "messages"
+    if isinstance(req.prompt, str):
+        return model.tokenizer.encode(req.prompt), "prompt"
+    if any(t < 0 or t >= model.info.n_vocab for t in req.prompt):
+        raise bad("'prompt' holds token ids outside the vocabulary", "prompt")
+    return list(req.prompt), "prompt"
+
+
+def _budget(n_ctx: int, n_prompt: int, req: CompletionRequest, field: str) -> int:
+    if n_prompt == 0:
+        raise bad("the prompt is empty", field)
+    if n_prompt >= n_ctx:
+        raise bad(
+            f"This model's maximum context length is {n_ctx} tokens, but the prompt has"
+            f" {n_prompt} tokens. Shorten the {field}.",
+            field,
+            "context_length_exceeded",
+        )
+    if req.max_tokens is None:
+        return n_ctx - n_prompt
+    if n_prompt + req.max_tokens > n_ctx:
+        raise bad(
+            f"This model's maximum context length is {n_ctx} tokens. However, you requested"
+            f" {n_prompt + req.max_tokens} tokens ({n_prompt} in the {field}, {req.max_tokens}"
+            " in the completion). Reduce the prompt or the completion length.",
+            "max_tokens",
+            "context_length_exceeded",
+        )
+    return req.max_tokens
+
+
+async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamResponse:
+    model = _model(request, req.model)
+    client = request.app[CLIENT]
+    try:
+        prompt, field = _prompt_tokens(model, req)
+    except ValueError as exc:  # the chat template refused the conversation
+        raise bad(str(exc), "messages") from None
+    max_tokens = _budget(model.info.n_ctx, len(prompt), req, field)
+    try:
+        engine = client.pick(req.model)
+    except EngineUnavailable as exc:
+        raise ApiError(503, str(exc), None, "engine_unavailable") from None
+    gen = p.Generate(client.new_request_id(), prompt, max_tokens, req.params)
+    stops = req.stop + (list(model.template.stops) if req.chat else [])
+    pieces = generate_text(client, engine, model, gen, stops)
+    shaper = Shaper(req.chat, model.info.id, request.app[FINGERPRINT])
+    try:
+        if req.stream:
+            return await _stream(request, req, shaper, pieces)
+        return await _collect(shaper, pieces)
+    finally:
+        await pieces.aclose()
+
+
+async def _next_piece(pieces) -> Piece:
+    try:
+        return await pieces.__anext__()
+    except EngineRefused as exc:
+        e = exc.error
+        raise ApiError(e.status, e.message, e.param, e.code) from None
+    except EngineUnavailable as exc:
+        raise ApiError(503, str(exc), None, "engine_unavailable") from None
+
+
+async def _collect(shaper: Shaper, pieces) -> web.Response:
+    texts = []
+    while True:
+        piece = await _next_piece(pieces)
+        texts.append(piece.text)
+        if piece.finish is not None:
+            use = usage(piece.prompt_tokens, piece.completion_tokens, piece.cached_tokens)
+            return _json(shaper.response("".join(texts), piece.finish, use))
+
+
+async def _stream(request: web.Request, req: CompletionRequest, shaper: Shaper, pieces) -> web.StreamResponse:
+    # The first piece comes before the headers, so a refused request still gets its status.
+    piece = await _next_piece(pieces)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+    await response.prepare(request)
+    if req.chat:
+        await _send(response, shaper.chunk("", first=True, with_usage=req.include_usage))
+    while True:
+        if piece.text:
+            await _send(response, shaper.chunk(piece.text, with_usage=req.include_usage))
+        if piece.finish is not None:
+            await _send(response, shaper.chunk(None if req.chat else "", piece.finish, with_usage=req.include_usage))
+            if req.include_usage:
+                await _send(response, shaper.usage_chunk(usage(piece.prompt_tokens, piece.completion_tokens, piece.cached_tokens)))
+            break
+        try:
+            piece = await _next_piece(pieces)
+        except ApiError as exc:  # headers are gone: report in the stream, as OpenAI does
+            await _send(response, exc.body())
+            break
+    await response.write(b"data: [DONE]\n\n")
+    await response.write_eof()
+    return response
+
+
+async def _send(response: web.StreamResponse, obj: dict) -> None:
+    await response.write(b"data: " + orjson.dumps(obj) + b"\n\n")
+
+
+def _json(obj, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+
+
+# -- models, health, metrics ---------------------------------------------------------------
+
+
+def _model_card(info: p.ModelInfo, created: int) -> dict:
+    return {"id": info.id, "object": "model", "created": created, "owned_by": "demesne", "context_length": info.n_ctx}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    created = int(request.app[STARTED])
+    cards = [_model_card(m.info, created) for m in request.app[MODELS].values()]
+    return _json({"object": "list", "data": cards})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    model = _model(request, request.match_info["model"])
+    return _json(_model_card(model.info, int(request.app[STARTED])))
+
+
+async def health(request: web.Request) -> web.Response:
+    client = request.app[CLIENT]
+    engines = [{"endpoint": e.endpoint, "up": e.alive, "model": e.info.id if e.info else None} for e in client.engines]
+    ok = client.any_alive() and bool(request.app[MODELS])
+    return _json({"status": "ok" if ok else "unavailable", "engines": engines}, 200 if ok else 503)
+
+
+_METRICS = {
+    "requests_running": ("gauge", "Requests decoding in the engines"),
+    "requests_waiting": ("gauge", "Requests queued in the engines"),
+    "prompt_tokens_total": ("counter", "Prompt tokens of admitted requests"),
+    "prefill_tokens_total": ("counter", "Tokens decoded as prompt, recomputation included"),
+    "generation_tokens_total": ("counter", "Tokens generated"),
+    "decode_seconds_total": ("counter", "Seconds spent in llama_decode"),
+    "sample_seconds_total": ("counter", "Seconds spent sampling"),
+    "steps_total": ("counter", "Engine steps (one llama_decode each)"),
+    "requests_finished_total": ("counter", "Requests finished in the engines"),
+    "requests_refused_total": ("counter", "Requests the engines refused"),
+    "preemptions_total": ("counter", "Sequences preempted for lack of KV cells"),
+    "kv_cells_used": ("gauge", "KV cells holding tokens"),
+    "kv_cells_total": ("gauge", "KV cells in all"),
+}
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text: each engine's counters from its latest heartbeat, by engine."""
+    client = request.app[CLIENT]
+    lines = ["# HELP demesne_engine_up Whether the engine answers heartbeats", "# TYPE demesne_engine_up gauge"]
+    lines += [f'demesne_engine_up{{engine="{e.endpoint}"}} {int(e.alive)}' for e in client.engines]
+    for name, (kind, help_text) in _METRICS.items():
+        lines += [f"# HELP demesne_{name} {help_text}", f"# TYPE demesne_{name} {kind}"]
+        for e in client.engines:
+            if name in e.stats:
+                lines.append(f'demesne_{name}{{engine="{e.endpoint}"}} {e.stats[name]}')
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
+

@@ -1,0 +1,113 @@
+"""Tokenize, detokenize incrementally, and match stop strings across token boundaries.
+
+The gateway loads only the vocabulary of the engine's GGUF (``vocab_only``): the engine
+speaks token ids, the gateway turns them into text.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+
+import llama_cpp
+
+from ..llama_logs import quiet_llama_logs
+
+
+class Tokenizer:
+    def __init__(self, path: str):
+        llama_cpp.llama_backend_init()
+        quiet_llama_logs()
+        params = llama_cpp.llama_model_default_params()
+        params.vocab_only = True
+        self._model = llama_cpp.llama_model_load_from_file(path.encode(), params)
+        if not self._model:
+            raise OSError(f"cannot load the vocabulary of {path}")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self._vocab)
+        self._pieces: list[bytes | None] = [None] * self.n_vocab
+        self._buf = ctypes.create_string_buffer(256)
+
+    def encode(self, text: str, add_special: bool = True) -> list[int]:
+        """Token ids of ``text``; special-token text (``<bos>``…) becomes those tokens."""
+        raw = text.encode("utf-8")
+        capacity = len(raw) + 8
+        while True:
+            out = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(self._vocab, raw, len(raw), out, capacity, add_special, True)
+            if n >= 0:
+                return out[:n]
+            capacity = -n
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for (empty for control tokens such as ``<eos>``)."""
+        cached = self._pieces[token]
+        if cached is None:
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, False)
+            cached = self._buf.raw[: max(n, 0)]
+            self._pieces[token] = cached
+        return cached
+
+    def decode(self, tokens: list[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+
+
+class IncrementalDetokenizer:
+    """Turns a stream of token ids into text, never emitting half a UTF-8 character.
+
+    A character split over several tokens (byte-fallback tokens, say) is held back until its
+    last byte arrives; invalid bytes become U+FFFD.
+    """
+
+    def __init__(self, tokenizer: Tokenizer):
+        self._tokenizer = tokenizer
+        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+
+    def add(self, tokens: list[int]) -> str:
+        piece = self._tokenizer.piece
+        return self._decoder.decode(b"".join(piece(t) for t in tokens))
+
+    def flush(self) -> str:
+        return self._decoder.decode(b"", final=True)
+
+
+class StopMatcher:
+    """Finds the first stop string in streamed text, even when it spans several chunks.
+
+    :meth:`feed` returns the text that is safe to emit: everything before a match, or, while
+    no match is found, everything except a tail that could still begin a stop string.
+    """
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self._hold = max((len(s) for s in self.stops), default=1) - 1
+        self._pending = ""
+        self.stopped = False
+
+    def feed(self, text: str) -> str:
+        if self.stopped:
+            return ""
+        if not self.stops:
+            return text
+        buf = self._pending + text
+        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        if cut >= 0:
+            self.stopped = True
+            self._pending = ""
+            return buf[:cut]
+        keep = self._partial_tail(buf)
+        self._pending = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep]
+
+    def _partial_tail(self, buf: str) -> int:
+        """Length of the longest suffix of ``buf`` that is a proper prefix of a stop string."""
+        for n in range(min(self._hold, len(buf)), 0, -1):
+            tail = buf[-n:]
+            if any(s.startswith(tail) for s in self.stops):
+                return n
+        return 0
+
+    def flush(self) -> str:
+        """Text held back at the end of generation (it turned out not to be a stop string)."""
+        rest, self._pending = self._pending, ""
+        return "" if self.stopped else rest

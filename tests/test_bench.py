@@ -1,0 +1,195 @@
+"""The load generator (`demesne.bench`) and the suite's table, against a tiny fake SSE server.
+
+The fake server stands in for any OpenAI-compatible endpoint: what is under test here is the
+client that measures, not demesne.
+"""
+
+import asyncio
+
+import orjson
+import pytest
+import pytest_asyncio
+from aiohttp import web
+from click.testing import CliRunner
+
+from demesne.bench import (
+    BenchResult,
+    RequestStats,
+    bench,
+    build_prompts,
+    format_result,
+    percentile,
+    run_bench,
+)
+from demesne.bench_suite import _parse_levels, summary_table
+
+API_KEY = "sk-test"
+
+
+# --- prompts ---------------------------------------------------------------------------
+
+
+def test_prompts_share_exactly_the_prefix():
+    prompts = build_prompts(8, prompt_tokens=100, shared_prefix_tokens=60)
+    words = [p.split() for p in prompts]
+    assert all(w[:60] == words[0][:60] for w in words)
+    suffixes = {" ".join(w[60:]) for w in words}
+    assert len(suffixes) == 8
+
+
+def test_prompts_without_prefix_are_distinct_and_deterministic():
+    prompts = build_prompts(50, prompt_tokens=16, shared_prefix_tokens=0)
+    assert len(set(prompts)) == 50
+    assert prompts == build_prompts(50, prompt_tokens=16, shared_prefix_tokens=0)
+
+
+@pytest.mark.parametrize("n_tokens,shared", [(128, 0), (128, 100), (512, 256), (8, 8)])
+def test_prompt_length_is_about_the_request(n_tokens, shared):
+    for p in build_prompts(4, prompt_tokens=n_tokens, shared_prefix_tokens=shared):
+        assert abs(len(p.split()) - n_tokens) <= 1
+
+
+def test_prefix_longer_than_prompt_is_clamped():
+    prompts = build_prompts(3, prompt_tokens=10, shared_prefix_tokens=50)
+    assert len(set(prompts)) == 3
+
+
+# --- figures ---------------------------------------------------------------------------
+
+
+def test_percentile_interpolates():
+    assert percentile([], 50) is None
+    assert percentile([5.0], 90) == 5.0
+    assert percentile([1.0, 2.0, 3.0, 4.0], 50) == pytest.approx(2.5)
+    assert percentile([4.0, 1.0, 3.0, 2.0], 0) == 1.0
+    assert percentile(list(range(11)), 90) == pytest.approx(9.0)
+
+
+def _result(concurrency: int, tokens: int, wall: float, failed: int = 0) -> BenchResult:
+    ok = RequestStats(ok=True, ttft=0.1, itls=[0.01, 0.03], chunks=3, completion_tokens=tokens,
+                      prompt_tokens=128, cached_tokens=64)
+    bad = [RequestStats(error="HTTP 503: busy") for _ in range(failed)]
+    return BenchResult(concurrency, 128, 128, 0, "m", wall, [ok, *bad])
+
+
+def test_format_result_reports_the_figures():
+    text = format_result(_result(4, tokens=100, wall=2.0, failed=2))
+    assert "1 ok, 2 failed" in text
+    assert "50.0 tok/s" in text
+    assert "p50 100.0 ms" in text  # TTFT
+    assert "p50 20.0 ms" in text  # inter-token
+    assert "128.0 mean" in text and "64.0 mean per request" in text
+    assert "2x HTTP 503: busy" in text
+
+
+def test_output_tokens_fall_back_to_chunks_without_usage():
+    assert RequestStats(ok=True, chunks=7).output_tokens == 7
+
+
+def test_summary_table_speedup_is_against_concurrency_one():
+    table = summary_table([_result(1, 100, 1.0), _result(8, 400, 1.0)])
+    assert "4.00x" in table.splitlines()[2]
+
+
+def test_parse_levels():
+    assert _parse_levels(None, None, "1, 8,16") == [1, 8, 16]
+    with pytest.raises(Exception):
+        _parse_levels(None, None, "0,2")
+
+
+# --- against a fake server -------------------------------------------------------------
+
+
+class FakeOpenAI:
+    """Streams `max_tokens` one-word chunks and a usage chunk; counts requests in flight."""
+
+    def __init__(self):
+        self.in_flight = 0
+        self.max_in_flight = 0
+        self.bodies = []
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_get("/v1/models", self.models)
+        app.router.add_post("/v1/completions", self.complete)
+        app.router.add_post("/v1/chat/completions", self.complete)
+        return app
+
+    async def models(self, request):
+        return web.json_response({"object": "list", "data": [{"id": "fake-model", "object": "model"}]})
+
+    async def complete(self, request):
+        if request.headers.get("Authorization") != f"Bearer {API_KEY}":
+            return web.json_response({"error": {"message": "bad key", "type": "auth"}}, status=401)
+        body = await request.json()
+        self.bodies.append(body)
+        self.in_flight += 1
+        self.max_in_flight = max(self.max_in_flight, self.in_flight)
+        try:
+            return await self._stream(request, body)
+        finally:
+            self.in_flight -= 1
+
+    async def _stream(self, request, body):
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        chat = "messages" in body
+        prompt = body["messages"][0]["content"] if chat else body["prompt"]
+        for _ in range(body["max_tokens"]):
+            await asyncio.sleep(0.002)
+            choice = {"index": 0, "delta": {"content": "tok "}} if chat else {"index": 0, "text": "tok "}
+            await resp.write(b"data: " + orjson.dumps({"choices": [choice]}) + b"\n\n")
+        usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": body["max_tokens"],
+                 "prompt_tokens_details": {"cached_tokens": 5}}
+        await resp.write(b"data: " + orjson.dumps({"choices": [], "usage": usage}) + b"\n\n")
+        await resp.write(b"data: [DONE]\n\n")
+        return resp
+
+
+@pytest_asyncio.fixture
+async def fake():
+    server = FakeOpenAI()
+    runner = web.AppRunner(server.app())
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    yield server, f"http://127.0.0.1:{port}/v1"
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize("endpoint", ["completions", "chat"])
+async def test_run_bench_measures_a_streaming_server(fake, endpoint):
+    server, url = fake
+    result = await run_bench(url, concurrency=3, requests=10, prompt_tokens=32, shared_prefix_tokens=16,
+                             max_tokens=5, api_key=API_KEY, endpoint=endpoint, progress=False)
+    assert len(result.ok) == 10 and not result.failed
+    assert result.model == "fake-model"
+    assert result.output_tokens == 50
+    assert server.max_in_flight <= 3
+    assert all(b["stream"] and b["stream_options"] == {"include_usage": True} for b in server.bodies)
+    assert all(b["max_tokens"] == 5 and b["temperature"] == 0.0 for b in server.bodies)
+    assert all(r.ttft is not None and len(r.itls) == 4 for r in result.ok)
+    assert all(r.prompt_tokens == 32 and r.cached_tokens == 5 for r in result.ok)
+    assert "10 ok, 0 failed" in format_result(result)
+
+
+async def test_run_bench_records_errors_without_raising(fake):
+    _, url = fake
+    result = await run_bench(url, concurrency=2, requests=4, prompt_tokens=8, shared_prefix_tokens=0,
+                             max_tokens=3, api_key="wrong", model="fake-model", progress=False)
+    assert len(result.failed) == 4
+    assert all(r.error.startswith("HTTP 401") for r in result.failed)
+
+
+async def test_run_bench_records_connection_errors():
+    result = await run_bench("http://127.0.0.1:9/v1", concurrency=1, requests=2, prompt_tokens=8,
+                             shared_prefix_tokens=0, max_tokens=3, model="m", progress=False)
+    assert len(result.failed) == 2 and all(r.error for r in result.failed)
+
+
+def test_bench_command_help():
+    out = CliRunner().invoke(bench, ["--help"])
+    assert out.exit_code == 0
+    for flag in ("--url", "--api-key", "--concurrency", "--shared-prefix-tokens", "--no-progress"):
+        assert flag in out.output
