@@ -32,6 +32,7 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0: no top-k cut
     seed: int | None = None
+    logprobs: int = -1  # -1: none; k >= 0: the chosen token's logprob and the top k
 
     @property
     def greedy(self) -> bool:
@@ -95,6 +96,8 @@ class Delta:
     finish: str | None = None
     prompt_tokens: int = 0  # set on the first delta and the last
     cached_tokens: int = 0
+    # Per token when asked for: [chosen logprob, [[token id, logprob], ...top k]].
+    logprobs: list | None = None
 
 
 @dataclass(slots=True)

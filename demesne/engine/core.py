@@ -36,6 +36,22 @@ class Counters:
     requests_refused: int = 0
 
 
+def token_logprobs(row: np.ndarray, token: int, top: int) -> list:
+    """``[logprob of token, [[id, logprob], ...the top ones]]`` from one row of raw logits.
+
+    Costs a pass of exp over the vocabulary (and a partition when ``top`` > 0), so only rows
+    that ask for it pay.
+    """
+    peak = float(row.max())
+    lse = peak + float(np.log(np.exp(row - peak, dtype=np.float32).sum(dtype=np.float64)))
+    best: list = []
+    if top > 0:
+        ids = np.argpartition(row, -top)[-top:]
+        ids = ids[np.argsort(-row[ids], kind="stable")]
+        best = [[int(i), float(row[i]) - lse] for i in ids]
+    return [float(row[token]) - lse, best]
+
+
 class Engine:
     def __init__(self, config: EngineConfig, runner: ModelRunner):
         self.config = config
@@ -149,7 +165,7 @@ class Engine:
         tokens = self._sample(logits, outputs)
         t2 = time.perf_counter()
         self._count(t1 - t0, t2 - t1)
-        return self._advance(outputs, tokens)
+        return self._advance(outputs, tokens, logits)
 
     def _fill_batch(self, plan: StepPlan) -> list[Sequence]:
         """Write every chunk into the batch; return the sequences that get an output row."""
@@ -175,13 +191,15 @@ class Engine:
         self.sampler.prepare([s.params for s in outputs])
         return self.sampler.sample(logits, [s.rng for s in outputs])
 
-    def _advance(self, outputs: list[Sequence], tokens: np.ndarray) -> list[tuple[bytes, Delta]]:
+    def _advance(self, outputs: list[Sequence], tokens: np.ndarray, logits: np.ndarray) -> list[tuple[bytes, Delta]]:
         deltas = []
         eog = self.runner.eog
-        for seq, token in zip(outputs, tokens.tolist()):
+        for row, (seq, token) in enumerate(zip(outputs, tokens.tolist())):
             if eog[token]:
                 seq.finish = FINISH_STOP
             else:
+                if seq.params.logprobs >= 0:
+                    seq.logprobs.append(token_logprobs(logits[row], token, seq.params.logprobs))
                 seq.append(token)
                 self.counters.generation_tokens += 1
                 if seq.n_generated >= seq.max_tokens or len(seq.tokens) >= self.n_ctx:
@@ -194,13 +212,14 @@ class Engine:
 
     def _delta(self, seq: Sequence) -> Delta:
         first = seq.n_sent == 0
-        tokens = seq.unsent()
+        tokens, logprobs = seq.unsent()
         report = first or seq.finish is not None
         return Delta(
             rid=seq.rid,
             tokens=tokens,
             finish=seq.finish,
             prompt_tokens=seq.prompt_len if report else 0,
+            logprobs=logprobs,
         )
 
     def _count(self, decode_s: float, sample_s: float) -> None:

@@ -33,16 +33,22 @@ class Sequence:
     n_sent: int = 0  # generated tokens already sent to the gateway
     finish: str | None = None
     counted: bool = False  # prompt tokens counted in the engine's totals
+    logprobs: list = field(default_factory=list)  # unsent entries, one per unsent token
 
     @property
     def n_remaining(self) -> int:
         """Tokens not yet in KV."""
         return len(self.tokens) - self.n_computed
 
-    def unsent(self) -> list[int]:
+    def unsent(self) -> tuple[list[int], list | None]:
+        """Generated tokens not sent yet, and their logprobs when the request wants them."""
         start = self.prompt_len + self.n_sent
         self.n_sent = self.n_generated
-        return self.tokens[start : self.prompt_len + self.n_generated]
+        tokens = self.tokens[start : self.prompt_len + self.n_generated]
+        if self.params.logprobs < 0:
+            return tokens, None
+        logprobs, self.logprobs = self.logprobs, []
+        return tokens, logprobs
 
     def append(self, token: int) -> None:
         self.tokens.append(token)

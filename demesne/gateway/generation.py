@@ -31,6 +31,8 @@ class Piece:
     prompt_tokens: int
     completion_tokens: int
     cached_tokens: int = 0
+    tokens: list[int] | None = None  # with logprobs only: the tokens behind this piece
+    logprobs: list | None = None
 
 
 async def generate_text(
@@ -55,10 +57,11 @@ async def generate_text(
             if finish is not None and not matcher.stopped:
                 text += matcher.feed(detok.flush())
                 text += matcher.flush()
+            extra = (delta.tokens, delta.logprobs) if delta.logprobs is not None else (None, None)
             if matcher.stopped:
-                yield Piece(text, p.FINISH_STOP, prompt_tokens, n_out, cached)
+                yield Piece(text, p.FINISH_STOP, prompt_tokens, n_out, cached, *extra)
                 return
-            yield Piece(text, finish, prompt_tokens, n_out, cached)
+            yield Piece(text, finish, prompt_tokens, n_out, cached, *extra)
             if finish is not None:
                 return
     finally:

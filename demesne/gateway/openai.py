@@ -14,6 +14,7 @@ from typing import Any
 from ..protocol import SamplingParams
 
 MAX_STOP_STRINGS = 4
+MAX_COMPLETION_LOGPROBS = 5  # as OpenAI's legacy completions endpoint
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 _ERROR_TYPES = {401: "invalid_request_error", 429: "rate_limit_error"}
@@ -198,9 +199,13 @@ def parse_completion(body: Any) -> CompletionRequest:
         raise bad("'echo' is not supported", "echo", "unsupported_value")
     if body.get("suffix"):
         raise bad("'suffix' is not supported", "suffix", "unsupported_value")
-    if body.get("logprobs") is not None:
-        raise bad("'logprobs' is not supported yet", "logprobs", "unsupported_value")
-    return CompletionRequest(messages=None, prompt=prompt, **_common(body, chat=False))
+    req = CompletionRequest(messages=None, prompt=prompt, **_common(body, chat=False))
+    logprobs = _typed(body, "logprobs", int)
+    if logprobs is not None:
+        if not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS:
+            raise bad(f"'logprobs' must be in [0, {MAX_COMPLETION_LOGPROBS}], got {logprobs}", "logprobs")
+        req.params.logprobs = logprobs
+    return req
 
 
 def check_chat_extras(body: dict) -> None:
@@ -247,14 +252,16 @@ class Shaper:
     def _envelope(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint}
 
-    def response(self, text: str, finish: str, use: dict) -> dict:
+    def response(self, text: str, finish: str, use: dict, logprobs: dict | None = None) -> dict:
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None}, "logprobs": None, "finish_reason": finish}
             return {**self._envelope("chat.completion"), "choices": [choice], "usage": use}
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
         return {**self._envelope("text_completion"), "choices": [choice], "usage": use}
 
-    def chunk(self, text: str | None, finish: str | None = None, first: bool = False, with_usage: bool = False) -> dict:
+    def chunk(
+        self, text: str | None, finish: str | None = None, first: bool = False, with_usage: bool = False, logprobs: dict | None = None
+    ) -> dict:
         if self.chat:
             delta: dict[str, Any] = {}
             if first:
@@ -264,7 +271,7 @@ class Shaper:
             choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
             body = {**self._envelope("chat.completion.chunk"), "choices": [choice]}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
             body = {**self._envelope("text_completion"), "choices": [choice]}
         if with_usage:
             body["usage"] = None
@@ -273,3 +280,21 @@ class Shaper:
     def usage_chunk(self, use: dict) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._envelope(obj), "choices": [], "usage": use}
+
+
+def completion_logprobs(pieces: list[str], entries: list, top_text, offset: int) -> dict:
+    """The completions endpoint's ``logprobs`` object for some generated tokens.
+
+    ``pieces`` are the tokens' texts, ``entries`` the engine's ``[logprob, [[id, lp]...]]``
+    per token, ``top_text(id)`` a token's text, ``offset`` the text length before them.
+    """
+    offsets = []
+    for piece in pieces:
+        offsets.append(offset)
+        offset += len(piece)
+    return {
+        "tokens": pieces,
+        "token_logprobs": [e[0] for e in entries],
+        "top_logprobs": [{top_text(i): lp for i, lp in e[1]} for e in entries],
+        "text_offset": offsets,
+    }

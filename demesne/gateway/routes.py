@@ -12,7 +12,17 @@ from .. import protocol as p
 from .app_keys import CLIENT, FINGERPRINT, MODELS, STARTED
 from .engine_client import EngineRefused, EngineUnavailable
 from .generation import ModelContext, Piece, generate_text
-from .openai import ApiError, CompletionRequest, Shaper, bad, check_chat_extras, parse_chat, parse_completion, usage
+from .openai import (
+    ApiError,
+    CompletionRequest,
+    Shaper,
+    bad,
+    check_chat_extras,
+    completion_logprobs,
+    parse_chat,
+    parse_completion,
+    usage,
+)
 
 log = logging.getLogger("demesne.gateway")
 
@@ -108,10 +118,11 @@ async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamR
     stops = req.stop + (list(model.template.stops) if req.chat else [])
     pieces = generate_text(client, engine, model, gen, stops)
     shaper = Shaper(req.chat, model.info.id, request.app[FINGERPRINT])
+    logprobs = _LogprobShaper(model) if req.params.logprobs >= 0 else None
     try:
         if req.stream:
-            return await _stream(request, req, shaper, pieces)
-        return await _collect(shaper, pieces)
+            return await _stream(request, req, shaper, pieces, logprobs)
+        return await _collect(shaper, pieces, logprobs)
     finally:
         await pieces.aclose()
 
@@ -126,17 +137,44 @@ async def _next_piece(pieces) -> Piece:
         raise ApiError(503, str(exc), None, "engine_unavailable") from None
 
 
-async def _collect(shaper: Shaper, pieces) -> web.Response:
+class _LogprobShaper:
+    """Turns the engine's per-token logprobs into the completions endpoint's object."""
+
+    def __init__(self, model: ModelContext):
+        self._tokenizer = model.tokenizer
+        self._offset = 0
+        self.total: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+
+    def _text(self, token: int) -> str:
+        return self._tokenizer.piece(token).decode("utf-8", "replace")
+
+    def add(self, piece: Piece) -> dict | None:
+        if piece.tokens is None:
+            return None
+        texts = [self._text(t) for t in piece.tokens]
+        part = completion_logprobs(texts, piece.logprobs, self._text, self._offset)
+        self._offset += sum(len(t) for t in texts)
+        for key, values in part.items():
+            self.total[key].extend(values)
+        return part
+
+
+async def _collect(shaper: Shaper, pieces, logprobs: _LogprobShaper | None) -> web.Response:
     texts = []
     while True:
         piece = await _next_piece(pieces)
         texts.append(piece.text)
+        if logprobs is not None:
+            logprobs.add(piece)
         if piece.finish is not None:
             use = usage(piece.prompt_tokens, piece.completion_tokens, piece.cached_tokens)
-            return _json(shaper.response("".join(texts), piece.finish, use))
+            total = logprobs.total if logprobs is not None else None
+            return _json(shaper.response("".join(texts), piece.finish, use, total))
 
 
-async def _stream(request: web.Request, req: CompletionRequest, shaper: Shaper, pieces) -> web.StreamResponse:
+async def _stream(
+    request: web.Request, req: CompletionRequest, shaper: Shaper, pieces, logprobs: _LogprobShaper | None
+) -> web.StreamResponse:
     # The first piece comes before the headers, so a refused request still gets its status.
     piece = await _next_piece(pieces)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -144,8 +182,9 @@ async def _stream(request: web.Request, req: CompletionRequest, shaper: Shaper, 
     if req.chat:
         await _send(response, shaper.chunk("", first=True, with_usage=req.include_usage))
     while True:
-        if piece.text:
-            await _send(response, shaper.chunk(piece.text, with_usage=req.include_usage))
+        part = logprobs.add(piece) if logprobs is not None else None
+        if piece.text or part:
+            await _send(response, shaper.chunk(piece.text, with_usage=req.include_usage, logprobs=part))
         if piece.finish is not None:
             await _send(response, shaper.chunk(None if req.chat else "", piece.finish, with_usage=req.include_usage))
             if req.include_usage:
