@@ -36,7 +36,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0 or self.top_k == 1
+        # A temperature this small is greedy in effect and would overflow the scaling.
+        return self.temperature < 1e-5 or self.top_k == 1
 
 
 @dataclass(slots=True)

@@ -58,7 +58,7 @@ class Engine:
         self.runner = runner
         self.n_ctx = runner.n_ctx
         self.scheduler = Scheduler(runner.n_ctx, config.max_seqs, config.batch_size, config.max_waiting)
-        self.sampler = Sampler(runner.n_vocab, config.batch_size)
+        self.sampler = Sampler(runner.n_vocab, config.max_seqs)  # at most one output row per sequence
         self.counters = Counters()
         self.by_rid: dict[str, Sequence] = {}
         self._seed_rng = np.random.default_rng(config.seed)
@@ -122,7 +122,7 @@ class Engine:
         if req.params.greedy:
             return None
         seed = req.params.seed if req.params.seed is not None else self._seed_rng.integers(2**63)
-        return np.random.default_rng(seed)
+        return np.random.default_rng(seed % 2**64)  # any integer, negative ones too
 
     def abort(self, rid: str) -> None:
         seq = self.by_rid.get(rid)

@@ -68,7 +68,11 @@ class EngineProc:
         if isinstance(msg, p.Ping):
             self._reply(client, p.Pong(msg.sent, self.engine_id, self.engine.model_info, self.engine.stats()))
         elif isinstance(msg, p.Generate):
-            error = self.engine.submit(client, msg)
+            try:
+                error = self.engine.submit(client, msg)
+            except Exception as exc:  # a request must never take the engine down
+                log.exception("refusing request %s", msg.rid)
+                error = p.Error(msg.rid, 400, f"invalid request: {exc}", "invalid_request")
             if error is not None:
                 self._reply(client, error)
         elif isinstance(msg, p.Abort):

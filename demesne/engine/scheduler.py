@@ -83,7 +83,8 @@ class Scheduler:
         plan = StepPlan()
         while True:
             self._preempt_for_decode(plan)
-            self._admit()
+            if not plan.dropped:  # a sequence preempted now must not be readmitted at once
+                self._admit()
             self._plan_chunks(plan)
             if plan.chunks or not self.running:
                 return plan

@@ -14,7 +14,7 @@ from .. import protocol as p
 from ..config import GatewayConfig
 from .app_keys import CLIENT, CONFIG, FINGERPRINT, MODELS, STARTED
 from .auth import api_key_middleware
-from .chat_template import ChatTemplate
+from .chat_template import ChatTemplate, TemplateError
 from .engine_client import EngineClient
 from .generation import ModelContext
 from .openai import ApiError
@@ -53,7 +53,11 @@ def _model_loader(app: web.Application):
         except OSError as exc:
             log.error("%s; pass --model with a local copy of the engine's GGUF", exc)
             return
-        template = ChatTemplate.select(config.chat_template, info.chat_template, info.bos_token, info.eos_token)
+        try:
+            template = ChatTemplate.select(config.chat_template, info.chat_template, info.bos_token, info.eos_token)
+        except (TemplateError, OSError) as exc:
+            log.error("%s; chat requests use the built-in fallback template", exc)
+            template = ChatTemplate.select(None, None, info.bos_token, info.eos_token)
         app[MODELS][info.id] = ModelContext(info, tokenizer, template)
         log.info("serving model %s (context %d tokens)", info.id, info.n_ctx)
 

@@ -9,6 +9,7 @@ template sees what Hugging Face passes: ``messages``, ``add_generation_prompt``,
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 
 import jinja2
@@ -44,15 +45,26 @@ def _raise_exception(message: str):
     raise TemplateError(message)
 
 
+def _tojson(value, indent=None, separators=None, sort_keys=False, ensure_ascii=False) -> str:
+    return json.dumps(value, indent=indent, separators=separators, sort_keys=sort_keys, ensure_ascii=ensure_ascii)
+
+
 def _strftime_now(fmt: str) -> str:
     return datetime.datetime.now().strftime(fmt)
 
 
 class ChatTemplate:
     def __init__(self, source: str, bos_token: str, eos_token: str, origin: str, stops: tuple[str, ...] = ()):
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, undefined=jinja2.Undefined)
+        # As Hugging Face renders templates: loop controls on, its own tojson.
+        env = ImmutableSandboxedEnvironment(
+            trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
+        )
         env.globals.update(raise_exception=_raise_exception, strftime_now=_strftime_now)
-        self._template = env.from_string(source)
+        env.filters["tojson"] = _tojson
+        try:
+            self._template = env.from_string(source)
+        except jinja2.TemplateError as exc:
+            raise TemplateError(f"the chat template ({origin}) does not compile: {exc}") from exc
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.origin = origin  # "file PATH", "model", or "built-in fallback"
@@ -81,5 +93,5 @@ class ChatTemplate:
             )
         except TemplateError:
             raise
-        except jinja2.TemplateError as exc:
+        except Exception as exc:  # the template is code from the model file: any failure is its own
             raise TemplateError(f"the chat template failed: {exc}") from exc

@@ -134,16 +134,15 @@ class EngineClient:
                 self._try_send(engine, p.Abort(req.rid))
 
     def _send(self, engine: EngineConn, msg: p.Message) -> None:
-        try:
-            engine.sock.send(p.encode(msg), zmq.NOBLOCK)
-        except zmq.Again:
-            raise EngineUnavailable(f"engine {engine.endpoint} is not connected") from None
+        if not self._try_send(engine, msg):
+            raise EngineUnavailable(f"engine {engine.endpoint} is not connected")
 
-    def _try_send(self, engine: EngineConn, msg: p.Message) -> None:
-        try:
-            engine.sock.send(p.encode(msg), zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
+    @staticmethod
+    def _try_send(engine: EngineConn, msg: p.Message) -> bool:
+        # A non-blocking send on an asyncio socket resolves at once: a future that holds
+        # zmq.Again when the engine is not connected (IMMEDIATE) or its queue is full.
+        sent = engine.sock.send(p.encode(msg), zmq.NOBLOCK)
+        return sent.exception() is None
 
     def _forget(self, rid: str) -> None:
         self._queues.pop(rid, None)

@@ -199,6 +199,7 @@ def parse_completion(body: Any) -> CompletionRequest:
         raise bad("'echo' is not supported", "echo", "unsupported_value")
     if body.get("suffix"):
         raise bad("'suffix' is not supported", "suffix", "unsupported_value")
+    check_unsupported(body)
     req = CompletionRequest(messages=None, prompt=prompt, **_common(body, chat=False))
     logprobs = _typed(body, "logprobs", int)
     if logprobs is not None:
@@ -208,15 +209,27 @@ def parse_completion(body: Any) -> CompletionRequest:
     return req
 
 
+def check_unsupported(body: dict) -> None:
+    """Fields either endpoint cannot honour yet: a clear 400, never silently ignored."""
+    for name in ("presence_penalty", "frequency_penalty"):
+        if body.get(name) not in (None, 0, 0.0):
+            raise bad(f"'{name}' is not supported yet", name, "unsupported_value")
+    if body.get("logit_bias"):
+        raise bad("'logit_bias' is not supported yet", "logit_bias", "unsupported_value")
+    fmt = body.get("response_format")
+    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
+        raise bad("only response_format 'text' is supported so far", "response_format", "unsupported_value")
+
+
 def check_chat_extras(body: dict) -> None:
-    """Fields real clients send that demesne cannot honour yet: a clear 400, never ignored."""
+    """Chat fields demesne cannot honour yet: a clear 400, never ignored."""
+    check_unsupported(body)
     if body.get("logprobs"):
         raise bad("'logprobs' is not supported yet", "logprobs", "unsupported_value")
     if body.get("tools"):
         raise bad("'tools' are not supported yet", "tools", "unsupported_value")
-    fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
-        raise bad("only response_format 'text' is supported so far", "response_format", "unsupported_value")
+    if body.get("functions"):
+        raise bad("'functions' are not supported yet", "functions", "unsupported_value")
 
 
 # -- responses -------------------------------------------------------------------------------

@@ -44,6 +44,9 @@ class Tokenizer:
         cached = self._pieces[token]
         if cached is None:
             n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, False)
+            if n < 0:  # longer than the buffer: -n is the size it needs
+                self._buf = ctypes.create_string_buffer(-n)
+                n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, False)
             cached = self._buf.raw[: max(n, 0)]
             self._pieces[token] = cached
         return cached

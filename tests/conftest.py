@@ -1,0 +1,147 @@
+"""Shared fixtures: the bundled model, and real engine and gateway processes on it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from demesne.model import resolve_model
+
+API_KEY = "test-key-0123456789"
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="session")
+def model_path() -> str:
+    return resolve_model(None)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Proc:
+    popen: subprocess.Popen
+    log: Path
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(20)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+        return self.popen.returncode
+
+    def tail(self) -> str:
+        return self.log.read_text(errors="replace")[-4000:]
+
+
+class Processes:
+    """Starts demesne-engine / demesne-gateway processes and stops them all at the end."""
+
+    def __init__(self, model: str):
+        self.model = model
+        self.dir = Path(tempfile.mkdtemp(prefix="demesne-test-"))
+        self.procs: list[Proc] = []
+
+    def _spawn(self, name: str, args: list[str]) -> Proc:
+        log = self.dir / f"{name}-{len(self.procs)}.log"
+        popen = subprocess.Popen(
+            [str(BIN / name), *args], stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
+        proc = Proc(popen, log)
+        self.procs.append(proc)
+        return proc
+
+    def endpoint(self, name: str) -> str:
+        return f"ipc://{self.dir}/{name}.sock"
+
+    def engine(self, endpoint: str, *extra: str) -> Proc:
+        args = ["--model", self.model, "--listen", endpoint, "--ctx-size", "8192", "--max-seqs", "16", "--threads", "2"]
+        return self._spawn("demesne-engine", args + list(extra))
+
+    def gateway(self, endpoints: list[str], *extra: str) -> tuple[Proc, str]:
+        port = free_port()
+        args = ["--port", str(port)] + [a for e in endpoints for a in ("--engine", e)]
+        proc = self._spawn("demesne-gateway", args + list(extra))
+        url = f"http://127.0.0.1:{port}"
+        wait_healthy(url, proc)
+        return proc, url
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def wait_healthy(url: str, proc: Proc, timeout: float = 120.0) -> None:
+    import urllib.error
+    import urllib.request
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"process exited ({proc.popen.returncode}):\n{proc.tail()}")
+        try:
+            with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"{url} not healthy after {timeout}s:\n{proc.tail()}")
+
+
+@pytest.fixture(scope="session")
+def processes(model_path):
+    procs = Processes(model_path)
+    yield procs
+    procs.close()
+
+
+@dataclass
+class Server:
+    url: str  # http://127.0.0.1:PORT
+    engine_endpoint: str
+    engine: Proc
+    gateway: Proc
+
+    @property
+    def v1(self) -> str:
+        return f"{self.url}/v1"
+
+
+@pytest.fixture(scope="session")
+def server(processes) -> Server:
+    """One engine and one key-protected gateway, shared by the end-to-end tests."""
+    endpoint = processes.endpoint("engine-main")
+    engine = processes.engine(endpoint)
+    gateway, url = processes.gateway([endpoint], "--api-key", API_KEY)
+    return Server(url, endpoint, engine, gateway)
+
+
+@pytest.fixture
+async def http():
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {API_KEY}"}) as session:
+        yield session
+
+
+@pytest.fixture(scope="session")
+def model_id(server) -> str:
+    return os.path.splitext(os.path.basename(resolve_model(None)))[0]

@@ -1,0 +1,399 @@
+"""demesne.gateway.openai: request validation into CompletionRequest, the error shape, and the
+response / stream-chunk shapes."""
+
+import re
+import time
+import types
+
+import numpy as np
+import pytest
+
+from demesne.gateway.openai import (
+    MAX_STOP_STRINGS,
+    ApiError,
+    Shaper,
+    bad,
+    check_chat_extras,
+    completion_logprobs,
+    parse_chat,
+    parse_completion,
+    usage,
+)
+from demesne.protocol import Generate, SamplingParams
+
+MODEL = "gemma-3-270m-q4_k_m"
+
+
+def chat(**extra) -> dict:
+    return {"model": MODEL, "messages": [{"role": "user", "content": "Hi"}], **extra}
+
+
+def completion(**extra) -> dict:
+    return {"model": MODEL, "prompt": "Once upon a time", **extra}
+
+
+def refused(parse, body, param, code=None) -> ApiError:
+    with pytest.raises(ApiError) as info:
+        parse(body)
+    err = info.value
+    assert err.status == 400
+    assert err.param == param, err.message
+    if code is not None:
+        assert err.code == code
+    assert err.message
+    return err
+
+
+# --- valid requests ---------------------------------------------------------------------------
+
+
+def test_parse_chat_minimal():
+    req = parse_chat(chat())
+    assert req.chat and req.model == MODEL
+    assert req.messages == [{"role": "user", "content": "Hi"}]
+    assert req.prompt is None
+    assert req.max_tokens is None
+    assert req.params == SamplingParams()  # temperature 1, top_p 1, no top-k, no seed
+    assert req.stop == [] and not req.stream and not req.include_usage
+
+
+def test_parse_chat_content_as_text_parts():
+    body = chat(
+        messages=[
+            {"role": "system", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
+            {"role": "user", "content": "Hi", "name": "ann"},
+            {"role": "assistant", "content": None},
+            {"role": "developer", "content": "Rule."},
+            {"role": "tool", "content": [{"type": "text", "text": "42"}]},
+        ]
+    )
+    req = parse_chat(body)
+    assert req.messages == [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Hi", "name": "ann"},
+        {"role": "assistant", "content": ""},
+        {"role": "system", "content": "Rule."},  # developer is the new name of system
+        {"role": "tool", "content": "42"},
+    ]
+
+
+def test_parse_chat_sampling_and_options():
+    req = parse_chat(
+        chat(temperature=0, top_p=0.5, top_k=40, seed=7, max_tokens=16, stop="\n\n", stream=True, stream_options={"include_usage": True}, n=1, user="u1")
+    )
+    assert req.params == SamplingParams(temperature=0.0, top_p=0.5, top_k=40, seed=7)
+    assert req.params.greedy
+    assert req.max_tokens == 16 and req.stop == ["\n\n"] and req.stream and req.include_usage
+
+
+def test_parse_chat_max_completion_tokens_wins():
+    assert parse_chat(chat(max_completion_tokens=5, max_tokens=9)).max_tokens == 5
+    assert parse_chat(chat(max_completion_tokens=None, max_tokens=9)).max_tokens == 9
+
+
+def test_parse_chat_temperature_bounds_are_inclusive():
+    assert parse_chat(chat(temperature=2)).params.temperature == 2.0
+    assert parse_chat(chat(temperature=0.0)).params.temperature == 0.0
+    assert parse_chat(chat(top_p=1)).params.top_p == 1.0
+
+
+def test_parse_chat_stop_list_drops_empty_strings():
+    assert parse_chat(chat(stop=["a", "", "b"])).stop == ["a", "b"]
+    assert parse_chat(chat(stop=["1", "2", "3", "4"])).stop == ["1", "2", "3", "4"]
+
+
+def test_parse_completion_prompt_as_string():
+    req = parse_completion(completion())
+    assert not req.chat and req.prompt == "Once upon a time" and req.messages is None
+
+
+def test_parse_completion_prompt_as_token_ids():
+    assert parse_completion(completion(prompt=[2, 818, 5279])).prompt == [2, 818, 5279]
+
+
+@pytest.mark.parametrize("prompt, expected", [(["Once"], "Once"), ([[2, 818]], [2, 818])])
+def test_parse_completion_prompt_as_a_batch_of_one(prompt, expected):
+    assert parse_completion(completion(prompt=prompt)).prompt == expected
+
+
+def test_parse_completion_logprobs():
+    assert parse_completion(completion(logprobs=2)).params.logprobs == 2
+    assert parse_completion(completion(logprobs=0)).params.logprobs == 0
+    assert parse_completion(completion()).params.logprobs == -1
+
+
+def test_parse_completion_shares_the_common_fields():
+    req = parse_completion(completion(temperature=0.3, max_tokens=4, stop=["."], stream=True))
+    assert req.params.temperature == pytest.approx(0.3) and req.max_tokens == 4 and req.stop == ["."] and req.stream
+
+
+# --- refused requests: status 400 and the right param ----------------------------------------------
+
+
+@pytest.mark.parametrize("body", [None, [], "hi", 3, [chat()]])
+def test_body_not_an_object(body):
+    refused(parse_chat, body, None, "invalid_type")
+    refused(parse_completion, body, None, "invalid_type")
+
+
+@pytest.mark.parametrize("messages", [None, [], "Hi", {"role": "user", "content": "Hi"}])
+def test_missing_or_empty_messages(messages):
+    body = chat()
+    if messages is None:
+        del body["messages"]
+    else:
+        body["messages"] = messages
+    refused(parse_chat, body, "messages")
+
+
+def test_missing_model():
+    body = chat()
+    del body["model"]
+    refused(parse_chat, body, "model", "missing_required_parameter")
+    refused(parse_chat, chat(model=""), "model")
+    refused(parse_chat, chat(model=3), "model", "invalid_type")
+
+
+@pytest.mark.parametrize("role", ["robot", None, "function", "USER"])
+def test_unknown_role(role):
+    body = chat(messages=[{"role": "user", "content": "a"}, {"role": role, "content": "b"}])
+    err = refused(parse_chat, body, "messages[1].role")
+    assert "role" in err.message
+
+
+def test_message_not_an_object():
+    refused(parse_chat, chat(messages=["Hi"]), "messages[0]", "invalid_type")
+
+
+def test_image_part_is_refused():
+    content = [{"type": "text", "text": "what is this?"}, {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]
+    refused(parse_chat, chat(messages=[{"role": "user", "content": content}]), "messages[0].content[1]", "unsupported_content")
+
+
+@pytest.mark.parametrize("part", [{"type": "text"}, {"type": "text", "text": 5}, "plain", {"type": "video"}])
+def test_malformed_content_part(part):
+    refused(parse_chat, chat(messages=[{"role": "user", "content": [part]}]), "messages[0].content[0]", "invalid_type")
+
+
+def test_null_content_is_only_for_assistant():
+    refused(parse_chat, chat(messages=[{"role": "user", "content": None}]), "messages[0].content", "invalid_type")
+    refused(parse_chat, chat(messages=[{"role": "user", "content": 12}]), "messages[0].content", "invalid_type")
+
+
+@pytest.mark.parametrize(
+    "field, value, code",
+    [
+        ("temperature", 2.5, "invalid_value"),
+        ("temperature", -0.1, "invalid_value"),
+        ("temperature", "0.5", "invalid_type"),
+        ("temperature", True, "invalid_type"),
+        ("top_p", 0, "invalid_value"),
+        ("top_p", 1.01, "invalid_value"),
+        ("top_k", -1, "invalid_value"),
+        ("top_k", 2.5, "invalid_type"),
+        ("max_tokens", -5, "invalid_value"),
+        ("max_tokens", 0, "invalid_value"),
+        ("max_tokens", "10", "invalid_type"),
+        ("max_tokens", True, "invalid_type"),
+        ("max_tokens", 10.0, "invalid_type"),
+        ("max_completion_tokens", -1, "invalid_value"),
+        ("seed", "7", "invalid_type"),
+        ("n", 2, "unsupported_value"),
+        ("stream", "yes", "invalid_type"),
+        ("user", 5, "invalid_type"),
+    ],
+)
+def test_bad_field(field, value, code):
+    refused(parse_chat, chat(**{field: value}), field, code)
+    refused(parse_completion, completion(**{field: value}), field, code)
+
+
+def test_too_many_stop_strings():
+    assert MAX_STOP_STRINGS == 4
+    refused(parse_chat, chat(stop=["a", "b", "c", "d", "e"]), "stop")
+    refused(parse_completion, completion(stop=["a", "b", "c", "d", "e"]), "stop")
+
+
+@pytest.mark.parametrize("stop", [5, ["a", 1], {"a": 1}, [None]])
+def test_stop_of_wrong_type(stop):
+    refused(parse_chat, chat(stop=stop), "stop", "invalid_type")
+
+
+def test_stream_options_need_stream():
+    refused(parse_chat, chat(stream_options={"include_usage": True}), "stream_options")
+    refused(parse_chat, chat(stream=False, stream_options={"include_usage": True}), "stream_options")
+    refused(parse_completion, completion(stream_options={"include_usage": True}), "stream_options")
+    refused(parse_chat, chat(stream=True, stream_options="usage"), "stream_options", "invalid_type")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("echo", True), ("suffix", "The end."), ("logprobs", 6), ("logprobs", -1), ("logprobs", True), ("logprobs", "2")],
+)
+def test_completion_only_fields(field, value):
+    refused(parse_completion, completion(**{field: value}), field)
+
+
+@pytest.mark.parametrize("prompt", [None, 5, [], ["a", "b"], [1, "a"], [1, True], [[1, 2], [3]], {"text": "a"}])
+def test_bad_prompt(prompt):
+    body = completion(prompt=prompt)
+    if prompt is None:
+        del body["prompt"]
+    refused(parse_completion, body, "prompt", "invalid_type")
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [("logprobs", True), ("tools", [{"type": "function", "function": {"name": "f"}}]), ("response_format", {"type": "json_object"})],
+)
+def test_chat_extras_are_refused_not_ignored(field, value):
+    refused(check_chat_extras, chat(**{field: value}), field, "unsupported_value")
+
+
+def test_chat_extras_that_are_fine():
+    check_chat_extras(chat(logprobs=False, tools=[], response_format={"type": "text"}))
+
+
+def test_every_accepted_seed_is_usable_by_the_engine():
+    from demesne.engine.core import Engine
+
+    for seed in (-1, -(2**63), 2**63 - 1, 0):
+        try:
+            req = parse_chat(chat(seed=seed))
+        except ApiError as exc:  # refusing it up front would be fine too
+            assert exc.status == 400 and exc.param == "seed"
+            continue
+        gen = Generate("r", [1, 2], 4, req.params)
+        engine = types.SimpleNamespace(_seed_rng=np.random.default_rng(0))
+        rng = Engine._rng_for(engine, gen)  # what Engine.submit does with it
+        assert isinstance(rng, np.random.Generator)
+
+
+# --- the error shape --------------------------------------------------------------------------------
+
+
+def test_api_error_body_shape():
+    err = bad("'temperature' must be in [0.0, 2.0], got 2.5", "temperature")
+    assert err.status == 400
+    assert err.body() == {
+        "error": {
+            "message": "'temperature' must be in [0.0, 2.0], got 2.5",
+            "type": "invalid_request_error",
+            "param": "temperature",
+            "code": "invalid_value",
+        }
+    }
+
+
+@pytest.mark.parametrize(
+    "status, kind",
+    [(400, "invalid_request_error"), (401, "invalid_request_error"), (404, "invalid_request_error"), (413, "invalid_request_error"), (429, "rate_limit_error"), (500, "server_error"), (503, "server_error")],
+)
+def test_api_error_type_by_status(status, kind):
+    body = ApiError(status, "msg", None, "some_code").body()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    assert body["error"]["type"] == kind
+    assert body["error"]["param"] is None and body["error"]["code"] == "some_code"
+
+
+def test_api_error_is_an_exception_with_its_message():
+    err = ApiError(404, "The model 'x' does not exist", "model", "model_not_found")
+    assert str(err) == "The model 'x' does not exist"
+
+
+# --- response shapes ---------------------------------------------------------------------------------
+
+ENVELOPE = {"id", "object", "created", "model", "system_fingerprint"}
+
+
+def test_usage_shape():
+    assert usage(10, 5, 3) == {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15, "prompt_tokens_details": {"cached_tokens": 3}}
+    assert usage(1, 0)["prompt_tokens_details"] == {"cached_tokens": 0}
+
+
+def test_chat_response_shape():
+    before = int(time.time())
+    shaper = Shaper(chat=True, model=MODEL, fingerprint="fp_1")
+    body = shaper.response("Hello!", "stop", usage(3, 2))
+    assert ENVELOPE | {"choices", "usage"} == set(body)
+    assert re.fullmatch(r"chatcmpl-[0-9a-f]{32}", body["id"])
+    assert body["object"] == "chat.completion"
+    assert body["model"] == MODEL and body["system_fingerprint"] == "fp_1"
+    assert before <= body["created"] <= int(time.time())
+    assert body["choices"] == [
+        {"index": 0, "message": {"role": "assistant", "content": "Hello!", "refusal": None}, "logprobs": None, "finish_reason": "stop"}
+    ]
+    assert body["usage"]["total_tokens"] == 5
+
+
+def test_completion_response_shape():
+    shaper = Shaper(chat=False, model=MODEL, fingerprint="fp_1")
+    body = shaper.response(" there lived", "length", usage(4, 2))
+    assert re.fullmatch(r"cmpl-[0-9a-f]{32}", body["id"])
+    assert body["object"] == "text_completion"
+    assert body["choices"] == [{"index": 0, "text": " there lived", "logprobs": None, "finish_reason": "length"}]
+
+
+def test_ids_are_unique_per_request():
+    ids = {Shaper(chat=True, model=MODEL, fingerprint="f").id for _ in range(50)}
+    assert len(ids) == 50
+
+
+def test_chat_stream_chunks():
+    shaper = Shaper(chat=True, model=MODEL, fingerprint="fp")
+    first = shaper.chunk("", first=True)
+    middle = shaper.chunk("lo")
+    last = shaper.chunk(None, "stop")
+    for c in (first, middle, last):
+        assert c["object"] == "chat.completion.chunk"
+        assert c["id"] == shaper.id and c["id"].startswith("chatcmpl-")
+        assert c["created"] == first["created"]
+        assert "usage" not in c
+        assert len(c["choices"]) == 1 and c["choices"][0]["index"] == 0
+    assert first["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert middle["choices"][0]["delta"] == {"content": "lo"}  # role only in the first
+    assert middle["choices"][0]["finish_reason"] is None
+    assert last["choices"][0]["delta"] == {}
+    assert last["choices"][0]["finish_reason"] == "stop"
+
+
+def test_completion_stream_chunks():
+    shaper = Shaper(chat=False, model=MODEL, fingerprint="fp")
+    c = shaper.chunk(" once")
+    assert c["object"] == "text_completion" and c["id"].startswith("cmpl-")
+    assert c["choices"] == [{"index": 0, "text": " once", "logprobs": None, "finish_reason": None}]
+    end = shaper.chunk(None, "length")
+    assert end["choices"][0]["text"] == "" and end["choices"][0]["finish_reason"] == "length"
+
+
+def test_chunks_with_usage_requested_carry_null_usage_then_a_usage_chunk():
+    for is_chat, obj in ((True, "chat.completion.chunk"), (False, "text_completion")):
+        shaper = Shaper(chat=is_chat, model=MODEL, fingerprint="fp")
+        assert shaper.chunk("x", with_usage=True)["usage"] is None
+        final = shaper.usage_chunk(usage(7, 3))
+        assert final["object"] == obj and final["id"] == shaper.id
+        assert final["choices"] == []
+        assert final["usage"] == usage(7, 3)
+        assert ENVELOPE | {"choices", "usage"} == set(final)
+
+
+def test_explicit_id_and_created_are_kept():
+    shaper = Shaper(chat=True, model=MODEL, fingerprint="fp", id="chatcmpl-fixed", created=1700000000)
+    body = shaper.response("", "stop", usage(1, 0))
+    assert body["id"] == "chatcmpl-fixed" and body["created"] == 1700000000
+
+
+def test_completion_logprobs_shape():
+    texts = {5: " a", 9: " b", 11: "c"}
+    entries = [[-0.5, [[5, -0.5], [9, -1.0]]], [-0.25, [[11, -0.25], [5, -2.0]]]]
+    body = completion_logprobs([" a", "c"], entries, texts.get, offset=10)
+    assert body == {
+        "tokens": [" a", "c"],
+        "token_logprobs": [-0.5, -0.25],
+        "top_logprobs": [{" a": -0.5, " b": -1.0}, {"c": -0.25, " a": -2.0}],
+        "text_offset": [10, 12],
+    }
+    shaper = Shaper(chat=False, model=MODEL, fingerprint="fp")
+    assert shaper.response("x", "stop", usage(1, 1), body)["choices"][0]["logprobs"] is body
+    assert shaper.chunk("x", logprobs=body)["choices"][0]["logprobs"] is body
