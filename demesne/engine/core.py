@@ -122,7 +122,7 @@ class Engine:
         if req.params.greedy:
             return None
         seed = req.params.seed if req.params.seed is not None else self._seed_rng.integers(2**63)
-        return np.random.default_rng(seed % 2**64)  # any integer, negative ones too
+        return np.random.default_rng(int(seed) % 2**64)  # any integer, negative ones too
 
     def abort(self, rid: str) -> None:
         seq = self.by_rid.get(rid)

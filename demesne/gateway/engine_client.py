@@ -48,6 +48,7 @@ class EngineConn:
     last_seen: float = 0.0
     rtt: float = 0.0
     inflight: set[str] = field(default_factory=set)
+    ponged: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 class EngineClient:
@@ -89,6 +90,17 @@ class EngineClient:
 
     def models(self) -> dict[str, p.ModelInfo]:
         return {e.info.id: e.info for e in self.engines if e.info is not None and e.alive}
+
+    async def refresh_stats(self, timeout: float = 2.0) -> None:
+        """Ask every live engine for its counters now, and wait (briefly) for the answers."""
+        waiting = []
+        for engine in self.engines:
+            if engine.alive:
+                engine.ponged.clear()
+                self._try_send(engine, p.Ping(time.time()))
+                waiting.append(engine.ponged.wait())
+        if waiting:
+            await asyncio.wait([asyncio.ensure_future(w) for w in waiting], timeout=timeout)
 
     def any_alive(self) -> bool:
         return any(e.alive for e in self.engines)
@@ -177,6 +189,7 @@ class EngineClient:
     def _on_pong(self, engine: EngineConn, pong: p.Pong) -> None:
         engine.rtt = time.time() - pong.sent
         engine.stats = pong.stats
+        engine.ponged.set()
         if engine.info is None or engine.info != pong.model:
             engine.info = pong.model
         if pong.model.id not in self._known_models:

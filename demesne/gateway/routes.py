@@ -251,8 +251,9 @@ _METRICS = {
 
 
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text: each engine's counters from its latest heartbeat, by engine."""
+    """Prometheus text: each engine's counters, asked for now, by engine."""
     client = request.app[CLIENT]
+    await client.refresh_stats()
     lines = ["# HELP demesne_engine_up Whether the engine answers heartbeats", "# TYPE demesne_engine_up gauge"]
     lines += [f'demesne_engine_up{{engine="{e.endpoint}"}} {int(e.alive)}' for e in client.engines]
     for name, (kind, help_text) in _METRICS.items():
