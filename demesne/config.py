@@ -44,10 +44,12 @@ class EngineConfig:
     listen: str = field(default_factory=default_engine_endpoint)
     max_waiting: int = 1024  # requests queued beyond this are refused with 429
     seed: int | None = None  # engine-wide seed for requests that bring none
+    prefix_cache: bool = True  # share and keep KV of common prefixes (the radix trie)
 
     def __post_init__(self) -> None:
         _require(self.ctx_size >= 256, f"--ctx-size must be at least 256, got {self.ctx_size}")
-        _require(1 <= self.max_seqs <= 256, f"--max-seqs must be in [1, 256], got {self.max_seqs}")
+        # llama.cpp takes 256 sequence ids; the prefix trie's nodes use those beyond max_seqs.
+        _require(1 <= self.max_seqs <= 128, f"--max-seqs must be in [1, 128], got {self.max_seqs}")
         _require(
             self.batch_size >= self.max_seqs,
             f"--batch-size ({self.batch_size}) must be at least --max-seqs ({self.max_seqs}):"

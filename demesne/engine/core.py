@@ -27,6 +27,7 @@ class Counters:
     """Monotonic totals, reported to gateways for /metrics."""
 
     prompt_tokens: int = 0  # prompt tokens of admitted requests
+    cached_tokens: int = 0  # of those, served from the prefix trie
     prefill_tokens: int = 0  # tokens decoded as prompt (recomputation after preemption too)
     generation_tokens: int = 0
     decode_seconds: float = 0.0
@@ -57,7 +58,9 @@ class Engine:
         self.config = config
         self.runner = runner
         self.n_ctx = runner.n_ctx
-        self.scheduler = Scheduler(runner.n_ctx, config.max_seqs, config.batch_size, config.max_waiting)
+        self.scheduler = Scheduler(
+            runner.n_ctx, config.max_seqs, config.batch_size, config.max_waiting, runner, config.prefix_cache
+        )
         self.sampler = Sampler(runner.n_vocab, config.max_seqs)  # at most one output row per sequence
         self.counters = Counters()
         self.by_rid: dict[str, Sequence] = {}
@@ -137,11 +140,7 @@ class Engine:
         return len(gone)
 
     def _release(self, seq: Sequence) -> None:
-        was_running = seq.seq_id >= 0
-        seq_id = seq.seq_id
-        self.scheduler.remove(seq)
-        if was_running:
-            self.runner.drop_sequence(seq_id)
+        self.scheduler.finish(seq)
         del self.by_rid[seq.rid]
 
     # -- the step ----------------------------------------------------------------------
@@ -149,9 +148,7 @@ class Engine:
     def step(self) -> list[tuple[bytes, Delta]]:
         """Run one decode over everything scheduled; return (gateway, delta) pairs to send."""
         plan = self.scheduler.schedule()
-        for seq_id in plan.dropped:
-            self.runner.drop_sequence(seq_id)
-        if not plan.chunks:
+        if not plan:
             return []
         outputs = self._fill_batch(plan)
         t0 = time.perf_counter()
@@ -162,6 +159,8 @@ class Engine:
         t1 = time.perf_counter()
         for seq, n in plan.chunks:
             seq.n_computed += n
+        for node, n in plan.node_chunks:
+            self.scheduler.trie.computed(node, n)
         tokens = self._sample(logits, outputs)
         t2 = time.perf_counter()
         self._count(t1 - t0, t2 - t1)
@@ -171,6 +170,10 @@ class Engine:
         """Write every chunk into the batch; return the sequences that get an output row."""
         batch = self.runner.batch
         batch.clear()
+        for node, n in plan.node_chunks:
+            start = node.n_cached
+            batch.add_span(node.tokens[start : start + n], node.start + start, node.seq_id, False)
+            self.counters.prefill_tokens += n
         outputs = []
         for seq, n in plan.chunks:
             start = seq.n_computed
@@ -181,6 +184,7 @@ class Engine:
             if not seq.counted:
                 seq.counted = True
                 self.counters.prompt_tokens += seq.prompt_len
+                self.counters.cached_tokens += seq.n_cached
             if n > 1 or start < seq.prompt_len:  # not the one-token decode of a sampled token
                 self.counters.prefill_tokens += n
         return outputs
@@ -219,6 +223,7 @@ class Engine:
             tokens=tokens,
             finish=seq.finish,
             prompt_tokens=seq.prompt_len if report else 0,
+            cached_tokens=seq.n_cached if report else 0,
             logprobs=logprobs,
         )
 
@@ -234,7 +239,7 @@ class Engine:
         log.warning("%s with %d tokens; preempting the newest sequence", exc, plan.n_tokens)
         if exc.code != 1 or len(self.scheduler.running) <= 1:
             raise exc
-        self.runner.drop_sequence(self.scheduler.preempt(self.scheduler.running[-1]))
+        self.scheduler.preempt(self.scheduler.running[-1])
         return []
 
     # -- reporting ---------------------------------------------------------------------
@@ -245,6 +250,7 @@ class Engine:
             "requests_running": len(self.scheduler.running),
             "requests_waiting": len(self.scheduler.waiting),
             "prompt_tokens_total": c.prompt_tokens,
+            "prompt_tokens_cached_total": c.cached_tokens,
             "prefill_tokens_total": c.prefill_tokens,
             "generation_tokens_total": c.generation_tokens,
             "decode_seconds_total": c.decode_seconds,
@@ -254,5 +260,7 @@ class Engine:
             "requests_refused_total": c.requests_refused,
             "preemptions_total": self.scheduler.n_preemptions,
             "kv_cells_used": self.scheduler.cells_used(),
+            "prefix_cache_nodes": self.scheduler.trie.n_nodes,
+            "prefix_cache_cells": self.scheduler.trie.n_cells,
             "kv_cells_total": self.n_ctx,
         }

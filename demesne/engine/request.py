@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..protocol import SamplingParams
+from .prefix_cache import Node
 
 
 @dataclass(slots=True, eq=False)
@@ -14,10 +15,12 @@ class Sequence:
     """One request inside the engine.
 
     ``tokens`` is everything that belongs in the KV cache in the end: the prompt, then each
-    sampled token. ``n_computed`` of them are in KV already. A step feeds
-    ``tokens[n_computed:]`` (or a chunk of it); when the chunk reaches the end, its last row
-    yields logits and the sampled token is appended. Decoding is the case of one token left;
-    after a preemption the whole of ``tokens`` is prefilled again, generated tokens included.
+    sampled token. While admitted, ``tokens[:-1]`` is a path in the prefix trie ending at
+    ``node`` (shared with whoever else has that prefix); once that path is computed the
+    sequence *attaches* to it and ``n_computed`` of its tokens are visible to its own seq id.
+    A step feeds ``tokens[n_computed:]`` (or a chunk) privately; when the chunk reaches the
+    end, its last row yields logits and the sampled token is appended. Decoding is the case
+    of one token left. After a preemption the tokens are kept in the trie and matched again.
     """
 
     rid: str
@@ -28,6 +31,10 @@ class Sequence:
     tokens: list[int]
     rng: np.random.Generator | None = None
     seq_id: int = -1  # llama.cpp sequence id while running, -1 while waiting
+    node: Node | None = None  # end of its path in the prefix trie while admitted
+    attached: bool = False  # its seq id is on the path's cells
+    n_shared: int = 0  # of n_computed, the tokens that came from the trie path
+    n_cached: int = 0  # prompt tokens already in the trie at first admission
     n_computed: int = 0
     n_generated: int = 0
     n_sent: int = 0  # generated tokens already sent to the gateway
@@ -54,7 +61,15 @@ class Sequence:
         self.tokens.append(token)
         self.n_generated += 1
 
+    @property
+    def n_private(self) -> int:
+        """KV cells this sequence holds alone."""
+        return self.n_computed - self.n_shared
+
     def reset_kv(self) -> None:
-        """Forget KV state (preempted): everything is prefilled again when readmitted."""
+        """Forget KV state (preempted or finished)."""
         self.seq_id = -1
+        self.node = None
+        self.attached = False
+        self.n_shared = 0
         self.n_computed = 0

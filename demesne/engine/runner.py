@@ -34,6 +34,9 @@ _FLASH_ATTN = {
 }
 
 
+LLAMA_MAX_SEQ = 256  # the most sequence ids a llama.cpp context takes
+
+
 class ModelLoadError(RuntimeError):
     """The GGUF could not be loaded or the context could not be created."""
 
@@ -114,8 +117,7 @@ class ModelRunner:
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self.n_seq_max = config.max_seqs
-        self.batch = Batch(config.batch_size, self.n_seq_max)
+        self.batch = Batch(config.batch_size, 1)  # every token belongs to one sequence
         self.eog = np.array(
             [llama_cpp.llama_vocab_is_eog(self.vocab, t) for t in range(self.n_vocab)], dtype=bool
         )
@@ -140,7 +142,7 @@ class ModelRunner:
         params.n_ctx = config.ctx_size
         params.n_batch = config.batch_size
         params.n_ubatch = min(config.ubatch_size, config.batch_size)
-        params.n_seq_max = config.max_seqs
+        params.n_seq_max = LLAMA_MAX_SEQ  # request seq ids and the prefix trie's node seq ids
         threads = config.threads or _physical_cores()
         params.n_threads = threads
         params.n_threads_batch = config.threads_batch or threads
@@ -192,9 +194,18 @@ class ModelRunner:
         ptr = llama_cpp.llama_get_logits(self.ctx)
         return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
 
+    # -- KV operations (prefix_cache.KVOps) -------------------------------------------------
+
+    def copy(self, src: int, dst: int, p0: int, p1: int) -> None:
+        """Add ``dst`` to the cells of ``src`` in ``[p0, p1)``; no data moves (unified KV)."""
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
+
+    def remove(self, seq_id: int, p0: int = -1, p1: int = -1) -> None:
+        """Take ``seq_id`` off its cells in ``[p0, p1)``; a cell no sequence holds is free."""
+        llama_cpp.llama_memory_seq_rm(self.memory, seq_id, p0, p1)
+
     def drop_sequence(self, seq_id: int) -> None:
-        """Free every KV cell of ``seq_id`` (cells other sequences share stay)."""
-        llama_cpp.llama_memory_seq_rm(self.memory, seq_id, -1, -1)
+        self.remove(seq_id)
 
     def close(self) -> None:
         if self.ctx:

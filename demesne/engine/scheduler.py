@@ -1,14 +1,23 @@
-"""Where a request waits before it is admitted, and what each step feeds the model. Pure Python.
+"""Where a request waits before it is admitted, and what each step feeds the model. Pure Python
+apart from the KV operations it asks of ``kv`` (the runner) through the prefix trie.
 
-Each step gets a token budget (``--batch-size``). Running sequences with one token left
-(decoding) come first, one row each, so streams keep flowing; the rest of the budget goes to
-prompt chunks, oldest sequence first, so a long prompt is prefilled over several steps.
+Admission puts ``tokens[:-1]`` of a sequence into the prefix trie (prefix_cache.py): what
+other in-flight or recent sequences share is matched, the rest becomes a new branch. A step
+then feeds, within the token budget (``--batch-size``):
 
-KV cells are one shared pool. A waiting sequence is admitted only when its whole remaining
-prompt fits beside what running prefills still need; when decoding sequences outgrow the
-pool, the newest running sequence is preempted: its cells are freed and it waits again at
-the head of the queue, keeping its generated tokens, to be prefilled anew (recompute
-preemption). A full cache therefore delays requests, never fails them.
+1. one row for each attached sequence with one token left (decoding), so streams flow;
+2. chunks of trie nodes not yet computed, each once, whoever waits on it;
+3. private chunks: the last prompt token (its logits give the first sampled token), or a
+   sequence's tokens again after a preemption.
+
+A sequence whose trie path is computed *attaches*: its seq id joins the path's cells.
+
+KV cells are one pool. Unheld trie leaves are evicted (least recently used first) before
+anything waits for room. A waiting sequence is admitted only when what it lacks fits; when
+decoding sequences outgrow the pool, the newest running sequence is preempted: its tokens
+stay in the trie, its seq id is freed, and it waits at the head of the queue to be matched
+again (recompute preemption, cheap when the trie still has its tokens). A full cache
+therefore delays requests, never fails them.
 """
 
 from __future__ import annotations
@@ -16,43 +25,41 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from .prefix_cache import IdPool, KVOps, Node, RadixTrie
 from .request import Sequence
 
-
-class SeqIdPool:
-    """Hands out llama.cpp sequence ids ``0 .. n-1``; lowest free id first."""
-
-    def __init__(self, n: int):
-        self._free = list(range(n - 1, -1, -1))
-
-    def acquire(self) -> int | None:
-        return self._free.pop() if self._free else None
-
-    def release(self, seq_id: int) -> None:
-        self._free.append(seq_id)
-        self._free.sort(reverse=True)
-
-    @property
-    def n_free(self) -> int:
-        return len(self._free)
+LLAMA_MAX_SEQ = 256  # llama.cpp's limit on sequence ids in one context
 
 
 @dataclass(slots=True)
 class StepPlan:
-    chunks: list[tuple[Sequence, int]] = field(default_factory=list)  # (sequence, tokens fed)
-    dropped: list[int] = field(default_factory=list)  # seq ids of preempted sequences: drop their KV
+    chunks: list[tuple[Sequence, int]] = field(default_factory=list)  # private: (sequence, tokens)
+    node_chunks: list[tuple[Node, int]] = field(default_factory=list)  # shared: (trie node, tokens)
 
     @property
     def n_tokens(self) -> int:
-        return sum(n for _, n in self.chunks)
+        return sum(n for _, n in self.chunks) + sum(n for _, n in self.node_chunks)
+
+    def __bool__(self) -> bool:
+        return bool(self.chunks or self.node_chunks)
 
 
 class Scheduler:
-    def __init__(self, n_cells: int, max_seqs: int, token_budget: int, max_waiting: int):
+    def __init__(
+        self,
+        n_cells: int,
+        max_seqs: int,
+        token_budget: int,
+        max_waiting: int,
+        kv: KVOps,
+        prefix_cache: bool = True,
+    ):
         self.n_cells = n_cells
         self.token_budget = token_budget
         self.max_waiting = max_waiting
-        self.ids = SeqIdPool(max_seqs)
+        self.kv = kv
+        self.ids = IdPool(range(max_seqs))  # request seq ids; the trie has the rest
+        self.trie = RadixTrie(kv, range(max_seqs, LLAMA_MAX_SEQ), enabled=prefix_cache)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.n_preemptions = 0
@@ -62,7 +69,10 @@ class Scheduler:
         return bool(self.running or self.waiting)
 
     def cells_used(self) -> int:
-        return sum(s.n_computed for s in self.running)
+        return self.trie.n_cells + sum(s.n_private for s in self.running)
+
+    def free_cells(self) -> int:
+        return self.n_cells - self.cells_used()
 
     def add(self, seq: Sequence) -> bool:
         """Queue a new sequence; False when the queue is full."""
@@ -71,65 +81,138 @@ class Scheduler:
         self.waiting.append(seq)
         return True
 
-    def remove(self, seq: Sequence) -> None:
-        """Take a sequence out (finished or aborted); the caller drops its KV."""
+    def finish(self, seq: Sequence) -> None:
+        """Take a sequence out (finished or aborted); the trie keeps what it computed."""
         if seq.seq_id >= 0:
             self.running.remove(seq)
-            self.ids.release(seq.seq_id)
+            self._release(seq)
         else:
             self.waiting.remove(seq)
 
-    def schedule(self) -> StepPlan:
-        plan = StepPlan()
-        while True:
-            self._preempt_for_decode(plan)
-            if not plan.dropped:  # a sequence preempted now must not be readmitted at once
-                self._admit()
-            self._plan_chunks(plan)
-            if plan.chunks or not self.running:
-                return plan
-            # Every running sequence is stuck on cells held by the others: free the newest.
-            plan.dropped.append(self.preempt(self.running[-1]))
-
-    def _preempt_for_decode(self, plan: StepPlan) -> None:
-        decoding = sum(1 for s in self.running if s.n_remaining == 1)
-        while self.running and self.n_cells - self.cells_used() < decoding:
-            victim = self.running[-1]
-            decoding -= victim.n_remaining == 1
-            plan.dropped.append(self.preempt(victim))
-
-    def preempt(self, seq: Sequence) -> int:
-        """Send a running sequence back to the head of the queue; returns the id to drop."""
-        seq_id = seq.seq_id
+    def preempt(self, seq: Sequence) -> None:
+        """Send a running sequence back to the head of the queue."""
         self.running.remove(seq)
-        self.ids.release(seq_id)
-        seq.reset_kv()
+        self._release(seq)
         self.waiting.appendleft(seq)
         self.n_preemptions += 1
-        return seq_id
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.attached:
+            self.trie.retain(seq.seq_id, seq.tokens[: seq.n_computed])
+        self.kv.remove(seq.seq_id)
+        self.trie.unlock(seq.node)
+        self.ids.release(seq.seq_id)
+        seq.reset_kv()
+
+    # -- one step ------------------------------------------------------------------------
+
+    def schedule(self) -> StepPlan:
+        while True:
+            preempted = self._make_room_for_decode()
+            if not preempted:  # a sequence preempted now must not be readmitted at once
+                self._admit()
+            self._attach_ready()
+            plan = self._plan()
+            if plan or not self.running:
+                return plan
+            # Every running sequence is stuck on cells held by the others: free the newest.
+            self.preempt(self.running[-1])
+
+    def _decoding(self) -> list[Sequence]:
+        return [s for s in self.running if s.attached and s.n_remaining == 1]
+
+    def _make_room_for_decode(self) -> bool:
+        need = len(self._decoding())
+        if self.free_cells() < need:
+            self.trie.evict(need - self.free_cells())
+        preempted = False
+        while self.running and self.free_cells() < need:
+            victim = self.running[-1]
+            need -= victim.attached and victim.n_remaining == 1
+            self.preempt(victim)
+            preempted = True
+        return preempted
+
+    def _promised(self) -> int:
+        """Cells that admitted but unattached sequences will still take."""
+        nodes: set[Node] = set()
+        for seq in self.running:
+            node = seq.node
+            while not seq.attached and node is not None and node is not self.trie.root:
+                nodes.add(node)
+                node = node.parent
+        waiting = sum(1 for s in self.running if not s.attached)
+        return sum(len(n.tokens) - n.n_cached for n in nodes) + 2 * waiting
 
     def _admit(self) -> None:
-        # Cells that running prefills will still take, so admission does not starve them.
-        promised = sum(s.n_remaining for s in self.running if s.n_remaining > 1)
-        free = self.n_cells - self.cells_used() - promised
         while self.waiting and self.ids.n_free:
             seq = self.waiting[0]
-            need = seq.n_remaining + 1  # its prompt, and room for the first generated token
-            if need > free:
-                break
+            hit = self.trie.insert(seq.tokens[:-1])
+            if hit is None:
+                return
+            node, matched = hit
+            self.trie.lock(node)
+            lacking = sum(len(n.tokens) - n.n_cached for n in _path(node, self.trie.root))
+            need = lacking + 2  # the path, the last token, and room for the first new one
+            short = need - (self.free_cells() - self._promised())
+            if short > 0 and self.trie.evict(short) < short:
+                self.trie.unlock(node)
+                return
             self.waiting.popleft()
+            if seq.n_cached == 0 and seq.n_generated == 0:
+                seq.n_cached = min(matched, seq.prompt_len - 1)
+            seq.node = node
             seq.seq_id = self.ids.acquire()
             self.running.append(seq)
-            free -= need
 
-    def _plan_chunks(self, plan: StepPlan) -> None:
+    def _attach_ready(self) -> None:
+        for seq in self.running:
+            if not seq.attached and self.trie.next_to_compute(seq.node) is None:
+                if seq.node is not self.trie.root:
+                    self.kv.copy(seq.node.seq_id, seq.seq_id, -1, seq.node.end)
+                seq.attached = True
+                seq.n_computed = seq.n_shared = seq.node.end
+
+    def _plan(self) -> StepPlan:
+        plan = StepPlan()
         budget = self.token_budget
-        free = self.n_cells - self.cells_used()
-        # Decoding rows first (stable sort keeps admission order within each group).
-        for seq in sorted(self.running, key=lambda s: s.n_remaining > 1):
-            n = min(seq.n_remaining, budget, free)
-            if n <= 0:
+        demand = self._demand()
+        if self.free_cells() < demand:
+            self.trie.evict(demand - self.free_cells())
+        free = self.free_cells()
+        for seq in self._decoding():
+            if budget and free:
+                plan.chunks.append((seq, 1))
+                budget, free = budget - 1, free - 1
+        claimed: set[Node] = set()
+        for seq in self.running:
+            node = None if seq.attached else self.trie.next_to_compute(seq.node)
+            if node is None or node in claimed:
                 continue
-            plan.chunks.append((seq, n))
-            budget -= n
-            free -= n
+            claimed.add(node)
+            n = min(len(node.tokens) - node.n_cached, budget, free)
+            if n > 0:
+                self.trie.begin_chunk(node)
+                plan.node_chunks.append((node, n))
+                budget, free = budget - n, free - n
+        for seq in self.running:
+            if seq.attached and seq.n_remaining > 1:
+                n = min(seq.n_remaining, budget, free)
+                if n > 0:
+                    plan.chunks.append((seq, n))
+                    budget, free = budget - n, free - n
+        return plan
+
+    def _demand(self) -> int:
+        """Tokens this step would like to feed, capped by the budget."""
+        want = sum(s.n_remaining for s in self.running if s.attached)
+        want += self._promised()
+        return min(want, self.token_budget)
+
+
+def _path(node: Node, root: Node) -> list[Node]:
+    path = []
+    while node is not root:
+        path.append(node)
+        node = node.parent
+    return path

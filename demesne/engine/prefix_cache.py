@@ -1,0 +1,268 @@
+"""Radix trie over token spans: the KV cells that in-flight and recent sequences share.
+
+Each node holds a span of tokens at fixed positions ``[start, end)`` and owns a llama.cpp
+sequence id (a *node seq*). Invariant: a node's seq id is on every KV cell of its whole
+path from the root that has been computed, its own span's computed prefix included. So
+
+- a request whose prompt ends at node ``L`` attaches with one metadata-only
+  ``copy(L.seq_id, S, -1, L.end)`` (a unified KV cache lets one cell carry many sequence
+  ids), then decodes privately under its own seq id ``S``;
+- a node's tokens are computed under its own seq id, once, however many requests wait on it;
+  before its first chunk it takes its parent's path (``copy(parent.seq_id, seq_id, ...)``);
+- evicting a leaf is ``remove(seq_id)``: its own cells are freed, its ancestors' cells stay
+  (their own seq ids hold them).
+
+The contract:
+
+- :meth:`RadixTrie.insert` walks ``tokens`` from the root, splitting a node where they part
+  from it, and adds a leaf for the rest; returns the node that ends at ``len(tokens)``.
+- :meth:`RadixTrie.lock` / :meth:`RadixTrie.unlock` count the requests holding a path; a
+  locked node is never evicted.
+- :meth:`RadixTrie.retain` keeps a finished (or preempted) sequence's tokens: what the trie
+  lacks becomes a leaf that takes the sequence's cells before the caller drops its seq id.
+- :meth:`RadixTrie.evict` frees unlocked leaves, least recently used first, until enough
+  cells are free.
+
+With ``enabled=False`` (``--no-prefix-cache``) nothing is matched or kept: every insert is a
+fresh branch from the root and a node is evicted as soon as nobody holds it.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from typing import Protocol
+
+
+class KVOps(Protocol):
+    def copy(self, src: int, dst: int, p0: int, p1: int) -> None: ...
+    def remove(self, seq_id: int, p0: int = -1, p1: int = -1) -> None: ...
+
+
+class IdPool:
+    """Hands out ids from a range, lowest free first."""
+
+    def __init__(self, ids: range):
+        self._free = sorted(ids, reverse=True)
+
+    def acquire(self) -> int | None:
+        return self._free.pop() if self._free else None
+
+    def release(self, seq_id: int) -> None:
+        self._free.append(seq_id)
+        self._free.sort(reverse=True)
+
+    @property
+    def n_free(self) -> int:
+        return len(self._free)
+
+
+@dataclass(eq=False)
+class Node:
+    tokens: list[int]
+    start: int  # position of tokens[0]
+    parent: Node | None
+    seq_id: int = -1  # -1 for the root
+    n_cached: int = 0  # leading tokens of the span whose KV exists
+    refs: int = 0  # requests holding this node or a descendant
+    last_used: int = 0
+    children: dict[int, Node] = field(default_factory=dict)
+
+    @property
+    def end(self) -> int:
+        return self.start + len(self.tokens)
+
+    @property
+    def computed(self) -> bool:
+        return self.n_cached == len(self.tokens)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
+
+
+class RadixTrie:
+    def __init__(self, kv: KVOps, seq_ids: range, enabled: bool = True):
+        self.kv = kv
+        self.ids = IdPool(seq_ids)
+        self.enabled = enabled
+        self.root = Node([], 0, None)
+        self.n_cells = 0  # computed cells held by nodes
+        self.n_nodes = 0
+        self._clock = itertools.count(1)
+
+    # -- matching and inserting ------------------------------------------------------
+
+    def insert(self, tokens: list[int]) -> tuple[Node, int] | None:
+        """The node ending at ``len(tokens)``, creating what is missing, and how many leading
+        tokens were already in the trie. None when no seq id can be had for a new node."""
+        node, matched = (self._walk(tokens) if self.enabled else (self.root, 0))
+        if node is None:
+            return None
+        if matched < len(tokens):
+            leaf = self._new_node(tokens[matched:], matched, node)
+            if leaf is None:
+                return None
+            node = leaf
+        self._touch(node)
+        return node, matched
+
+    def _walk(self, tokens: list[int]) -> tuple[Node | None, int]:
+        """Follow ``tokens`` down the trie, splitting a node where they part from it."""
+        node, i = self.root, 0
+        while i < len(tokens):
+            child = node.children.get(tokens[i])
+            if child is None:
+                break
+            k = _common_prefix(child.tokens, tokens[i:])
+            if k < len(child.tokens):
+                child = self._split(child, k)
+                if child is None:
+                    return None, 0
+            node, i = child, i + k
+        return node, i
+
+    def _split(self, node: Node, k: int) -> Node | None:
+        """Cut ``node`` after ``k`` tokens; the new top part is returned (the old node object
+        keeps the bottom, so whoever points at it still does)."""
+        seq_id = self._acquire_id(protect=node)
+        if seq_id is None:
+            return None
+        top = Node(node.tokens[:k], node.start, node.parent, seq_id, min(k, node.n_cached), node.refs, node.last_used)
+        self.kv.copy(node.seq_id, seq_id, -1, node.start + top.n_cached)
+        node.parent.children[top.tokens[0]] = top
+        node.tokens = node.tokens[k:]
+        node.start += k
+        node.n_cached = max(0, node.n_cached - k)
+        node.parent = top
+        top.children[node.tokens[0]] = node
+        self.n_nodes += 1
+        return top
+
+    def _new_node(self, tokens: list[int], start: int, parent: Node) -> Node | None:
+        seq_id = self._acquire_id(protect=parent)
+        if seq_id is None:
+            return None
+        node = Node(list(tokens), start, parent, seq_id, refs=0)
+        parent.children[node.tokens[0]] = node
+        self.n_nodes += 1
+        return node
+
+    def _acquire_id(self, protect: Node) -> int | None:
+        """A free node seq id, evicting the least recently used leaf if need be (never
+        ``protect``, the node about to be split or given a child)."""
+        seq_id = self.ids.acquire()
+        if seq_id is None and self._evict_one(protect) is not None:
+            seq_id = self.ids.acquire()
+        return seq_id
+
+    # -- holding, computing ------------------------------------------------------------
+
+    def lock(self, node: Node) -> None:
+        self._touch(node)
+        while node is not self.root:
+            node.refs += 1
+            node = node.parent
+
+    def unlock(self, node: Node) -> None:
+        self._touch(node)
+        leaf = node
+        while node is not self.root:
+            node.refs -= 1
+            node = node.parent
+        if not self.enabled:
+            self._drop_unheld(leaf)
+
+    def _touch(self, node: Node) -> None:
+        now = next(self._clock)
+        while node is not self.root:
+            node.last_used = now
+            node = node.parent
+
+    def next_to_compute(self, node: Node) -> Node | None:
+        """The first node on the path to ``node`` whose span is not fully computed."""
+        path = []
+        while node is not self.root:
+            path.append(node)
+            node = node.parent
+        return next((n for n in reversed(path) if not n.computed), None)
+
+    def begin_chunk(self, node: Node) -> None:
+        """Before computing a node's first tokens: take the parent's path (computed now)."""
+        if node.n_cached == 0 and node.parent is not self.root:
+            self.kv.copy(node.parent.seq_id, node.seq_id, -1, node.parent.end)
+
+    def computed(self, node: Node, n: int) -> None:
+        node.n_cached += n
+        self.n_cells += n
+
+    # -- keeping finished sequences ------------------------------------------------------
+
+    def retain(self, seq_id: int, tokens: list[int]) -> None:
+        """Keep ``tokens``, whose KV sequence ``seq_id`` holds at positions 0..len-1.
+
+        What the trie already has is only refreshed; the rest becomes a leaf that takes
+        ``seq_id``'s cells. The caller removes ``seq_id`` afterwards.
+        """
+        if not self.enabled or not tokens:
+            return
+        node, matched = self._walk(tokens)
+        if node is None or matched == len(tokens) or not node.computed:
+            if node is not None:
+                self._touch(node)
+            return
+        leaf = self._new_node(tokens[matched:], matched, node)
+        if leaf is None:
+            return
+        if node is not self.root:
+            self.kv.copy(node.seq_id, leaf.seq_id, -1, node.end)
+        self.kv.copy(seq_id, leaf.seq_id, matched, len(tokens))
+        self.computed(leaf, len(leaf.tokens))
+        self._touch(leaf)
+
+    # -- eviction ----------------------------------------------------------------------
+
+    def evict(self, n_cells: int) -> int:
+        """Free at least ``n_cells`` cells if unlocked leaves allow; returns cells freed."""
+        freed = 0
+        while freed < n_cells:
+            got = self._evict_one()
+            if got is None:
+                break
+            freed += got
+        return freed
+
+    def _evict_one(self, protect: Node | None = None) -> int | None:
+        leaves = [n for n in self._nodes() if not n.children and n.refs == 0 and n is not protect]
+        if not leaves:
+            return None
+        return self._remove(min(leaves, key=lambda n: n.last_used))
+
+    def _drop_unheld(self, node: Node) -> None:
+        while node is not self.root and node.refs == 0 and not node.children:
+            parent = node.parent
+            self._remove(node)
+            node = parent
+
+    def _remove(self, node: Node) -> int:
+        self.kv.remove(node.seq_id)
+        del node.parent.children[node.tokens[0]]
+        self.ids.release(node.seq_id)
+        self.n_cells -= node.n_cached
+        self.n_nodes -= 1
+        return node.n_cached
+
+    def _nodes(self):
+        stack = list(self.root.children.values())
+        while stack:
+            node = stack.pop()
+            yield node
+            stack.extend(node.children.values())
+
+    def evictable_cells(self) -> int:
+        """Cells that eviction could free now (nodes no request holds)."""
+        return sum(n.n_cached for n in self._nodes() if n.refs == 0)
