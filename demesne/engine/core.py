@@ -59,7 +59,7 @@ class Engine:
         self.runner = runner
         self.n_ctx = runner.n_ctx
         self.scheduler = Scheduler(
-            runner.n_ctx, config.max_seqs, config.batch_size, config.max_waiting, runner, config.prefix_cache
+            runner.n_ctx, config.max_seqs, config.batch_size, config.max_waiting, runner, config.prefix_cache, runner.n_seq_max
         )
         self.sampler = Sampler(runner.n_vocab, config.max_seqs)  # at most one output row per sequence
         self.counters = Counters()

@@ -37,6 +37,15 @@ _FLASH_ATTN = {
 LLAMA_MAX_SEQ = 256  # the most sequence ids a llama.cpp context takes
 
 
+def seq_ids_for(config: EngineConfig) -> int:
+    """Sequence ids of the context: ``max_seqs`` for requests, the rest for trie nodes.
+
+    llama.cpp sizes its logits buffer by the number of sequence ids (n_vocab floats each,
+    1 MiB for a 262k vocabulary) and wants no more of them than ``n_batch``.
+    """
+    return min(LLAMA_MAX_SEQ, config.batch_size, 4 * config.max_seqs)
+
+
 class ModelLoadError(RuntimeError):
     """The GGUF could not be loaded or the context could not be created."""
 
@@ -113,6 +122,7 @@ class ModelRunner:
         self._tensor_split = None  # kept alive: the model params point into it
         self.model = self._load_model(config)
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_seq_max = seq_ids_for(config)
         self.ctx = self._new_context(config)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
@@ -142,7 +152,7 @@ class ModelRunner:
         params.n_ctx = config.ctx_size
         params.n_batch = config.batch_size
         params.n_ubatch = min(config.ubatch_size, config.batch_size)
-        params.n_seq_max = LLAMA_MAX_SEQ  # request seq ids and the prefix trie's node seq ids
+        params.n_seq_max = self.n_seq_max
         threads = config.threads or _physical_cores()
         params.n_threads = threads
         params.n_threads_batch = config.threads_batch or threads

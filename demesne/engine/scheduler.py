@@ -28,9 +28,6 @@ from dataclasses import dataclass, field
 from .prefix_cache import IdPool, KVOps, Node, RadixTrie
 from .request import Sequence
 
-LLAMA_MAX_SEQ = 256  # llama.cpp's limit on sequence ids in one context
-
-
 @dataclass(slots=True)
 class StepPlan:
     chunks: list[tuple[Sequence, int]] = field(default_factory=list)  # private: (sequence, tokens)
@@ -53,13 +50,15 @@ class Scheduler:
         max_waiting: int,
         kv: KVOps,
         prefix_cache: bool = True,
+        n_seq_ids: int = 256,
     ):
         self.n_cells = n_cells
         self.token_budget = token_budget
         self.max_waiting = max_waiting
         self.kv = kv
         self.ids = IdPool(range(max_seqs))  # request seq ids; the trie has the rest
-        self.trie = RadixTrie(kv, range(max_seqs, LLAMA_MAX_SEQ), enabled=prefix_cache)
+        # Sequence ids 0..max_seqs-1 are the requests'; the trie's nodes take the rest.
+        self.trie = RadixTrie(kv, range(max_seqs, n_seq_ids), enabled=prefix_cache)
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.n_preemptions = 0

@@ -14,6 +14,7 @@ from typing import Any
 from ..protocol import SamplingParams
 
 MAX_STOP_STRINGS = 4
+MAX_CHOICES = 16
 MAX_COMPLETION_LOGPROBS = 5  # as OpenAI's legacy completions endpoint
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -50,6 +51,7 @@ class CompletionRequest:
     stop: list[str] = field(default_factory=list)
     stream: bool = False
     include_usage: bool = False
+    n: int = 1
 
 
 # -- field checks ------------------------------------------------------------------------
@@ -120,8 +122,8 @@ def _common(body: dict, chat: bool) -> dict[str, Any]:
     if not model:
         raise bad("'model' is required", "model", "missing_required_parameter")
     n = _typed(body, "n", int, 1)
-    if n != 1:
-        raise bad("only n=1 is supported so far", "n", "unsupported_value")
+    if not 1 <= n <= MAX_CHOICES:
+        raise bad(f"'n' must be in [1, {MAX_CHOICES}], got {n}", "n")
     stream = _typed(body, "stream", bool, False)
     options = _typed(body, "stream_options", dict, {})
     include_usage = bool(_typed(options, "include_usage", bool, False)) if options else False
@@ -136,6 +138,7 @@ def _common(body: dict, chat: bool) -> dict[str, Any]:
         stop=_stop(body),
         stream=stream,
         include_usage=include_usage,
+        n=n,
     )
 
 
@@ -265,15 +268,24 @@ class Shaper:
     def _envelope(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint}
 
-    def response(self, text: str, finish: str, use: dict, logprobs: dict | None = None) -> dict:
+    def choice(self, index: int, text: str, finish: str, logprobs: dict | None = None) -> dict:
         if self.chat:
-            choice = {"index": 0, "message": {"role": "assistant", "content": text, "refusal": None}, "logprobs": None, "finish_reason": finish}
-            return {**self._envelope("chat.completion"), "choices": [choice], "usage": use}
-        choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish}
-        return {**self._envelope("text_completion"), "choices": [choice], "usage": use}
+            message = {"role": "assistant", "content": text, "refusal": None}
+            return {"index": index, "message": message, "logprobs": None, "finish_reason": finish}
+        return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
+
+    def response(self, choices: list[dict], use: dict) -> dict:
+        obj = "chat.completion" if self.chat else "text_completion"
+        return {**self._envelope(obj), "choices": choices, "usage": use}
 
     def chunk(
-        self, text: str | None, finish: str | None = None, first: bool = False, with_usage: bool = False, logprobs: dict | None = None
+        self,
+        index: int,
+        text: str | None,
+        finish: str | None = None,
+        first: bool = False,
+        with_usage: bool = False,
+        logprobs: dict | None = None,
     ) -> dict:
         if self.chat:
             delta: dict[str, Any] = {}
@@ -281,10 +293,10 @@ class Shaper:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
             body = {**self._envelope("chat.completion.chunk"), "choices": [choice]}
         else:
-            choice = {"index": 0, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
+            choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
             body = {**self._envelope("text_completion"), "choices": [choice]}
         if with_usage:
             body["usage"] = None

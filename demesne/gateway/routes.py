@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import logging
-import time
+from collections.abc import AsyncIterator
 
 import orjson
 from aiohttp import web
@@ -114,20 +116,66 @@ async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamR
         engine = client.pick(req.model)
     except EngineUnavailable as exc:
         raise ApiError(503, str(exc), None, "engine_unavailable") from None
-    gen = p.Generate(client.new_request_id(), prompt, max_tokens, req.params)
     stops = req.stop + (list(model.template.stops) if req.chat else [])
-    pieces = generate_text(client, engine, model, gen, stops)
+    # n choices are n requests with one prompt: the engine's prefix trie decodes it once.
+    streams = [
+        generate_text(client, engine, model, p.Generate(client.new_request_id(), prompt, max_tokens, _choice_params(req, i)), stops)
+        for i in range(req.n)
+    ]
     shaper = Shaper(req.chat, model.info.id, request.app[FINGERPRINT])
-    logprobs = _LogprobShaper(model) if req.params.logprobs >= 0 else None
+    logprobs = [_LogprobShaper(model) for _ in streams] if req.params.logprobs >= 0 else None
+    pieces = _merge(streams)
     try:
         if req.stream:
             return await _stream(request, req, shaper, pieces, logprobs)
-        return await _collect(shaper, pieces, logprobs)
+        return await _collect(req, shaper, pieces, logprobs)
     finally:
         await pieces.aclose()
 
 
-async def _next_piece(pieces) -> Piece:
+def _choice_params(req: CompletionRequest, index: int) -> p.SamplingParams:
+    """Each choice samples on its own: a given seed is offset by the choice's index."""
+    if index == 0 or req.params.seed is None:
+        return req.params
+    return dataclasses.replace(req.params, seed=req.params.seed + index)
+
+
+async def _merge(streams: list) -> AsyncIterator[tuple[int, Piece]]:
+    """Pieces of several choices as they come, tagged with the choice's index."""
+    if len(streams) == 1:  # the common case, without tasks
+        try:
+            async for piece in streams[0]:
+                yield 0, piece
+        finally:
+            await streams[0].aclose()
+        return
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(index: int, stream) -> None:
+        try:
+            async for piece in stream:
+                await queue.put((index, piece))
+        except Exception as exc:  # handed to the consumer, raised there
+            await queue.put((index, exc))
+        finally:
+            await stream.aclose()
+
+    tasks = [asyncio.ensure_future(pump(i, st)) for i, st in enumerate(streams)]
+    try:
+        open_ = len(streams)
+        while open_:
+            index, item = await queue.get()
+            if isinstance(item, Exception):
+                raise item
+            open_ -= item.finish is not None
+            yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def _next_piece(pieces) -> tuple[int, Piece]:
     try:
         return await pieces.__anext__()
     except EngineRefused as exc:
@@ -135,6 +183,13 @@ async def _next_piece(pieces) -> Piece:
         raise ApiError(e.status, e.message, e.param, e.code) from None
     except EngineUnavailable as exc:
         raise ApiError(503, str(exc), None, "engine_unavailable") from None
+
+
+def _usage(finals: dict[int, Piece]) -> dict:
+    """One prompt, however many choices; completion tokens add up."""
+    first = finals[0]
+    completion = sum(piece.completion_tokens for piece in finals.values())
+    return usage(first.prompt_tokens, completion, first.cached_tokens)
 
 
 class _LogprobShaper:
@@ -159,39 +214,48 @@ class _LogprobShaper:
         return part
 
 
-async def _collect(shaper: Shaper, pieces, logprobs: _LogprobShaper | None) -> web.Response:
-    texts = []
-    while True:
-        piece = await _next_piece(pieces)
-        texts.append(piece.text)
+async def _collect(req: CompletionRequest, shaper: Shaper, pieces, logprobs) -> web.Response:
+    texts: list[list[str]] = [[] for _ in range(req.n)]
+    finals: dict[int, Piece] = {}
+    while len(finals) < req.n:
+        index, piece = await _next_piece(pieces)
+        texts[index].append(piece.text)
         if logprobs is not None:
-            logprobs.add(piece)
+            logprobs[index].add(piece)
         if piece.finish is not None:
-            use = usage(piece.prompt_tokens, piece.completion_tokens, piece.cached_tokens)
-            total = logprobs.total if logprobs is not None else None
-            return _json(shaper.response("".join(texts), piece.finish, use, total))
+            finals[index] = piece
+    choices = [
+        shaper.choice(i, "".join(texts[i]), finals[i].finish, logprobs[i].total if logprobs else None)
+        for i in range(req.n)
+    ]
+    return _json(shaper.response(choices, _usage(finals)))
 
 
-async def _stream(
-    request: web.Request, req: CompletionRequest, shaper: Shaper, pieces, logprobs: _LogprobShaper | None
-) -> web.StreamResponse:
+async def _stream(request: web.Request, req: CompletionRequest, shaper: Shaper, pieces, logprobs) -> web.StreamResponse:
     # The first piece comes before the headers, so a refused request still gets its status.
-    piece = await _next_piece(pieces)
+    item = await _next_piece(pieces)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
     await response.prepare(request)
-    if req.chat:
-        await _send(response, shaper.chunk("", first=True, with_usage=req.include_usage))
+    started: set[int] = set()
+    finals: dict[int, Piece] = {}
+    with_usage = req.include_usage
     while True:
-        part = logprobs.add(piece) if logprobs is not None else None
+        index, piece = item
+        if req.chat and index not in started:
+            await _send(response, shaper.chunk(index, "", first=True, with_usage=with_usage))
+        started.add(index)
+        part = logprobs[index].add(piece) if logprobs is not None else None
         if piece.text or part:
-            await _send(response, shaper.chunk(piece.text, with_usage=req.include_usage, logprobs=part))
+            await _send(response, shaper.chunk(index, piece.text, with_usage=with_usage, logprobs=part))
         if piece.finish is not None:
-            await _send(response, shaper.chunk(None if req.chat else "", piece.finish, with_usage=req.include_usage))
-            if req.include_usage:
-                await _send(response, shaper.usage_chunk(usage(piece.prompt_tokens, piece.completion_tokens, piece.cached_tokens)))
-            break
+            finals[index] = piece
+            await _send(response, shaper.chunk(index, None if req.chat else "", piece.finish, with_usage=with_usage))
+            if len(finals) == req.n:
+                if with_usage:
+                    await _send(response, shaper.usage_chunk(_usage(finals)))
+                break
         try:
-            piece = await _next_piece(pieces)
+            item = await _next_piece(pieces)
         except ApiError as exc:  # headers are gone: report in the stream, as OpenAI does
             await _send(response, exc.body())
             break
@@ -237,6 +301,7 @@ _METRICS = {
     "requests_running": ("gauge", "Requests decoding in the engines"),
     "requests_waiting": ("gauge", "Requests queued in the engines"),
     "prompt_tokens_total": ("counter", "Prompt tokens of admitted requests"),
+    "prompt_tokens_cached_total": ("counter", "Prompt tokens served from the prefix trie"),
     "prefill_tokens_total": ("counter", "Tokens decoded as prompt, recomputation included"),
     "generation_tokens_total": ("counter", "Tokens generated"),
     "decode_seconds_total": ("counter", "Seconds spent in llama_decode"),
@@ -247,6 +312,8 @@ _METRICS = {
     "preemptions_total": ("counter", "Sequences preempted for lack of KV cells"),
     "kv_cells_used": ("gauge", "KV cells holding tokens"),
     "kv_cells_total": ("gauge", "KV cells in all"),
+    "prefix_cache_nodes": ("gauge", "Nodes in the prefix trie"),
+    "prefix_cache_cells": ("gauge", "KV cells the prefix trie holds"),
 }
 
 
