@@ -198,7 +198,9 @@ def test_null_content_is_only_for_assistant():
         ("max_tokens", 10.0, "invalid_type"),
         ("max_completion_tokens", -1, "invalid_value"),
         ("seed", "7", "invalid_type"),
-        ("n", 2, "unsupported_value"),
+        ("n", 0, "invalid_value"),
+        ("n", 17, "invalid_value"),
+        ("n", 2.0, "invalid_type"),
         ("stream", "yes", "invalid_type"),
         ("user", 5, "invalid_type"),
     ],
@@ -315,7 +317,7 @@ def test_usage_shape():
 def test_chat_response_shape():
     before = int(time.time())
     shaper = Shaper(chat=True, model=MODEL, fingerprint="fp_1")
-    body = shaper.response("Hello!", "stop", usage(3, 2))
+    body = shaper.response([shaper.choice(0, "Hello!", "stop")], usage(3, 2))
     assert ENVELOPE | {"choices", "usage"} == set(body)
     assert re.fullmatch(r"chatcmpl-[0-9a-f]{32}", body["id"])
     assert body["object"] == "chat.completion"
@@ -329,7 +331,7 @@ def test_chat_response_shape():
 
 def test_completion_response_shape():
     shaper = Shaper(chat=False, model=MODEL, fingerprint="fp_1")
-    body = shaper.response(" there lived", "length", usage(4, 2))
+    body = shaper.response([shaper.choice(0, " there lived", "length")], usage(4, 2))
     assert re.fullmatch(r"cmpl-[0-9a-f]{32}", body["id"])
     assert body["object"] == "text_completion"
     assert body["choices"] == [{"index": 0, "text": " there lived", "logprobs": None, "finish_reason": "length"}]
@@ -342,9 +344,9 @@ def test_ids_are_unique_per_request():
 
 def test_chat_stream_chunks():
     shaper = Shaper(chat=True, model=MODEL, fingerprint="fp")
-    first = shaper.chunk("", first=True)
-    middle = shaper.chunk("lo")
-    last = shaper.chunk(None, "stop")
+    first = shaper.chunk(0, "", first=True)
+    middle = shaper.chunk(0, "lo")
+    last = shaper.chunk(0, None, "stop")
     for c in (first, middle, last):
         assert c["object"] == "chat.completion.chunk"
         assert c["id"] == shaper.id and c["id"].startswith("chatcmpl-")
@@ -360,17 +362,17 @@ def test_chat_stream_chunks():
 
 def test_completion_stream_chunks():
     shaper = Shaper(chat=False, model=MODEL, fingerprint="fp")
-    c = shaper.chunk(" once")
+    c = shaper.chunk(0, " once")
     assert c["object"] == "text_completion" and c["id"].startswith("cmpl-")
     assert c["choices"] == [{"index": 0, "text": " once", "logprobs": None, "finish_reason": None}]
-    end = shaper.chunk(None, "length")
+    end = shaper.chunk(0, None, "length")
     assert end["choices"][0]["text"] == "" and end["choices"][0]["finish_reason"] == "length"
 
 
 def test_chunks_with_usage_requested_carry_null_usage_then_a_usage_chunk():
     for is_chat, obj in ((True, "chat.completion.chunk"), (False, "text_completion")):
         shaper = Shaper(chat=is_chat, model=MODEL, fingerprint="fp")
-        assert shaper.chunk("x", with_usage=True)["usage"] is None
+        assert shaper.chunk(0, "x", with_usage=True)["usage"] is None
         final = shaper.usage_chunk(usage(7, 3))
         assert final["object"] == obj and final["id"] == shaper.id
         assert final["choices"] == []
@@ -380,7 +382,7 @@ def test_chunks_with_usage_requested_carry_null_usage_then_a_usage_chunk():
 
 def test_explicit_id_and_created_are_kept():
     shaper = Shaper(chat=True, model=MODEL, fingerprint="fp", id="chatcmpl-fixed", created=1700000000)
-    body = shaper.response("", "stop", usage(1, 0))
+    body = shaper.response([shaper.choice(0, "", "stop")], usage(1, 0))
     assert body["id"] == "chatcmpl-fixed" and body["created"] == 1700000000
 
 
@@ -395,5 +397,5 @@ def test_completion_logprobs_shape():
         "text_offset": [10, 12],
     }
     shaper = Shaper(chat=False, model=MODEL, fingerprint="fp")
-    assert shaper.response("x", "stop", usage(1, 1), body)["choices"][0]["logprobs"] is body
-    assert shaper.chunk("x", logprobs=body)["choices"][0]["logprobs"] is body
+    assert shaper.response([shaper.choice(0, "x", "stop", body)], usage(1, 1))["choices"][0]["logprobs"] is body
+    assert shaper.chunk(0, "x", logprobs=body)["choices"][0]["logprobs"] is body
