@@ -148,7 +148,8 @@ class RadixTrie:
         if seq_id is None:
             return None
         node = Node(list(tokens), start, parent, seq_id, refs=0)
-        parent.children[node.tokens[0]] = node
+        if self.enabled:  # disabled: private branches, never matched, so never indexed
+            parent.children[node.tokens[0]] = node
         self.n_nodes += 1
         return node
 
@@ -250,7 +251,8 @@ class RadixTrie:
 
     def _remove(self, node: Node) -> int:
         self.kv.remove(node.seq_id)
-        del node.parent.children[node.tokens[0]]
+        if node.parent.children.get(node.tokens[0]) is node:
+            del node.parent.children[node.tokens[0]]
         self.ids.release(node.seq_id)
         self.n_cells -= node.n_cached
         self.n_nodes -= 1
