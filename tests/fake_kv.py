@@ -136,7 +136,7 @@ def path_cells(kv: FakeKV, node: Node, n: int) -> dict[int, int]:
     return out
 
 
-def check_trie(trie: RadixTrie, kv: FakeKV, id_range: range, holders=()) -> dict[Node, dict[int, int]]:
+def check_trie(trie: RadixTrie, kv: FakeKV, id_range: range, holders=()) -> dict:
     """The trie's structure, counters and KV invariant (c). ``id_range`` is the trie's seq ids,
     ``holders`` the nodes requests have locked (one entry per lock). Returns each node's path:
     position -> cell."""
@@ -170,8 +170,8 @@ def check_trie(trie: RadixTrie, kv: FakeKV, id_range: range, holders=()) -> dict
         if node.n_cached:
             assert parent is trie.root or parent.computed, "computed below an uncomputed parent"
         _check_node_cells(kv, node, paths[parent], paths)
-    assert n_nodes == trie.n_nodes
-    assert n_cells == trie.n_cells
+    assert n_nodes == trie.n_nodes, f"{n_nodes} nodes reachable, the trie counts {trie.n_nodes}"
+    assert n_cells == trie.n_cells, f"nodes hold {n_cells} cells, the trie counts {trie.n_cells}"
     free = set(trie.ids._free)
     assert not free & ids and free | ids == set(id_range), "node seq ids leak"
     return paths
@@ -197,12 +197,12 @@ def _check_node_cells(kv: FakeKV, node: Node, parent_path: dict[int, int], paths
         assert sorted(held) == list(range(len(held))), "positions with a gap"
         paths[node] = {**parent_path}
         return
-    assert sorted(held) == list(range(end)), f"node seq {node.seq_id} holds {sorted(held)}, wants 0..{end - 1}"
+    assert sorted(held) == list(range(end)), f"node {node.seq_id}: {sorted(held)}, not 0..{end - 1}"
     for p in range(node.start):
         assert held[p][0] == parent_path[p], f"node seq {node.seq_id} at {p}: not its parent's cell"
     own = {}
     for p in range(node.start, end):
         cell = kv.cells[held[p][0]]
-        assert cell.token == node.tokens[p - node.start], f"node seq {node.seq_id}: wrong token at {p}"
+        assert cell.token == node.tokens[p - node.start], f"node {node.seq_id}: token at {p}"
         own[p] = held[p][0]
     paths[node] = {**parent_path, **own}
