@@ -49,11 +49,11 @@ class EngineConfig:
     def __post_init__(self) -> None:
         _require(self.ctx_size >= 256, f"--ctx-size must be at least 256, got {self.ctx_size}")
         # llama.cpp takes 256 sequence ids; the prefix trie's nodes use those beyond max_seqs.
-        _require(1 <= self.max_seqs <= 128, f"--max-seqs must be in [1, 128], got {self.max_seqs}")
+        _require(1 <= self.max_seqs <= 64, f"--max-seqs must be in [1, 64], got {self.max_seqs}")
         _require(
-            self.batch_size >= 2 * self.max_seqs,
-            f"--batch-size ({self.batch_size}) must be at least twice --max-seqs ({self.max_seqs}):"
-            " every running sequence needs a row in each step, and a sequence id for its prefix",
+            self.batch_size >= self.max_seqs,
+            f"--batch-size ({self.batch_size}) must be at least --max-seqs ({self.max_seqs}):"
+            " every running sequence needs a row in each step",
         )
         _require(1 <= self.ubatch_size, "--ubatch-size must be positive")
         _require(self.threads >= 0 and self.threads_batch >= 0, "--threads must be >= 0")

@@ -331,7 +331,6 @@ def test_insert_returns_none_when_every_node_is_locked():
     assert h.trie.n_nodes == 2 and a.tokens == [1, 2]
 
 
-@pytest.mark.xfail(strict=True, reason="bug: an unheld chain holds every id, its leaf protected")
 def test_an_unheld_chain_never_blocks_an_insert():
     h = Harness(node_ids=range(8, 11))
     h.request([1, 2, 3], seq_id=0)  # [1, 2] + [3]

@@ -178,8 +178,11 @@ def rows(plan: StepPlan) -> list[tuple[str, int]]:
 
 
 def ids_for(max_seqs: int, batch_size: int) -> int:
-    """Sequence ids of a context, as runner.seq_ids_for gives them."""
-    return min(256, batch_size, 4 * max_seqs)
+    """Sequence ids of a context, as the runner picks them."""
+    from demesne.config import EngineConfig
+    from demesne.engine.runner import seq_ids_for
+
+    return seq_ids_for(EngineConfig(model="unused.gguf", max_seqs=max_seqs, batch_size=batch_size))
 
 
 # --- the step plan ------------------------------------------------------------------------------
@@ -455,7 +458,6 @@ def test_preempted_sequence_waits_at_the_head_and_finishes_with_all_its_tokens()
 PREEMPTS_TOO_MANY = "bug: preempting b retains its cells in the trie, frees none, so a goes too"
 
 
-@pytest.mark.xfail(strict=True, reason=PREEMPTS_TOO_MANY)
 def test_only_as_many_sequences_are_preempted_as_the_cells_need():
     # a and b (8-token prompts) decode in 20 cells until they run out; one of them must go.
     sim = Sim(n_cells=20, max_seqs=4, token_budget=32, max_waiting=8)
@@ -571,7 +573,6 @@ def conversation(sim: Sim, turns: int, max_steps: int = 200) -> int:
 CHAIN_HOLDS_ALL_IDS = "bug: a chain of unheld nodes holds every node seq id, its leaf protected"
 
 
-@pytest.mark.xfail(strict=True, reason=CHAIN_HOLDS_ALL_IDS)
 def test_a_long_conversation_never_runs_out_of_node_seq_ids():
     # The defaults: --max-seqs 32, --batch-size 512 -> 128 seq ids, 96 of them the trie's. Each
     # turn adds nodes along one path; no request is running when the next turn arrives.
@@ -579,7 +580,6 @@ def test_a_long_conversation_never_runs_out_of_node_seq_ids():
     assert conversation(sim, 60) == 60
 
 
-@pytest.mark.xfail(strict=True, reason="bug: one node seq id: no split is possible, waits forever")
 def test_the_smallest_allowed_configuration_serves_shared_prefixes():
     # --max-seqs 1 --batch-size 2 passes EngineConfig's checks: one seq id for the trie.
     sim = Sim(n_cells=64, max_seqs=1, token_budget=2, max_waiting=8, n_seq_ids=ids_for(1, 2))

@@ -157,9 +157,34 @@ class RadixTrie:
         """A free node seq id, evicting the least recently used leaf if need be (never
         ``protect``, the node about to be split or given a child)."""
         seq_id = self.ids.acquire()
-        if seq_id is None and self._evict_one(protect) is not None:
+        if seq_id is None and (self._evict_one(protect) is not None or self._merge_one(protect)):
             seq_id = self.ids.acquire()
         return seq_id
+
+    def _merge_one(self, protect: Node) -> bool:
+        """Fold an unheld node with one child into that child, freeing a seq id and keeping
+        every cell (a long conversation is a chain of such nodes, none of them a leaf)."""
+        for parent in self._nodes():
+            if len(parent.children) != 1:
+                continue
+            (child,) = parent.children.values()
+            if protect in (parent, child) or parent.refs != child.refs:
+                continue
+            if not parent.computed and child.n_cached:
+                continue
+            if child.n_cached == 0:  # the child's seq id must cover the parent's cells too
+                self.kv.copy(parent.seq_id, child.seq_id, -1, parent.start + parent.n_cached)
+            self.kv.remove(parent.seq_id)
+            self.ids.release(parent.seq_id)
+            parent.parent.children[parent.tokens[0]] = child
+            child.tokens = parent.tokens + child.tokens
+            child.start = parent.start
+            child.n_cached += parent.n_cached
+            child.parent = parent.parent
+            child.last_used = max(child.last_used, parent.last_used)
+            self.n_nodes -= 1
+            return True
+        return False
 
     # -- holding, computing ------------------------------------------------------------
 

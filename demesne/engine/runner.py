@@ -41,9 +41,10 @@ def seq_ids_for(config: EngineConfig) -> int:
     """Sequence ids of the context: ``max_seqs`` for requests, the rest for trie nodes.
 
     llama.cpp sizes its logits buffer by the number of sequence ids (n_vocab floats each,
-    1 MiB for a 262k vocabulary) and wants no more of them than ``n_batch``.
+    1 MiB for a 262k vocabulary), so not all 256; the trie gets at least 2 * max_seqs + 1,
+    so every running request can always admit another beside it.
     """
-    return min(LLAMA_MAX_SEQ, config.batch_size, 4 * config.max_seqs)
+    return min(LLAMA_MAX_SEQ, 4 * config.max_seqs)
 
 
 class ModelLoadError(RuntimeError):
@@ -153,6 +154,7 @@ class ModelRunner:
         params.n_batch = config.batch_size
         params.n_ubatch = min(config.ubatch_size, config.batch_size)
         params.n_seq_max = self.n_seq_max
+        params.n_outputs_max = max(config.batch_size, self.n_seq_max)  # llama.cpp asks >= n_seq_max
         threads = config.threads or _physical_cores()
         params.n_threads = threads
         params.n_threads_batch = config.threads_batch or threads

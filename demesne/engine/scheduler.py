@@ -5,12 +5,12 @@ Admission puts ``tokens[:-1]`` of a sequence into the prefix trie (prefix_cache.
 other in-flight or recent sequences share is matched, the rest becomes a new branch. A step
 then feeds, within the token budget (``--batch-size``):
 
-1. one row for each attached sequence with one token left (decoding), so streams flow;
-2. chunks of trie nodes not yet computed, each once, whoever waits on it;
-3. private chunks: the last prompt token (its logits give the first sampled token), or a
-   sequence's tokens again after a preemption.
+1. one row for each attached sequence: it has exactly one token not in KV (the last prompt
+   token, whose logits give the first sampled token, or the last sampled one);
+2. chunks of trie nodes not yet computed, each once, whoever waits on it.
 
-A sequence whose trie path is computed *attaches*: its seq id joins the path's cells.
+A sequence whose trie path is computed *attaches*: its seq id joins the path's cells, and
+everything but its last token is then in KV.
 
 KV cells are one pool. Unheld trie leaves are evicted (least recently used first) before
 anything waits for room. A waiting sequence is admitted only when what it lacks fits; when
@@ -128,20 +128,20 @@ class Scheduler:
         while self.running and self.free_cells() < need:
             victim = self.running[-1]
             need -= victim.attached and victim.n_remaining == 1
-            self.preempt(victim)
+            self.preempt(victim)  # its cells move into an unheld trie leaf: evict that next
             preempted = True
+            if self.free_cells() < need:
+                self.trie.evict(need - self.free_cells())
         return preempted
 
-    def _promised(self) -> int:
-        """Cells that admitted but unattached sequences will still take."""
+    def _promised(self) -> tuple[int, set[Node]]:
+        """Cells that admitted but unattached sequences will still take, and their nodes."""
         nodes: set[Node] = set()
         for seq in self.running:
-            node = seq.node
-            while not seq.attached and node is not None and node is not self.trie.root:
-                nodes.add(node)
-                node = node.parent
+            if not seq.attached:
+                nodes.update(_path(seq.node, self.trie.root))
         waiting = sum(1 for s in self.running if not s.attached)
-        return sum(len(n.tokens) - n.n_cached for n in nodes) + 2 * waiting
+        return sum(len(n.tokens) - n.n_cached for n in nodes) + 2 * waiting, nodes
 
     def _admit(self) -> None:
         while self.waiting and self.ids.n_free:
@@ -151,9 +151,11 @@ class Scheduler:
                 return
             node, matched = hit
             self.trie.lock(node)
-            lacking = sum(len(n.tokens) - n.n_cached for n in _path(node, self.trie.root))
-            need = lacking + 2  # the path, the last token, and room for the first new one
-            short = need - (self.free_cells() - self._promised())
+            promised, promised_nodes = self._promised()
+            # What the path lacks beyond what running sequences are computing anyway, the
+            # last token, and room for the first new one.
+            lacking = sum(len(n.tokens) - n.n_cached for n in _path(node, self.trie.root) if n not in promised_nodes)
+            short = lacking + 2 - (self.free_cells() - promised)
             if short > 0 and self.trie.evict(short) < short:
                 self.trie.unlock(node)
                 return
@@ -194,18 +196,12 @@ class Scheduler:
                 self.trie.begin_chunk(node)
                 plan.node_chunks.append((node, n))
                 budget, free = budget - n, free - n
-        for seq in self.running:
-            if seq.attached and seq.n_remaining > 1:
-                n = min(seq.n_remaining, budget, free)
-                if n > 0:
-                    plan.chunks.append((seq, n))
-                    budget, free = budget - n, free - n
         return plan
 
     def _demand(self) -> int:
         """Tokens this step would like to feed, capped by the budget."""
         want = sum(s.n_remaining for s in self.running if s.attached)
-        want += self._promised()
+        want += self._promised()[0]
         return min(want, self.token_budget)
 
 
