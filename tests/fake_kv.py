@@ -72,14 +72,16 @@ class FakeKV:
 
     # -- decoding ------------------------------------------------------------------------
 
-    def decode(self, spans: list[tuple[int, int, list[int], bool]]) -> list[int]:
-        """Write a batch of ``(seq_id, first position, tokens, output)`` spans; returns the
-        sampled token of each span that asks for output, in order."""
+    def decode(self, spans: list[tuple[int | list[int], int, list[int], bool]]) -> list[int]:
+        """Write a batch of ``(seq id or ids, first position, tokens, output)`` spans; returns
+        the sampled token of each span that asks for output, in order (the first seq id's)."""
+        spans = [([s] if isinstance(s, int) else list(s), p, t, o) for s, p, t, o in spans]
         starts: dict[int, list[int]] = {}
-        for seq_id, pos0, tokens, _ in spans:
-            self._check_id(seq_id)
+        for seq_ids, pos0, tokens, _ in spans:
             assert tokens, "an empty span"
-            starts.setdefault(seq_id, []).extend(range(pos0, pos0 + len(tokens)))
+            for seq_id in seq_ids:
+                self._check_id(seq_id)
+                starts.setdefault(seq_id, []).extend(range(pos0, pos0 + len(tokens)))
         for seq_id, positions in starts.items():
             if positions != list(range(positions[0], positions[0] + len(positions))):
                 raise DecodeFailed(-1, f"sequence {seq_id} positions are not continuous")
@@ -91,10 +93,10 @@ class FakeKV:
         if len(free) < n:
             raise DecodeFailed(1, f"no slot for {n} tokens, {len(free)} cells free")
         slots = iter(free)
-        for seq_id, pos0, tokens, _ in spans:
+        for seq_ids, pos0, tokens, _ in spans:
             for k, token in enumerate(tokens):
-                self.cells[next(slots)] = Cell(pos0 + k, token, {seq_id})
-        return [model(self.context(s, p0 + len(t) - 1)) for s, p0, t, out in spans if out]
+                self.cells[next(slots)] = Cell(pos0 + k, token, set(seq_ids))
+        return [model(self.context(s[0], p0 + len(t) - 1)) for s, p0, t, out in spans if out]
 
     # -- looking inside ------------------------------------------------------------------
 

@@ -93,9 +93,10 @@ class Sim:
         self.check_plan(plan)
         spans, outputs = [], []
         self.fed_nodes = []
-        for node, n in plan.node_chunks:
+        for node, n, seq_ids in plan.node_chunks:
+            assert seq_ids[0] == node.seq_id
             c = node.n_cached
-            spans.append((node.seq_id, node.start + c, node.tokens[c : c + n], False))
+            spans.append((seq_ids, node.start + c, node.tokens[c : c + n], False))
             self.fed_nodes.append((node.start + c, n))
         for s, n in plan.chunks:
             start = s.n_computed
@@ -106,7 +107,7 @@ class Sim:
         sampled = self.kv.decode(spans) if spans else []
         for s, n in plan.chunks:
             s.n_computed += n
-        for node, n in plan.node_chunks:
+        for node, n, _ in plan.node_chunks:
             sched.trie.computed(node, n)
         for s, token in zip(outputs, sampled):
             assert token == model(s.tokens), f"{s.rid} attended to other tokens than its own"
@@ -127,10 +128,12 @@ class Sim:
     def check_plan(self, plan: StepPlan) -> None:
         sched = self.sched
         assert plan.n_tokens <= sched.token_budget
-        assert len({id(node) for node, _ in plan.node_chunks}) == len(plan.node_chunks)
-        for node, n in plan.node_chunks:
+        assert len({id(node) for node, _, _ in plan.node_chunks}) == len(plan.node_chunks)
+        in_step = {node: n for node, n, _ in plan.node_chunks}
+        for node, n, _ in plan.node_chunks:
             assert 0 < n <= len(node.tokens) - node.n_cached
-            assert node.parent is sched.trie.root or node.parent.computed
+            parent = node.parent  # computed, or completed by an earlier chunk of this step
+            assert parent is sched.trie.root or parent.computed or parent.n_cached + in_step.get(parent, 0) == len(parent.tokens)
         assert len({id(s) for s, _ in plan.chunks}) == len(plan.chunks)
         for s, n in plan.chunks:
             assert s in sched.running and s.attached and 0 < n <= s.n_remaining

@@ -159,7 +159,7 @@ class Engine:
         t1 = time.perf_counter()
         for seq, n in plan.chunks:
             seq.n_computed += n
-        for node, n in plan.node_chunks:
+        for node, n, _ in plan.node_chunks:
             self.scheduler.trie.computed(node, n)
         tokens = self._sample(logits, outputs)
         t2 = time.perf_counter()
@@ -170,9 +170,9 @@ class Engine:
         """Write every chunk into the batch; return the sequences that get an output row."""
         batch = self.runner.batch
         batch.clear()
-        for node, n in plan.node_chunks:
+        for node, n, seq_ids in plan.node_chunks:
             start = node.n_cached
-            batch.add_span(node.tokens[start : start + n], node.start + start, node.seq_id, False)
+            batch.add_span(node.tokens[start : start + n], node.start + start, seq_ids, False)
             self.counters.prefill_tokens += n
         outputs = []
         for seq, n in plan.chunks:

@@ -94,14 +94,19 @@ class Batch:
         self.n_tokens = 0
         self.n_outputs = 0
 
-    def add_span(self, tokens, pos0: int, seq_id: int, output_last: bool) -> None:
-        """Append consecutive tokens of one sequence starting at position ``pos0``."""
+    def add_span(self, tokens, pos0: int, seq_ids: int | list[int], output_last: bool) -> None:
+        """Append consecutive tokens starting at position ``pos0``, each belonging to
+        ``seq_ids`` (one id, or several: one cell then serves all of those sequences)."""
         n, k = self.n_tokens, len(tokens)
         end = n + k
         self.token[n:end] = tokens
         np.add(self._iota[:k], pos0, out=self.pos[n:end])
-        self.n_seq_id[n:end] = 1
-        self.seq_id[n:end, 0] = seq_id
+        if isinstance(seq_ids, int):
+            self.n_seq_id[n:end] = 1
+            self.seq_id[n:end, 0] = seq_ids
+        else:
+            self.n_seq_id[n:end] = len(seq_ids)
+            self.seq_id[n:end, : len(seq_ids)] = seq_ids
         self.logits[n:end] = 0
         if output_last:
             self.logits[end - 1] = 1
@@ -128,7 +133,7 @@ class ModelRunner:
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self.batch = Batch(config.batch_size, 1)  # every token belongs to one sequence
+        self.batch = Batch(config.batch_size, self.n_seq_max)
         self.eog = np.array(
             [llama_cpp.llama_vocab_is_eog(self.vocab, t) for t in range(self.n_vocab)], dtype=bool
         )

@@ -31,11 +31,13 @@ from .request import Sequence
 @dataclass(slots=True)
 class StepPlan:
     chunks: list[tuple[Sequence, int]] = field(default_factory=list)  # private: (sequence, tokens)
-    node_chunks: list[tuple[Node, int]] = field(default_factory=list)  # shared: (trie node, tokens)
+    # Shared: (trie node, tokens, the seq ids its tokens carry: its own first, then those of
+    # the nodes and sequences below it that compute or attach in this same step).
+    node_chunks: list[tuple[Node, int, list[int]]] = field(default_factory=list)
 
     @property
     def n_tokens(self) -> int:
-        return sum(n for _, n in self.chunks) + sum(n for _, n in self.node_chunks)
+        return sum(n for _, n in self.chunks) + sum(n for _, n, _ in self.node_chunks)
 
     def __bool__(self) -> bool:
         return bool(self.chunks or self.node_chunks)
@@ -110,7 +112,6 @@ class Scheduler:
             preempted = self._make_room_for_decode()
             if not preempted:  # a sequence preempted now must not be readmitted at once
                 self._admit()
-            self._attach_ready()
             plan = self._plan()
             if plan or not self.running:
                 return plan
@@ -166,37 +167,68 @@ class Scheduler:
             seq.seq_id = self.ids.acquire()
             self.running.append(seq)
 
-    def _attach_ready(self) -> None:
-        for seq in self.running:
-            if not seq.attached and self.trie.next_to_compute(seq.node) is None:
-                if seq.node is not self.trie.root:
-                    self.kv.copy(seq.node.seq_id, seq.seq_id, -1, seq.node.end)
-                seq.attached = True
-                seq.n_computed = seq.n_shared = seq.node.end
-
     def _plan(self) -> StepPlan:
         plan = StepPlan()
-        budget = self.token_budget
         demand = self._demand()
         if self.free_cells() < demand:
             self.trie.evict(demand - self.free_cells())
-        free = self.free_cells()
+        room = min(self.token_budget, self.free_cells())  # each token takes budget and a cell
         for seq in self._decoding():
-            if budget and free:
+            if room:
                 plan.chunks.append((seq, 1))
-                budget, free = budget - 1, free - 1
-        claimed: set[Node] = set()
+                room -= 1
+        chunks: dict[Node, int] = {}  # root-first along every path
+        attaching: list[Sequence] = []
         for seq in self.running:
-            node = None if seq.attached else self.trie.next_to_compute(seq.node)
-            if node is None or node in claimed:
+            if seq.attached:
                 continue
-            claimed.add(node)
-            n = min(len(node.tokens) - node.n_cached, budget, free)
-            if n > 0:
-                self.trie.begin_chunk(node)
-                plan.node_chunks.append((node, n))
-                budget, free = budget - n, free - n
+            room, complete = self._plan_path(seq, chunks, room)
+            if complete and room:
+                attaching.append(seq)
+                room -= 1
+        for node in chunks:
+            self.trie.begin_chunk(node)
+        tags = {node: [node.seq_id] for node in chunks}
+        for node in chunks:
+            self._tag_ancestors(node.parent, node.seq_id, tags)
+        for seq in attaching:
+            self._attach(seq, tags)
+            plan.chunks.append((seq, 1))  # its last prompt token, after its path in the batch
+        plan.node_chunks = [(node, n, tags[node]) for node, n in chunks.items()]
         return plan
+
+    def _plan_path(self, seq: Sequence, chunks: dict[Node, int], room: int) -> tuple[int, bool]:
+        """Schedule what ``seq``'s path lacks, root first, as far as ``room`` goes; whether
+        the whole path is in KV after this step."""
+        for node in reversed(_path(seq.node, self.trie.root)):
+            left = len(node.tokens) - node.n_cached
+            if left == 0:
+                continue
+            if node not in chunks:
+                if room == 0:
+                    return room, False
+                chunks[node] = min(left, room)
+                room -= chunks[node]
+            if chunks[node] < left:
+                return room, False
+        return room, True
+
+    def _tag_ancestors(self, node: Node, seq_id: int, tags: dict[Node, list[int]]) -> None:
+        """Tokens computed this step on the path to ``node`` carry ``seq_id`` too."""
+        while node is not self.trie.root:
+            if node in tags:
+                tags[node].append(seq_id)
+            node = node.parent
+
+    def _attach(self, seq: Sequence, tags: dict[Node, list[int]]) -> None:
+        """Put ``seq`` on its path's cells: those already computed (one copy from the deepest
+        node, whose seq id is on all of them) and those computed in this step (tags)."""
+        node = seq.node
+        if node is not self.trie.root:
+            self.kv.copy(node.seq_id, seq.seq_id, -1, node.start + node.n_cached)
+        self._tag_ancestors(node, seq.seq_id, tags)
+        seq.attached = True
+        seq.n_computed = seq.n_shared = node.end
 
     def _demand(self) -> int:
         """Tokens this step would like to feed, capped by the budget."""
