@@ -1,0 +1,104 @@
+"""End to end: prefix elision and n choices through the API, against --no-prefix-cache."""
+
+from __future__ import annotations
+
+import asyncio
+
+import openai
+import pytest
+
+from conftest import API_KEY
+from test_e2e_resilience import engine_stats
+
+pytestmark = pytest.mark.e2e
+
+SYSTEM = (
+    "You are the keeper of an old lighthouse on a rocky coast. You answer questions about the "
+    "sea, the weather, ships and the history of the light, briefly and kindly. " * 4
+)
+
+
+@pytest.fixture(scope="module")
+def uncached_url(processes):
+    endpoint = processes.endpoint("engine-nocache")
+    processes.engine(endpoint, "--no-prefix-cache")
+    _, url = processes.gateway([endpoint])
+    return url
+
+
+def client_for(base: str, key: str = API_KEY) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=base, api_key=key, max_retries=0)
+
+
+def conversation(question: str) -> list[dict]:
+    return [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+
+
+async def test_repeated_prompt_reports_cached_tokens(server, http, model_id):
+    client = client_for(server.v1)
+    messages = conversation("How tall is the tower?")
+    first = await client.chat.completions.create(model=model_id, messages=messages, max_tokens=4, temperature=0)
+    second = await client.chat.completions.create(model=model_id, messages=messages, max_tokens=4, temperature=0)
+    assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
+    assert second.choices[0].message.content == first.choices[0].message.content
+    stats = await engine_stats(http, server.url)
+    assert stats["prompt_tokens_cached_total"] > 0 and stats["prefix_cache_nodes"] > 0
+
+
+async def test_cache_and_no_cache_agree(server, uncached_url, model_id):
+    """Shared system prompt, several questions, concurrently: outputs with the trie against
+    --no-prefix-cache. Where they part, teacher-forced at that position (logprobs of the
+    uncached run): the cached choice is within 0.5 nats of the best there."""
+    questions = ["How tall is the tower?", "When was the light built?", "What ships pass by?", "Is a storm coming?"]
+    prompts = [f"{SYSTEM}\nQuestion: {q}\nAnswer:" for q in questions] * 2  # identical ones too
+    kw = dict(model=model_id, max_tokens=16, temperature=0, logprobs=5)
+    cached = client_for(server.v1)
+    plain = client_for(f"{uncached_url}/v1", "unused")
+    with_cache = await asyncio.gather(*(cached.completions.create(prompt=p, **kw) for p in prompts))
+    without = await asyncio.gather(*(plain.completions.create(prompt=p, **kw) for p in prompts))
+    for c, u in zip(with_cache, without):
+        ct, ut = c.choices[0].logprobs.tokens, u.choices[0].logprobs.tokens
+        if ct == ut:
+            continue
+        k = next(i for i, (x, y) in enumerate(zip(ct, ut)) if x != y)
+        top = u.choices[0].logprobs.top_logprobs[k]
+        assert ct[k] in top and max(top.values()) - top[ct[k]] < 0.5, (k, ct[k], top)
+    assert sum(c.usage.prompt_tokens_details.cached_tokens for c in with_cache) > 0
+    assert all(u.usage.prompt_tokens_details.cached_tokens == 0 for u in without)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_n_choices_both_endpoints(server, http, model_id, stream):
+    client = client_for(server.v1)
+    before = await engine_stats(http, server.url)
+    chat = await client.chat.completions.create(
+        model=model_id, messages=conversation("Tell me a story."), max_tokens=8, temperature=1.0, n=4, seed=7, stream=stream
+    )
+    if stream:
+        texts = ["", "", "", ""]
+        finishes = {}
+        async for chunk in chat:
+            for choice in chunk.choices:
+                texts[choice.index] += choice.delta.content or ""
+                if choice.finish_reason:
+                    finishes[choice.index] = choice.finish_reason
+        assert sorted(finishes) == [0, 1, 2, 3]
+    else:
+        assert [c.index for c in chat.choices] == [0, 1, 2, 3]
+        texts = [c.message.content for c in chat.choices]
+        assert chat.usage.completion_tokens <= 32
+    assert len(set(texts)) > 1, "choices with different seeds should differ"
+    after = await engine_stats(http, server.url)
+    # The prompt was decoded once for the four choices (plus each one's last token).
+    prompt_len = len(SYSTEM) // 8  # a loose lower bound on the prompt's tokens
+    assert after["prefill_tokens_total"] - before["prefill_tokens_total"] < 2 * prompt_len
+    completion = await client.completions.create(model=model_id, prompt="Once upon a time", max_tokens=5, n=3, temperature=0.9)
+    assert [c.index for c in completion.choices] == [0, 1, 2]
+    assert completion.usage.completion_tokens <= 15
+
+
+async def test_n_out_of_range_is_400(server, http, model_id):
+    body = {"model": model_id, "prompt": "hi", "n": 17}
+    async with http.post(f"{server.v1}/completions", json=body) as r:
+        assert r.status == 400
+        assert (await r.json())["error"]["param"] == "n"
