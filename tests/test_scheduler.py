@@ -56,7 +56,7 @@ class Sim:
     """A Scheduler on a FakeKV, stepped as core.Engine.step does."""
 
     def __init__(self, n_cells, max_seqs, token_budget, max_waiting, prefix_cache=True,
-                 n_seq_ids=256):
+                 n_seq_ids=256, max_kept_cells=None):
         self.kv = FakeKV(n_cells, n_seq_ids)
         self.sched = Scheduler(
             n_cells=n_cells,
@@ -66,6 +66,8 @@ class Sim:
             kv=self.kv,
             prefix_cache=prefix_cache,
             n_seq_ids=n_seq_ids,
+            # Keep all by default: these tests are about the mechanics, one is about the cap.
+            max_kept_cells=n_cells if max_kept_cells is None else max_kept_cells,
         )
         self.max_seqs = max_seqs
         self.node_ids = range(max_seqs, n_seq_ids)
@@ -196,16 +198,20 @@ def test_long_prompt_is_split_by_the_token_budget():
     a = seq("a", 50)
     sim.add(a)
     fed = []
-    for _ in range(4):
+    for _ in range(3):
         assert rows(sim.step()) == []
         fed += sim.fed_nodes
+    assert a.n_generated == 0 and not a.attached
+    plan = sim.step()
+    fed += sim.fed_nodes
     # tokens[:-1] go through the trie, in budget-sized chunks under the node's seq id ...
     assert fed == [(0, 16), (16, 16), (32, 16), (48, 1)]
-    assert a.n_generated == 0 and not a.attached
-    # ... then the sequence attaches and feeds its last prompt token itself: first sampled token.
-    assert rows(sim.step()) == [("a", 1)] and sim.fed_nodes == []
+    # ... and in the step that completes them the sequence attaches (its seq id on the last
+    # chunk) and feeds its last prompt token itself, after the chunk: first sampled token.
+    assert [ids for _, _, ids in plan.node_chunks] == [[a.node.seq_id, a.seq_id]]
+    assert rows(plan) == [("a", 1)]
     assert a.n_generated == 1 and a.n_computed == 50 and a.n_shared == 49
-    assert rows(sim.step()) == [("a", 1)]  # then it decodes, one row a step
+    assert rows(sim.step()) == [("a", 1)] and sim.fed_nodes == []  # then it decodes, a row a step
     assert a.tokens == expected_tokens(a.tokens[:50], 2)
     assert sim.sched.cells_used() == 51
 
@@ -214,12 +220,14 @@ def test_decode_rows_come_before_prefill_chunks_and_share_the_budget():
     sim = Sim(n_cells=1024, max_seqs=8, token_budget=16, max_waiting=8)
     d1, d2 = seq("d1", 4), seq("d2", 5)
     sim.add(d1, d2)
-    assert rows(sim.step()) == [] and sim.fed_nodes == [(0, 3), (0, 4)]
-    assert rows(sim.step()) == [("d1", 1), ("d2", 1)]
+    # Both paths fit: each is fed, and each sequence's last prompt token after it.
+    assert rows(sim.step()) == [("d1", 1), ("d2", 1)] and sim.fed_nodes == [(0, 3), (0, 4)]
+    assert rows(sim.step()) == [("d1", 1), ("d2", 1)] and sim.fed_nodes == []
     sim.add(seq("long", 40))
     assert rows(sim.step()) == [("d1", 1), ("d2", 1)] and sim.fed_nodes == [(0, 14)]
     assert rows(sim.step()) == [("d1", 1), ("d2", 1)] and sim.fed_nodes == [(14, 14)]
-    assert rows(sim.step()) == [("d1", 1), ("d2", 1)] and sim.fed_nodes == [(28, 11)]
+    # The last chunk completes long's path: it attaches, its row after the decode rows.
+    assert rows(sim.step()) == [("d1", 1), ("d2", 1), ("long", 1)] and sim.fed_nodes == [(28, 11)]
     assert rows(sim.step()) == [("d1", 1), ("d2", 1), ("long", 1)] and sim.fed_nodes == []
 
 
@@ -243,9 +251,15 @@ def test_plan_never_exceeds_the_budget_with_many_decoders():
     sim = Sim(n_cells=4096, max_seqs=16, token_budget=16, max_waiting=64)
     seqs = [seq(f"s{i}", 3) for i in range(16)]
     sim.add(*seqs)
-    plans = [sim.step() for _ in range(7)]
-    assert [p.n_tokens for p in plans] == [16] * 7
-    assert [len(p.chunks) for p in plans] == [0, 8, 12, 14, 15, 15, 16]  # decoders first
+    plans = []
+    for _ in range(9):
+        decoders = [(s.rid, 1) for s in sim.sched.running if s.attached]
+        plans.append(sim.step())
+        assert rows(plans[-1])[: len(decoders)] == decoders  # decoders first, none left out
+    assert [p.n_tokens for p in plans] == [16] * 9
+    # Each path of 2 is fed with its sequence's last prompt token when the budget has room for
+    # the three of them, the last token in the next step otherwise.
+    assert [len(p.chunks) for p in plans] == [5, 9, 11, 13, 14, 14, 15, 15, 16]
     # All 16 decode now: one row each, the budget is exactly spent.
     assert rows(plans[-1]) == [(f"s{i}", 1) for i in range(16)]
 
@@ -258,12 +272,18 @@ def test_identical_prompts_are_prefilled_once():
     prompt = list(range(1, 21))
     a, b = seq("a", prompt=prompt, max_tokens=3), seq("b", prompt=prompt, max_tokens=3)
     sim.add(a, b)
-    sim.step()
-    assert sim.fed_nodes == [(0, 19)]  # one chunk under one node seq id, for both
-    assert sim.sched.trie.n_nodes == 1 and sim.sched.cells_used() == 19
-    assert rows(sim.step()) == [("a", 1), ("b", 1)]
-    assert a.n_shared == b.n_shared == 19 and sim.sched.cells_used() == 21
-    sim.run()
+    plan = sim.step()
+    fed = list(sim.fed_nodes)
+    assert fed == [(0, 19)]  # one chunk under one node seq id, carrying both sequences too
+    (node, _, ids), = plan.node_chunks
+    assert ids == [node.seq_id, a.seq_id, b.seq_id]
+    assert rows(plan) == [("a", 1), ("b", 1)]
+    assert sim.sched.trie.n_nodes == 1 and sim.sched.cells_used() == 19 + 2
+    assert a.n_shared == b.n_shared == 19
+    while sim.sched.has_work:
+        sim.step()
+        fed += sim.fed_nodes
+    assert fed == [(0, 19)]  # never again
     assert a.tokens == b.tokens == expected_tokens(prompt, 3)
 
 
@@ -273,15 +293,69 @@ def test_a_shared_prefix_is_split_off_and_computed_once():
     a = seq("a", prompt=system + [50, 51, 52], max_tokens=2)
     b = seq("b", prompt=system + [60, 61], max_tokens=2)
     sim.add(a, b)
-    sim.step()
-    # a's path was split where b parts from it: [0, 10) is fed once, then each branch.
-    assert sim.fed_nodes == [(0, 10)]
+    plan = sim.step()
+    # a's path was split where b parts from it: [0, 10) is fed once, then each branch, in
+    # this one step; the shared chunk carries both branches' seq ids and both sequences'.
+    assert sim.fed_nodes == [(0, 10), (10, 2), (10, 1)]
     assert sim.sched.trie.n_nodes == 3 and a.n_cached == 0 and b.n_cached == 10
-    sim.step()
-    assert sorted(sim.fed_nodes) == [(10, 1), (10, 2)]
-    sim.run()
+    top = a.node.parent
+    assert b.node.parent is top and top.end == 10
+    assert sorted(plan.node_chunks[0][2]) == sorted([top.seq_id, a.node.seq_id, b.node.seq_id, a.seq_id, b.seq_id])
+    fed = list(sim.fed_nodes)
+    while sim.sched.has_work:
+        sim.step()
+        fed += sim.fed_nodes
+    assert sorted(fed) == [(0, 10), (10, 1), (10, 2)]  # each once in all
     assert a.tokens == expected_tokens(a.tokens[:13], 2)
     assert b.tokens == expected_tokens(b.tokens[:12], 2)
+
+
+def test_sequences_sharing_a_prefix_get_their_first_tokens_in_the_same_step():
+    # a and b, admitted together, share 12 tokens: the shared node and both branches are fed in
+    # one step, each sequence's last prompt token after them, and the shared tokens once, with
+    # both sequences' seq ids on them in the batch itself.
+    sim = Sim(n_cells=256, max_seqs=4, token_budget=64, max_waiting=8)
+    system = list(range(1, 13))
+    a = seq("a", prompt=system + [50, 51, 52], max_tokens=3)
+    b = seq("b", prompt=system + [60, 61], max_tokens=3)
+    batches = []
+    decode = sim.kv.decode
+
+    def recording_decode(spans):
+        batches.append([([s] if isinstance(s, int) else list(s), p, list(t)) for s, p, t, _ in spans])
+        return decode(spans)
+
+    sim.kv.decode = recording_decode
+    sim.add(a, b)
+    plan = sim.step()
+    assert rows(plan) == [("a", 1), ("b", 1)]
+    assert a.n_generated == b.n_generated == 1  # the same step, the first for both
+    assert a.attached and b.attached and a.n_computed == 15 and b.n_computed == 14
+    top = a.node.parent
+    assert b.node.parent is top and top.start == 0 and top.end == 12
+    # In the batch: positions 0..11 once, under the shared node's seq id and those of both
+    # branches and both sequences.
+    (batch,) = batches
+    shared = [(ids, p, t) for ids, p, t in batch if p < 12]
+    assert [(p, t) for _, p, t in shared] == [(0, system)]
+    assert shared[0][0][0] == top.seq_id
+    assert sorted(shared[0][0]) == sorted([top.seq_id, a.node.seq_id, b.node.seq_id, a.seq_id, b.seq_id])
+    # In the cache: one cell per shared position, held by all of them.
+    for p in range(12):
+        (cell,) = [c for c in sim.kv.cells if c is not None and c.pos == p]
+        assert cell.token == system[p]
+        assert cell.seqs == {top.seq_id, a.node.seq_id, b.node.seq_id, a.seq_id, b.seq_id}
+    # Each branch's cells: its node and its sequence, not the other's.
+    for s, other in ((a, b), (b, a)):
+        for p in range(12, s.prompt_len - 1):
+            (cell,) = [c for c in sim.kv.cells if c is not None and c.pos == p and s.seq_id in c.seqs]
+            assert cell.seqs == {s.node.seq_id, s.seq_id} and other.seq_id not in cell.seqs
+    while sim.sched.has_work:
+        sim.step()
+    # Over the whole run, no position below 12 was fed again.
+    assert sum(len(t) for batch in batches for _, p, t in batch if p < 12) == 12
+    assert a.tokens == expected_tokens(a.tokens[:15], 3)
+    assert b.tokens == expected_tokens(b.tokens[:14], 3)
 
 
 def test_a_finished_conversation_is_matched_by_its_next_turn():
@@ -294,9 +368,11 @@ def test_a_finished_conversation_is_matched_by_its_next_turn():
     second = seq("second", prompt=first.tokens + [70, 71])
     sim.add(second)
     plan = sim.step()
-    assert second.n_cached == 13 and sim.fed_nodes == [(13, 2)] and rows(plan) == []
-    assert rows(sim.step()) == [("second", 1)]
+    # Only the new tokens are fed, and the last prompt token after them in the same step.
+    assert second.n_cached == 13 and sim.fed_nodes == [(13, 2)] and rows(plan) == [("second", 1)]
     assert second.tokens == expected_tokens(second.tokens[:16], 1)
+    assert rows(sim.step()) == [("second", 1)] and sim.fed_nodes == []
+    assert second.tokens == expected_tokens(second.tokens[:16], 2)
 
 
 # --- admission ------------------------------------------------------------------------------------
@@ -323,15 +399,15 @@ def test_admission_waits_for_kv_cells():
     sim = Sim(n_cells=64, max_seqs=8, token_budget=128, max_waiting=8)
     a, b = seq("a", 40, max_tokens=2), seq("b", 30)
     sim.add(a, b)
-    sim.step()  # b needs 31 cells, 64 - 39 - 2 promised to a are left
-    assert sim.fed_nodes == [(0, 39)] and list(sim.sched.waiting) == [b] and b.seq_id == -1
+    # b needs 31 cells, 64 - 39 - 2 promised to a are left
     assert rows(sim.step()) == [("a", 1)]
+    assert sim.fed_nodes == [(0, 39)] and list(sim.sched.waiting) == [b] and b.seq_id == -1
     assert rows(sim.step()) == [("a", 1)]  # a finishes; the trie keeps its 41 cells, unheld
     assert a in sim.finished and list(sim.sched.waiting) == [b]
     assert sim.kv.n_used() == 41
-    sim.step()  # evicted for b
+    assert rows(sim.step()) == [("b", 1)]  # evicted for b
     assert sim.fed_nodes == [(0, 29)] and not sim.sched.waiting
-    assert sim.sched.trie.n_cells == 29 == sim.kv.n_used()
+    assert sim.sched.trie.n_cells == 29 and sim.kv.n_used() == 29 + 1
 
 
 def test_admission_counts_cells_promised_to_running_prefills():
@@ -362,8 +438,9 @@ def test_a_small_prompt_is_admitted_beside_a_running_prefill():
     sim.step()
     assert sim.fed_nodes == [(16, 16)]
     assert b in sim.sched.running and b.seq_id == 1
-    sim.step()
-    assert sim.fed_nodes == [(32, 7), (0, 9)]  # a's node first, b's gets the rest of the budget
+    plan = sim.step()
+    # a's node first, with a's last prompt token, and b's node gets the rest of the budget.
+    assert sim.fed_nodes == [(32, 7), (0, 8)] and rows(plan) == [("a", 1)]
 
 
 def test_queue_refuses_beyond_max_waiting():
@@ -378,18 +455,20 @@ def test_queue_refuses_beyond_max_waiting():
 
 
 def test_finish_a_waiting_and_a_running_sequence():
-    sim = Sim(n_cells=1024, max_seqs=1, token_budget=64, max_waiting=8)
+    # A budget of 2: a's path of 3 takes two steps, so it is running and not attached yet.
+    sim = Sim(n_cells=1024, max_seqs=1, token_budget=2, max_waiting=8)
     a, b = seq("a", 4), seq("b", 4)
     sim.add(a, b)
     sim.step()
+    assert a in sim.sched.running and not a.attached and sim.fed_nodes == [(0, 2)]
     sim.sched.finish(b)  # aborted while waiting
     assert not sim.sched.waiting
     sim.check()
     sim.sched.finish(a)  # aborted before it attached: its node stays, unheld
     sim.check()
     assert not sim.sched.has_work and sim.sched.ids.n_free == 1
-    assert sim.kv.n_used() == sim.sched.trie.n_cells == 3
-    assert sim.sched.trie.evictable_cells() == 3
+    assert sim.kv.n_used() == sim.sched.trie.n_cells == 2
+    assert sim.sched.trie.evictable_cells() == 2
 
 
 def test_a_one_token_prompt_needs_no_trie_node():
@@ -405,14 +484,14 @@ def test_a_one_token_prompt_needs_no_trie_node():
 
 
 def three_decoders_outgrowing_the_cells():
-    """a, b and c (9-token prompts) decode in 32 cells; after three steps 2 cells are left."""
+    """a, b and c (9-token prompts) decode in 32 cells; after two steps 2 cells are left."""
     sim = Sim(n_cells=32, max_seqs=4, token_budget=64, max_waiting=8)
     a, b, c = seq("a", 9), seq("b", 9), seq("c", 9)
     sim.add(a, b, c)
-    assert rows(sim.step()) == [] and sim.fed_nodes == [(0, 8)] * 3
-    for _ in range(2):
-        assert rows(sim.step()) == [("a", 1), ("b", 1), ("c", 1)]
+    assert rows(sim.step()) == [("a", 1), ("b", 1), ("c", 1)] and sim.fed_nodes == [(0, 8)] * 3
+    assert rows(sim.step()) == [("a", 1), ("b", 1), ("c", 1)] and sim.fed_nodes == []
     assert sim.sched.cells_used() == 30
+    assert a.n_generated == b.n_generated == c.n_generated == 2
     return sim, a, b, c
 
 
@@ -441,6 +520,7 @@ def test_preempted_sequence_waits_at_the_head_and_finishes_with_all_its_tokens()
     sim, a, b, c = three_decoders_outgrowing_the_cells()
     late = seq("late", 2, max_tokens=2)
     sim.add(late)  # queued before the preemption: c still goes ahead of it
+    generated = c.tokens[c.prompt_len :]
     sim.step()
     assert list(sim.sched.waiting) == [c, late]
     # c's tokens were retained in the trie: its 8 prompt cells and 2 cells of its own.
@@ -449,9 +529,11 @@ def test_preempted_sequence_waits_at_the_head_and_finishes_with_all_its_tokens()
     sim.check()
     sim.step()
     # c is matched again (what eviction left of its tokens in the trie, the rest is computed
-    # again) and takes a's seq id; late comes after it.
+    # again) and takes a's seq id; late comes after it. Its path is complete within this step,
+    # so it decodes again in it: its 2 kept tokens and a 3rd.
     assert [s.rid for s in sim.sched.running] == ["b", "c", "late"] and c.seq_id == 0
-    assert c.n_generated == 2 and not sim.sched.waiting
+    assert c.n_generated == 3 and c.tokens[c.prompt_len : c.prompt_len + 2] == generated
+    assert not sim.sched.waiting
     sim.run()
     for s in (b, c):  # to the end of the context
         assert s.tokens == expected_tokens(s.tokens[:9], len(s.tokens) - 9)
@@ -466,7 +548,7 @@ def test_only_as_many_sequences_are_preempted_as_the_cells_need():
     sim = Sim(n_cells=20, max_seqs=4, token_budget=32, max_waiting=8)
     a, b = seq("a", 8), seq("b", 8)
     sim.add(a, b)
-    for _ in range(4):
+    for _ in range(3):
         sim.step()
     assert sim.sched.cells_used() == 20
     plan = sim.step()
@@ -590,3 +672,18 @@ def test_the_smallest_allowed_configuration_serves_shared_prefixes():
     sim.run(50)
     sim.add(seq("b", prompt=[1, 2, 9], max_tokens=1))  # shares [1, 2]: a split
     sim.run(50)
+
+
+def test_kept_cells_are_capped_when_sequences_finish():
+    """Finished sequences' tokens stay in the trie only up to max_kept_cells (LRU first): every
+    kept cell widens the attention window of every decode step."""
+    sim = Sim(n_cells=256, max_seqs=4, token_budget=64, max_waiting=16, max_kept_cells=40)
+    for i in range(6):
+        sim.add(seq(f"k{i}", prompt=[100 + i] * 10 + [i], max_tokens=4))
+        sim.run()
+        assert sim.sched.trie.evictable_cells() <= 40
+    # The most recent conversation is still matched.
+    last = seq("again", prompt=[105] * 10 + [5], max_tokens=1)
+    sim.add(last)
+    sim.step()
+    assert last.n_cached == 10

@@ -53,6 +53,7 @@ class Scheduler:
         kv: KVOps,
         prefix_cache: bool = True,
         n_seq_ids: int = 256,
+        max_kept_cells: int | None = None,
     ):
         self.n_cells = n_cells
         self.token_budget = token_budget
@@ -64,6 +65,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.n_preemptions = 0
+        # Cells the trie may keep for nobody: every kept cell widens the attention window
+        # of every decode step (a unified cache attends over all its used cells, masked).
+        self.max_kept_cells = n_cells // 4 if max_kept_cells is None else max_kept_cells
 
     @property
     def has_work(self) -> bool:
@@ -104,6 +108,9 @@ class Scheduler:
         self.trie.unlock(seq.node)
         self.ids.release(seq.seq_id)
         seq.reset_kv()
+        over = self.trie.evictable_cells() - self.max_kept_cells
+        if over > 0:
+            self.trie.evict(over)
 
     # -- one step ------------------------------------------------------------------------
 
@@ -175,6 +182,11 @@ class Scheduler:
         room = min(self.token_budget, self.free_cells())  # each token takes budget and a cell
         for seq in self._decoding():
             if room:
+                plan.chunks.append((seq, 1))
+                room -= 1
+        for seq in self.running:  # paths already in KV: attach now, ahead of any prefill
+            if room and not seq.attached and self.trie.next_to_compute(seq.node) is None:
+                self._attach(seq, {})
                 plan.chunks.append((seq, 1))
                 room -= 1
         chunks: dict[Node, int] = {}  # root-first along every path
