@@ -175,7 +175,7 @@ def test_reuse_is_right_on_sliding_window_model(model_path, tokenizer):
     match one fresh sequence decoding the same tokens in the same chunks. They are not
     bit-identical (other chunk boundaries and cell indices: up to ~0.2 here); LLAMA_FACTS.md
     measured ~1.07 for KV reused without full SWA caches."""
-    engine = make_engine(model_path, ctx_size=4096, max_seqs=4, batch_size=512)
+    engine = make_engine(model_path, ctx_size=8192, max_seqs=4, batch_size=512)  # keeps 2,048
     try:
         text = tokenizer.encode(STORY * 40)
         prefix, onward = text[:900], text[900:1600]
@@ -198,7 +198,8 @@ def test_reuse_is_right_on_sliding_window_model(model_path, tokenizer):
             logits = runner.decode()
         reference = token_logprobs(logits[0], engine_lp[1][0][0], 5)
         ref, got = dict(reference[1]), dict(engine_lp[1])
-        assert reference[1][0][0] == engine_lp[1][0][0]  # the same best token
+        best = engine_lp[1][0][0]  # the engine's best: the reference's best or a near-tie
+        assert best in ref and reference[1][0][1] - ref[best] < 0.5
         common = ref.keys() & got.keys()
         assert len(common) >= 4
         diffs = [abs(ref[t] - got[t]) for t in common] + [abs(reference[0] - engine_lp[0])]
