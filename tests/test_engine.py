@@ -73,7 +73,7 @@ def single_sequence_logits(engine: Engine, tokens: list[int], n_prompt: int) -> 
         batch.clear()
         batch.add_span([tokens[pos]], pos, 0, True)
         rows.append(runner.decode()[0].copy())
-    runner.drop_sequence(0)
+    runner.remove(0)
     return np.array(rows)
 
 

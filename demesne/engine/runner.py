@@ -221,9 +221,6 @@ class ModelRunner:
         """Take ``seq_id`` off its cells in ``[p0, p1)``; a cell no sequence holds is free."""
         llama_cpp.llama_memory_seq_rm(self.memory, seq_id, p0, p1)
 
-    def drop_sequence(self, seq_id: int) -> None:
-        self.remove(seq_id)
-
     def close(self) -> None:
         if self.ctx:
             llama_cpp.llama_free(self.ctx)
