@@ -33,6 +33,15 @@ class SamplingParams:
     top_k: int = 0  # 0: no top-k cut
     seed: int | None = None
     logprobs: int = -1  # -1: none; k >= 0: the chosen token's logprob and the top k
+    min_p: float = 0.0  # drop tokens below min_p times the best token's probability
+    presence_penalty: float = 0.0  # OpenAI: minus this once for every token generated so far
+    frequency_penalty: float = 0.0  # OpenAI: minus this times how often it was generated
+    repetition_penalty: float = 1.0  # llama.cpp: recent tokens' logits divided (or multiplied) by it
+    logit_bias: list[list[float]] | None = None  # [[token id, bias], ...]
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
     @property
     def greedy(self) -> bool:

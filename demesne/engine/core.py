@@ -16,7 +16,7 @@ from ..config import EngineConfig
 from ..protocol import FINISH_LENGTH, FINISH_STOP, Delta, Error, Generate, ModelInfo
 from .request import Sequence
 from .runner import DecodeError, ModelRunner
-from .sampler import Sampler
+from .sampler import Sampler, apply_penalties
 from .scheduler import Scheduler, StepPlan
 
 log = logging.getLogger("demesne.engine")
@@ -95,6 +95,9 @@ class Engine:
                 tokens=list(req.prompt),
                 rng=self._rng_for(req),
             )
+            if req.params.logit_bias:
+                pairs = np.asarray(req.params.logit_bias, np.float64).reshape(-1, 2)
+                seq.bias_ids, seq.bias_values = pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.float32)
             if self.scheduler.add(seq):
                 self.by_rid[req.rid] = seq
                 return None
@@ -112,6 +115,8 @@ class Engine:
             return Error(req.rid, 400, "max_tokens must be at least 1", "invalid_value", "max_tokens")
         if any(t < 0 or t >= self.runner.n_vocab for t in req.prompt):
             return Error(req.rid, 400, "the prompt holds token ids outside the vocabulary", "invalid_value", "prompt")
+        if any(not 0 <= int(t) < self.runner.n_vocab for t, _ in req.params.logit_bias or ()):
+            return Error(req.rid, 400, "logit_bias names token ids outside the vocabulary", "invalid_value", "logit_bias")
         if n_prompt + req.max_tokens > self.n_ctx:
             return Error(
                 req.rid, 400,
@@ -192,6 +197,11 @@ class Engine:
     def _sample(self, logits: np.ndarray, outputs: list[Sequence]) -> np.ndarray:
         if not outputs:
             return np.empty(0, np.int64)
+        for row, seq in enumerate(outputs):  # in place, in llama.cpp's logits buffer
+            if seq.bias_ids is not None:
+                logits[row, seq.bias_ids] += seq.bias_values
+            if seq.params.penalized:
+                apply_penalties(logits[row], seq.tokens, seq.prompt_len, seq.params)
         self.sampler.prepare([s.params for s in outputs])
         return self.sampler.sample(logits, [s.rng for s in outputs])
 

@@ -41,6 +41,8 @@ class Sequence:
     finish: str | None = None
     counted: bool = False  # prompt tokens counted in the engine's totals
     logprobs: list = field(default_factory=list)  # unsent entries, one per unsent token
+    bias_ids: np.ndarray | None = None  # logit_bias as arrays, built once
+    bias_values: np.ndarray | None = None
 
     @property
     def n_remaining(self) -> int:

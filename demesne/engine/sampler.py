@@ -23,6 +23,21 @@ from ..protocol import SamplingParams
 # A token below 1e-7 of the best token's probability is never a candidate. Even a long flat
 # tail of such tokens changes the sampled distribution by far less than top_p rounding does.
 _LOG_CUTOFF = float(np.log(1e7))
+REPEAT_WINDOW = 64  # llama.cpp's default penalty_last_n
+
+
+def apply_penalties(row: np.ndarray, tokens: list[int], prompt_len: int, p: SamplingParams) -> None:
+    """Penalise one row of logits in place: OpenAI's presence and frequency penalties over
+    the generated tokens, llama.cpp's repetition penalty over the last 64 tokens."""
+    if p.presence_penalty or p.frequency_penalty:
+        generated = np.asarray(tokens[prompt_len:], np.int64)
+        if generated.size:
+            ids, counts = np.unique(generated, return_counts=True)
+            row[ids] -= p.presence_penalty + p.frequency_penalty * counts
+    if p.repetition_penalty != 1.0:
+        ids = np.unique(np.asarray(tokens[-REPEAT_WINDOW:], np.int64))
+        values = row[ids]
+        row[ids] = np.where(values > 0, values / p.repetition_penalty, values * p.repetition_penalty)
 
 
 class Sampler:
@@ -32,6 +47,7 @@ class Sampler:
         self._temp = np.ones(max_rows, np.float32)
         self._top_p = np.ones(max_rows, np.float64)
         self._top_k = np.zeros(max_rows, np.int64)
+        self._cutoff = np.full(max_rows, _LOG_CUTOFF, np.float32)
         self._greedy = np.ones(max_rows, bool)
 
     def prepare(self, params: list[SamplingParams]) -> None:
@@ -42,6 +58,8 @@ class Sampler:
             self._temp[i] = p.temperature if not p.greedy else 1.0
             self._top_p[i] = p.top_p
             self._top_k[i] = p.top_k if p.top_k > 0 else self.n_vocab
+            # min_p is a tighter candidate bar: p >= min_p * p_max, in logit units.
+            self._cutoff[i] = min(_LOG_CUTOFF, -np.log(p.min_p)) if p.min_p > 0 else _LOG_CUTOFF
         self._n = n
 
     def sample(self, logits: np.ndarray, rngs: list[np.random.Generator | None]) -> np.ndarray:
@@ -61,7 +79,7 @@ class Sampler:
         temp = self._temp[:n]
         # Candidates of every stochastic row in one pass; greedy rows get an impossible bar.
         bar = np.full(n, np.inf, np.float32)
-        bar[rows] = row_max[rows] - temp[rows] * _LOG_CUTOFF
+        bar[rows] = row_max[rows] - temp[rows] * self._cutoff[:n][rows]
         mask = self._mask[:n]
         np.greater_equal(logits, bar[:, None], out=mask)
         r, c = np.nonzero(mask)  # row-major: rows ascending

@@ -15,6 +15,8 @@ from ..protocol import SamplingParams
 
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16
+MAX_LOGIT_BIAS = 1024
+MAX_TOP_LOGPROBS = 20  # chat, as OpenAI
 MAX_COMPLETION_LOGPROBS = 5  # as OpenAI's legacy completions endpoint
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
@@ -114,7 +116,29 @@ def _sampling(body: dict) -> SamplingParams:
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
         top_k=top_k,
         seed=seed,
+        min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
+        presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
+        frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),
+        logit_bias=_logit_bias(body),
     )
+
+
+def _logit_bias(body: dict) -> list[list[float]] | None:
+    """``{"token id": bias}`` as OpenAI takes it; ids are checked against the vocabulary later."""
+    bias = _typed(body, "logit_bias", dict)
+    if not bias:
+        return None
+    if len(bias) > MAX_LOGIT_BIAS:
+        raise bad(f"'logit_bias' takes at most {MAX_LOGIT_BIAS} tokens, got {len(bias)}", "logit_bias")
+    pairs = []
+    for key, value in bias.items():
+        if not (isinstance(key, str) and key.lstrip("-").isdigit()) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("'logit_bias' maps token ids (as strings) to numbers", "logit_bias", "invalid_type")
+        if not -100 <= value <= 100:
+            raise bad(f"'logit_bias' values must be in [-100, 100], got {value} for token {key}", "logit_bias")
+        pairs.append([int(key), float(value)])
+    return pairs
 
 
 def _common(body: dict, chat: bool) -> dict[str, Any]:
@@ -152,7 +176,16 @@ def parse_chat(body: Any) -> CompletionRequest:
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty array", "messages", "invalid_type" if messages else "missing_required_parameter")
     clean = [_message(m, i) for i, m in enumerate(messages)]
-    return CompletionRequest(messages=clean, prompt=None, **_common(body, chat=True))
+    req = CompletionRequest(messages=clean, prompt=None, **_common(body, chat=True))
+    top = _typed(body, "top_logprobs", int)
+    if _typed(body, "logprobs", bool, False):
+        top = 0 if top is None else top
+        if not 0 <= top <= MAX_TOP_LOGPROBS:
+            raise bad(f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {top}", "top_logprobs")
+        req.params.logprobs = top
+    elif top is not None:
+        raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
+    return req
 
 
 def _message(m: Any, i: int) -> dict:
@@ -214,11 +247,6 @@ def parse_completion(body: Any) -> CompletionRequest:
 
 def check_unsupported(body: dict) -> None:
     """Fields either endpoint cannot honour yet: a clear 400, never silently ignored."""
-    for name in ("presence_penalty", "frequency_penalty"):
-        if body.get(name) not in (None, 0, 0.0):
-            raise bad(f"'{name}' is not supported yet", name, "unsupported_value")
-    if body.get("logit_bias"):
-        raise bad("'logit_bias' is not supported yet", "logit_bias", "unsupported_value")
     fmt = body.get("response_format")
     if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
         raise bad("only response_format 'text' is supported so far", "response_format", "unsupported_value")
@@ -227,8 +255,6 @@ def check_unsupported(body: dict) -> None:
 def check_chat_extras(body: dict) -> None:
     """Chat fields demesne cannot honour yet: a clear 400, never ignored."""
     check_unsupported(body)
-    if body.get("logprobs"):
-        raise bad("'logprobs' is not supported yet", "logprobs", "unsupported_value")
     if body.get("tools"):
         raise bad("'tools' are not supported yet", "tools", "unsupported_value")
     if body.get("functions"):
@@ -271,7 +297,7 @@ class Shaper:
     def choice(self, index: int, text: str, finish: str, logprobs: dict | None = None) -> dict:
         if self.chat:
             message = {"role": "assistant", "content": text, "refusal": None}
-            return {"index": index, "message": message, "logprobs": None, "finish_reason": finish}
+            return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
     def response(self, choices: list[dict], use: dict) -> dict:
@@ -293,7 +319,7 @@ class Shaper:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             body = {**self._envelope("chat.completion.chunk"), "choices": [choice]}
         else:
             choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
@@ -323,3 +349,16 @@ def completion_logprobs(pieces: list[str], entries: list, top_text, offset: int)
         "top_logprobs": [{top_text(i): lp for i, lp in e[1]} for e in entries],
         "text_offset": offsets,
     }
+
+
+def chat_logprobs(pieces: list[bytes], entries: list, top_bytes) -> dict:
+    """The chat endpoint's ``logprobs`` object: ``content`` with, per token, its text, bytes,
+    logprob and ``top_logprobs``. ``top_bytes(id)`` gives a token's bytes."""
+
+    def item(raw: bytes, logprob: float) -> dict:
+        return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
+
+    content = []
+    for raw, (logprob, top) in zip(pieces, entries):
+        content.append({**item(raw, logprob), "top_logprobs": [item(top_bytes(i), lp) for i, lp in top]})
+    return {"content": content, "refusal": None}

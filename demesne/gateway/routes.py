@@ -19,6 +19,7 @@ from .openai import (
     CompletionRequest,
     Shaper,
     bad,
+    chat_logprobs,
     check_chat_extras,
     completion_logprobs,
     parse_chat,
@@ -112,6 +113,8 @@ async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamR
     except ValueError as exc:  # the chat template refused the conversation
         raise bad(str(exc), "messages") from None
     max_tokens = _budget(model.info.n_ctx, len(prompt), req, field)
+    if any(not 0 <= t < model.info.n_vocab for t, _ in req.params.logit_bias or ()):
+        raise bad(f"'logit_bias' names token ids outside the vocabulary [0, {model.info.n_vocab})", "logit_bias")
     try:
         engine = client.pick(req.model)
     except EngineUnavailable as exc:
@@ -123,7 +126,7 @@ async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamR
         for i in range(req.n)
     ]
     shaper = Shaper(req.chat, model.info.id, request.app[FINGERPRINT])
-    logprobs = [_LogprobShaper(model) for _ in streams] if req.params.logprobs >= 0 else None
+    logprobs = [_LogprobShaper(model, req.chat) for _ in streams] if req.params.logprobs >= 0 else None
     pieces = _merge(streams)
     try:
         if req.stream:
@@ -193,12 +196,16 @@ def _usage(finals: dict[int, Piece]) -> dict:
 
 
 class _LogprobShaper:
-    """Turns the engine's per-token logprobs into the completions endpoint's object."""
+    """Turns the engine's per-token logprobs into either endpoint's ``logprobs`` object."""
 
-    def __init__(self, model: ModelContext):
+    def __init__(self, model: ModelContext, chat: bool):
         self._tokenizer = model.tokenizer
+        self._chat = chat
         self._offset = 0
-        self.total: dict = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        if chat:
+            self.total: dict = {"content": [], "refusal": None}
+        else:
+            self.total = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
 
     def _text(self, token: int) -> str:
         return self._tokenizer.piece(token).decode("utf-8", "replace")
@@ -206,6 +213,10 @@ class _LogprobShaper:
     def add(self, piece: Piece) -> dict | None:
         if piece.tokens is None:
             return None
+        if self._chat:
+            part = chat_logprobs([self._tokenizer.piece(t) for t in piece.tokens], piece.logprobs, self._tokenizer.piece)
+            self.total["content"].extend(part["content"])
+            return part
         texts = [self._text(t) for t in piece.tokens]
         part = completion_logprobs(texts, piece.logprobs, self._text, self._offset)
         self._offset += sum(len(t) for t in texts)
