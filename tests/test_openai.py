@@ -246,7 +246,7 @@ def test_bad_prompt(prompt):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("logprobs", True), ("tools", [{"type": "function", "function": {"name": "f"}}]), ("response_format", {"type": "json_object"})],
+    [("tools", [{"type": "function", "function": {"name": "f"}}]), ("response_format", {"type": "json_object"})],
 )
 def test_chat_extras_are_refused_not_ignored(field, value):
     refused(check_chat_extras, chat(**{field: value}), field, "unsupported_value")
@@ -399,3 +399,37 @@ def test_completion_logprobs_shape():
     shaper = Shaper(chat=False, model=MODEL, fingerprint="fp")
     assert shaper.response([shaper.choice(0, "x", "stop", body)], usage(1, 1))["choices"][0]["logprobs"] is body
     assert shaper.chunk(0, "x", logprobs=body)["choices"][0]["logprobs"] is body
+
+
+def test_sampling_extensions_parse_into_params():
+    req = parse_chat(chat(min_p=0.05, presence_penalty=0.5, frequency_penalty=-1, repetition_penalty=1.1, logit_bias={"42": -100, "7": 3.5}))
+    p = req.params
+    assert (p.min_p, p.presence_penalty, p.frequency_penalty, p.repetition_penalty) == (0.05, 0.5, -1.0, 1.1)
+    assert p.logit_bias == [[42, -100.0], [7, 3.5]]
+    assert parse_completion(completion()).params.logit_bias is None
+
+
+@pytest.mark.parametrize(
+    "field, value, code",
+    [
+        ("presence_penalty", 2.5, "invalid_value"),
+        ("frequency_penalty", -3, "invalid_value"),
+        ("repetition_penalty", 0, "invalid_value"),
+        ("min_p", 1.5, "invalid_value"),
+        ("logit_bias", {"5": 101}, "invalid_value"),
+        ("logit_bias", {"five": 1}, "invalid_type"),
+        ("logit_bias", {"5": "1"}, "invalid_type"),
+        ("logit_bias", [1, 2], "invalid_type"),
+    ],
+)
+def test_bad_sampling_extensions(field, value, code):
+    refused(parse_chat, chat(**{field: value}), field, code)
+    refused(parse_completion, completion(**{field: value}), field, code)
+
+
+def test_chat_logprobs_and_top_logprobs():
+    assert parse_chat(chat(logprobs=True, top_logprobs=20)).params.logprobs == 20
+    assert parse_chat(chat(logprobs=True)).params.logprobs == 0
+    assert parse_chat(chat()).params.logprobs == -1
+    refused(parse_chat, chat(logprobs=True, top_logprobs=21), "top_logprobs")
+    refused(parse_chat, chat(top_logprobs=3), "top_logprobs")
