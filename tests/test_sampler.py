@@ -245,3 +245,16 @@ def test_underflowing_temperature_is_greedy_and_harms_no_other_row():
         outs = [sampler.sample(logits, [np.random.default_rng(9), rng]) for _ in range(10)]
     assert [int(o[0]) for o in outs] == [int(logits[0].argmax())] * 10
     assert [int(o[1]) for o in outs] == alone
+
+
+@pytest.mark.parametrize("vocab", [262144, 1000, 511, 513])
+def test_blockwise_candidates_equal_a_plain_comparison(vocab):
+    from demesne.engine.sampler import _candidates
+
+    rng = np.random.default_rng(vocab)
+    logits = rng.normal(0, 3, size=(5, vocab)).astype(np.float32)
+    bar = np.array([4.0, np.inf, 6.5, 2.0, 9.0], np.float32)
+    r, c = _candidates(logits, bar)
+    got = sorted(zip(r.tolist(), c.tolist()))
+    want = sorted(zip(*[a.tolist() for a in np.nonzero(logits >= bar[:, None])]))
+    assert got == want
