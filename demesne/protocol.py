@@ -38,6 +38,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: minus this times how often it was generated
     repetition_penalty: float = 1.0  # llama.cpp: recent tokens' logits divided (or multiplied) by it
     logit_bias: list[list[float]] | None = None  # [[token id, bias], ...]
+    grammar: str | None = None  # GBNF the output must follow (structured output)
 
     @property
     def penalized(self) -> bool:

@@ -16,6 +16,7 @@ from ..config import EngineConfig
 from ..protocol import FINISH_LENGTH, FINISH_STOP, Delta, Error, Generate, ModelInfo
 from .request import Sequence
 from .runner import DecodeError, ModelRunner
+from .grammar import GrammarError, Grammars
 from .sampler import Sampler, apply_penalties
 from .scheduler import Scheduler, StepPlan
 
@@ -63,6 +64,7 @@ class Engine:
         )
         self.sampler = Sampler(runner.n_vocab, config.max_seqs)  # at most one output row per sequence
         self.counters = Counters()
+        self.grammars = Grammars(runner.vocab, runner.n_vocab)
         self.by_rid: dict[str, Sequence] = {}
         self._seed_rng = np.random.default_rng(config.seed)
         bos, eos = runner.bos_eos_text()
@@ -95,6 +97,12 @@ class Engine:
                 tokens=list(req.prompt),
                 rng=self._rng_for(req),
             )
+            if req.params.grammar:
+                try:
+                    seq.grammar = self.grammars.new(req.params.grammar)
+                except GrammarError as exc:
+                    self.counters.requests_refused += 1
+                    return Error(req.rid, 400, str(exc), "invalid_grammar", "response_format")
             if req.params.logit_bias:
                 pairs = np.asarray(req.params.logit_bias, np.float64).reshape(-1, 2)
                 seq.bias_ids, seq.bias_values = pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.float32)
@@ -146,6 +154,8 @@ class Engine:
 
     def _release(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
+        if seq.grammar is not None:
+            seq.grammar.close()
         del self.by_rid[seq.rid]
 
     # -- the step ----------------------------------------------------------------------
@@ -203,7 +213,20 @@ class Engine:
             if seq.params.penalized:
                 apply_penalties(logits[row], seq.tokens, seq.prompt_len, seq.params)
         self.sampler.prepare([s.params for s in outputs])
-        return self.sampler.sample(logits, [s.rng for s in outputs])
+        tokens = self.sampler.sample(logits, [s.rng for s in outputs])
+        for row, seq in enumerate(outputs):
+            if seq.grammar is not None:
+                tokens[row] = self._constrain(seq, logits, row, int(tokens[row]))
+        return tokens
+
+    def _constrain(self, seq: Sequence, logits: np.ndarray, row: int, token: int) -> int:
+        """The sampled token if the grammar allows it, else one drawn from what it allows."""
+        if not seq.grammar.allows(token):
+            logits[row] = seq.grammar.mask(logits[row])  # logprobs then show the constrained row
+            self.sampler.prepare([seq.params])
+            token = int(self.sampler.sample(logits[row : row + 1], [seq.rng])[0])
+        seq.grammar.accept(token)
+        return token
 
     def _advance(self, outputs: list[Sequence], tokens: np.ndarray, logits: np.ndarray) -> list[tuple[bytes, Delta]]:
         deltas = []

@@ -6,6 +6,7 @@ into ``{"error": {"message", "type", "param", "code"}}`` with its status.
 
 from __future__ import annotations
 
+import json
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -121,6 +122,7 @@ def _sampling(body: dict) -> SamplingParams:
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),
         logit_bias=_logit_bias(body),
+        grammar=response_grammar(body),
     )
 
 
@@ -247,9 +249,50 @@ def parse_completion(body: Any) -> CompletionRequest:
 
 def check_unsupported(body: dict) -> None:
     """Fields either endpoint cannot honour yet: a clear 400, never silently ignored."""
-    fmt = body.get("response_format")
-    if isinstance(fmt, dict) and fmt.get("type") not in (None, "text"):
-        raise bad("only response_format 'text' is supported so far", "response_format", "unsupported_value")
+
+
+def response_grammar(body: dict) -> str | None:
+    """The GBNF grammar ``response_format`` asks for: any JSON object, or a JSON schema."""
+    fmt = _typed(body, "response_format", dict)
+    kind = fmt.get("type") if fmt else None
+    if kind in (None, "text"):
+        return None
+    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+
+    if kind == "json_object":
+        return JSON_GBNF
+    if kind != "json_schema":
+        raise bad(f"response_format type must be text, json_object or json_schema, got {kind!r}", "response_format.type")
+    spec = fmt.get("json_schema")
+    schema = spec.get("schema") if isinstance(spec, dict) else None
+    if not isinstance(schema, dict):
+        raise bad("response_format.json_schema.schema must be a JSON schema object", "response_format.json_schema.schema", "invalid_type")
+    unsupported = sorted(_UNSUPPORTED_SCHEMA & set(_schema_keys(schema)))
+    if unsupported:
+        raise bad(f"unsupported JSON schema features: {', '.join(unsupported)}", "response_format.json_schema.schema", "unsupported_schema")
+    try:
+        return json_schema_to_gbnf(json.dumps(schema))
+    except Exception as exc:  # the converter's own refusals (remote $ref, bad patterns, ...)
+        raise bad(f"cannot enforce this JSON schema: {exc}", "response_format.json_schema.schema", "unsupported_schema") from None
+
+
+# Keywords llama.cpp's schema-to-grammar converter does not enforce.
+_UNSUPPORTED_SCHEMA = frozenset({"not", "if", "then", "else", "dependentSchemas", "dependentRequired", "patternProperties", "uniqueItems", "contains", "multipleOf", "unevaluatedProperties"})
+
+
+def _schema_keys(node) -> list[str]:
+    if isinstance(node, dict):
+        keys = list(node)
+        for key, value in node.items():
+            if key not in ("properties", "$defs", "definitions"):
+                keys += _schema_keys(value)
+            else:
+                for sub in value.values() if isinstance(value, dict) else ():
+                    keys += _schema_keys(sub)
+        return keys
+    if isinstance(node, list):
+        return [k for item in node for k in _schema_keys(item)]
+    return []
 
 
 def check_chat_extras(body: dict) -> None:

@@ -113,6 +113,8 @@ async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamR
     except ValueError as exc:  # the chat template refused the conversation
         raise bad(str(exc), "messages") from None
     max_tokens = _budget(model.info.n_ctx, len(prompt), req, field)
+    if req.params.grammar and not model.tokenizer.grammar_compiles(req.params.grammar):
+        raise bad("the grammar for response_format does not compile", "response_format", "invalid_grammar")
     if any(not 0 <= t < model.info.n_vocab for t, _ in req.params.logit_bias or ()):
         raise bad(f"'logit_bias' names token ids outside the vocabulary [0, {model.info.n_vocab})", "logit_bias")
     try:

@@ -39,6 +39,13 @@ class Tokenizer:
                 return out[:n]
             capacity = -n
 
+    def grammar_compiles(self, grammar: str) -> bool:
+        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
+        if not sampler:
+            return False
+        llama_cpp.llama_sampler_free(sampler)
+        return True
+
     def piece(self, token: int) -> bytes:
         """The bytes a token stands for (empty for control tokens such as ``<eos>``)."""
         cached = self._pieces[token]

@@ -1,0 +1,74 @@
+"""Grammar-constrained sampling (GBNF, llama.cpp's grammar sampler), one per sequence.
+
+Beside runner.py the one engine module that touches llama_cpp. The batched sampler picks a
+token as usual; only if the grammar rejects it is the row masked over the whole vocabulary
+and sampled again, so a constrained row costs little while the model follows the grammar.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import llama_cpp
+import numpy as np
+
+_TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+
+
+class GrammarError(ValueError):
+    """The grammar does not compile."""
+
+
+class Grammars:
+    """Makes grammar samplers for one vocabulary and holds the buffer they mask rows in."""
+
+    def __init__(self, vocab, n_vocab: int):
+        self.vocab = vocab
+        self._full = np.zeros(n_vocab, _TOKEN_DATA)
+        self._full["id"] = np.arange(n_vocab, dtype=np.int32)
+        self._full_array = _token_array(self._full)
+        self._one = np.zeros(1, _TOKEN_DATA)
+        self._one_array = _token_array(self._one)
+
+    def new(self, text: str) -> Grammar:
+        sampler = llama_cpp.llama_sampler_init_grammar(self.vocab, text.encode("utf-8"), b"root")
+        if not sampler:
+            raise GrammarError("the grammar does not compile")
+        return Grammar(self, sampler)
+
+
+class Grammar:
+    def __init__(self, owner: Grammars, sampler):
+        self._owner = owner
+        self._sampler = sampler
+
+    def allows(self, token: int) -> bool:
+        one = self._owner._one
+        one["id"], one["logit"] = token, 0.0
+        self._apply(self._owner._one_array)
+        return bool(np.isfinite(one["logit"][0]))
+
+    def mask(self, row: np.ndarray) -> np.ndarray:
+        """``row`` with every token the grammar forbids now at -inf (a new array)."""
+        full = self._owner._full
+        full["logit"] = row
+        self._apply(self._owner._full_array)
+        return full["logit"].copy()
+
+    def accept(self, token: int) -> None:
+        llama_cpp.llama_sampler_accept(self._sampler, token)
+
+    def close(self) -> None:
+        if self._sampler:
+            llama_cpp.llama_sampler_free(self._sampler)
+            self._sampler = None
+
+    def _apply(self, array: llama_cpp.llama_token_data_array) -> None:
+        array.selected = -1
+        array.sorted = False
+        llama_cpp.llama_sampler_apply(self._sampler, ctypes.byref(array))
+
+
+def _token_array(buffer: np.ndarray) -> llama_cpp.llama_token_data_array:
+    data = buffer.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token_data))
+    return llama_cpp.llama_token_data_array(data=data, size=buffer.size, selected=-1, sorted=False)
