@@ -246,7 +246,7 @@ def test_bad_prompt(prompt):
 
 @pytest.mark.parametrize(
     "field, value",
-    [("tools", [{"type": "function", "function": {"name": "f"}}]), ("response_format", {"type": "json_object"})],
+    [("tools", [{"type": "function", "function": {"name": "f"}}]), ("functions", [{"name": "f"}])],
 )
 def test_chat_extras_are_refused_not_ignored(field, value):
     refused(check_chat_extras, chat(**{field: value}), field, "unsupported_value")
@@ -433,3 +433,15 @@ def test_chat_logprobs_and_top_logprobs():
     assert parse_chat(chat()).params.logprobs == -1
     refused(parse_chat, chat(logprobs=True, top_logprobs=21), "top_logprobs")
     refused(parse_chat, chat(top_logprobs=3), "top_logprobs")
+
+
+def test_response_format_becomes_a_grammar():
+    assert parse_chat(chat(response_format={"type": "text"})).params.grammar is None
+    assert "root" in parse_chat(chat(response_format={"type": "json_object"})).params.grammar
+    schema = {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}
+    spec = {"type": "json_schema", "json_schema": {"name": "s", "schema": schema, "strict": True}}
+    assert "root" in parse_completion(completion(response_format=spec)).params.grammar
+    refused(parse_chat, chat(response_format={"type": "yaml"}), "response_format.type")
+    nested_not = {"type": "object", "properties": {"a": {"not": {"type": "string"}}}}
+    err = refused(parse_chat, chat(response_format={"type": "json_schema", "json_schema": {"schema": nested_not}}), "response_format.json_schema.schema")
+    assert "not" in err.message
