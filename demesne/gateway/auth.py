@@ -8,7 +8,7 @@ from aiohttp import web
 
 from .openai import ApiError
 
-OPEN_PATHS = frozenset({"/health"})
+OPEN_PATHS = frozenset({"/health", "/openapi.json"})
 
 
 def api_key_middleware(keys: tuple[str, ...]):

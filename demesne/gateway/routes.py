@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib.resources
 import logging
 from collections.abc import AsyncIterator
 
@@ -37,6 +38,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/v1/models/{model:.+}", get_model)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/openapi.json", openapi)
 
 
 async def _json_body(request: web.Request):
@@ -301,6 +303,14 @@ async def list_models(request: web.Request) -> web.Response:
 async def get_model(request: web.Request) -> web.Response:
     model = _model(request, request.match_info["model"])
     return _json(_model_card(model.info, int(request.app[STARTED])))
+
+
+_OPENAPI = importlib.resources.files(__package__).joinpath("openapi.json").read_bytes()
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """The API as demesne serves it (demesne/gateway/openapi.json)."""
+    return web.Response(body=_OPENAPI, content_type="application/json")
 
 
 async def health(request: web.Request) -> web.Response:
