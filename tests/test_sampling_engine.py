@@ -103,3 +103,25 @@ def test_logprobs_match_a_reference_from_raw_logits(engine, tokenizer):
 def test_logit_bias_outside_vocabulary_is_refused(engine, tokenizer):
     error = engine.submit(b"t", Generate("bad-bias", tokenizer.encode("hi"), 2, SamplingParams(logit_bias=[[10**7, 1.0]])))
     assert error is not None and error.status == 400 and error.param == "logit_bias"
+
+
+def test_seeded_request_ignores_what_else_is_drawn_in_the_batch(engine, tokenizer):
+    """A seeded request draws from its own generator. Beside 7 others of the same shapes, its
+    output is the same whether those others are greedy or sample with their own seeds, since
+    its row's logits are the same and no other row's draws touch its generator."""
+    prompts = [tokenizer.encode(f"Story {i}: once upon a time") for i in range(8)]
+
+    def run_batch(others: dict) -> list[int]:
+        reqs = [Generate("seeded", prompts[0], 16, SamplingParams(temperature=0.9, top_p=0.95, seed=1234))]
+        reqs += [Generate(f"o{i}", p, 16, SamplingParams(**others, seed=i)) for i, p in enumerate(prompts[1:])]
+        out = {r.rid: [] for r in reqs}
+        for r in reqs:
+            assert engine.submit(b"t", r) is None
+        while engine.has_work:
+            for _c, d in engine.step():
+                out[d.rid].extend(d.tokens)
+        return out["seeded"]
+
+    with_greedy = run_batch({"temperature": 0.0})
+    with_sampling = run_batch({"temperature": 1.2})
+    assert len(with_greedy) == 16 and with_greedy == with_sampling
