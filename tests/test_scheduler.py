@@ -687,3 +687,19 @@ def test_kept_cells_are_capped_when_sequences_finish():
     sim.add(last)
     sim.step()
     assert last.n_cached == 10
+
+
+def test_a_failed_step_undoes_its_attaches():
+    """If llama_decode refuses a step (no slot), sequences that attached in it hold no cells
+    and wait on their path again; the next step computes it and they attach then."""
+    sim = Sim(n_cells=256, max_seqs=4, token_budget=64, max_waiting=8)
+    a = seq("a", 12, max_tokens=4)
+    sim.add(a)
+    plan = sim.sched.schedule()  # the path and a's last token, planned in one step
+    assert a.attached and plan.node_chunks
+    for s, _ in plan.chunks:  # what Engine does when decode fails
+        if s.attached and s.n_private == 0:
+            sim.sched.detach(s)
+    assert not a.attached and a.n_computed == 0 and sim.kv.held(a.seq_id) == {}
+    sim.run()
+    assert sim.finished == [a] and len(a.tokens) == 12 + a.max_tokens

@@ -272,6 +272,9 @@ class Engine:
         log.warning("%s with %d tokens; preempting the newest sequence", exc, plan.n_tokens)
         if exc.code != 1 or len(self.scheduler.running) <= 1:
             raise exc
+        for seq, _ in plan.chunks:  # attached in this step to cells that were not written
+            if seq.attached and seq.n_private == 0:
+                self.scheduler.detach(seq)
         self.scheduler.preempt(self.scheduler.running[-1])
         return []
 

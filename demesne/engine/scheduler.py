@@ -101,6 +101,12 @@ class Scheduler:
         self.waiting.appendleft(seq)
         self.n_preemptions += 1
 
+    def detach(self, seq: Sequence) -> None:
+        """Undo an attach whose step did not run: the sequence waits on its path again."""
+        self.kv.remove(seq.seq_id)
+        seq.attached = False
+        seq.n_computed = seq.n_shared = 0
+
     def _release(self, seq: Sequence) -> None:
         if seq.attached:
             self.trie.retain(seq.seq_id, seq.tokens[: seq.n_computed])
