@@ -70,8 +70,13 @@ async def test_json_schema_output_validates(server, model_id, schema, check, tem
         seed=5,
         response_format=fmt(schema),
     )
-    assert out.choices[0].finish_reason == "stop", out.choices[0].message.content
-    check(json.loads(out.choices[0].message.content))
+    text = out.choices[0].message.content
+    assert out.choices[0].finish_reason == "stop", text
+    try:
+        value = json.loads(text)
+    except ValueError as exc:
+        raise AssertionError(f"not JSON: {text!r}") from exc
+    check(value)
 
 
 async def test_json_schema_streamed(server, model_id):

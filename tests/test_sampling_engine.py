@@ -125,3 +125,22 @@ def test_seeded_request_ignores_what_else_is_drawn_in_the_batch(engine, tokenize
     with_greedy = run_batch({"temperature": 0.0})
     with_sampling = run_batch({"temperature": 1.2})
     assert len(with_greedy) == 16 and with_greedy == with_sampling
+
+
+def test_json_grammar_never_lets_a_raw_newline_into_a_string(engine, tokenizer):
+    """llama-cpp-python's schema converter allows control characters in strings; demesne
+    tightens its ``char`` rule. After ``{"name":"Fred}`` a newline token must be refused."""
+    from demesne.gateway.openai import response_grammar
+
+    schema = {"type": "object", "properties": {"name": {"type": "string"}}, "required": ["name"]}
+    for fmt in ({"type": "json_schema", "json_schema": {"schema": schema}}, {"type": "json_object"}):
+        grammar = engine.grammars.new(response_grammar({"response_format": fmt}))
+        try:
+            for token in tokenizer.encode('{"name":"Fred}', add_special=False):
+                assert grammar.allows(token)
+                grammar.accept(token)
+            newline = tokenizer.encode("\n", add_special=False)[0]
+            assert not grammar.allows(newline)
+            assert grammar.allows(tokenizer.encode('"', add_special=False)[0])
+        finally:
+            grammar.close()

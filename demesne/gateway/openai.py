@@ -7,6 +7,7 @@ into ``{"error": {"message", "type", "param", "code"}}`` with its status.
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -260,7 +261,7 @@ def response_grammar(body: dict) -> str | None:
     from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
 
     if kind == "json_object":
-        return JSON_GBNF
+        return _strict_strings(JSON_GBNF)
     if kind != "json_schema":
         raise bad(f"response_format type must be text, json_object or json_schema, got {kind!r}", "response_format.type")
     spec = fmt.get("json_schema")
@@ -271,9 +272,19 @@ def response_grammar(body: dict) -> str | None:
     if unsupported:
         raise bad(f"unsupported JSON schema features: {', '.join(unsupported)}", "response_format.json_schema.schema", "unsupported_schema")
     try:
-        return json_schema_to_gbnf(json.dumps(schema))
+        return _strict_strings(json_schema_to_gbnf(json.dumps(schema)))
     except Exception as exc:  # the converter's own refusals (remote $ref, bad patterns, ...)
         raise bad(f"cannot enforce this JSON schema: {exc}", "response_format.json_schema.schema", "unsupported_schema") from None
+
+
+_STRICT_CHAR = r'char ::= [^"\\\x7F\x00-\x1F]'
+
+
+def _strict_strings(grammar: str) -> str:
+    """JSON forbids raw control characters in strings, but llama-cpp-python's converter lets
+    them through (its ``char`` rule is only ``[^"\\]``), so a model could write a newline
+    inside a string and the output would not parse. Tighten the rule as llama.cpp writes it."""
+    return re.sub(r'^char ::= \[\^"\\\\\]', lambda _: _STRICT_CHAR, grammar, flags=re.M)
 
 
 # Keywords llama.cpp's schema-to-grammar converter does not enforce.
