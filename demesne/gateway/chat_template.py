@@ -21,14 +21,25 @@ log = logging.getLogger("demesne.gateway")
 #
 #     <bos>{system}\n\nUser: {user}\nAssistant: {assistant}\n ... Assistant:
 #
+# With tools, it first lists them (one JSON object each) and asks for calls written as
+# <tool_call>{"name": ..., "arguments": {...}}</tool_call> (tools.py's format);
+# assistant turns that made calls show them the same way.
+#
 # A base model will happily write the user's next turn as well, so this template comes
 # with the stop string "\nUser:" (added to each chat request that uses it).
 FALLBACK_TEMPLATE = (
     "{{ bos_token }}"
+    "{% if tools %}You can call these functions:\n"
+    "{% for tool in tools %}{{ tool.function | tojson }}\n{% endfor %}"
+    "To call one, answer with <tool_call>{\"name\": <function name>, \"arguments\": <arguments object>}</tool_call>.\n\n"
+    "{% endif %}"
     "{% for message in messages %}"
     "{% if message.role == 'system' %}{{ message.content }}\n\n"
     "{% elif message.role == 'user' %}User: {{ message.content }}\n"
-    "{% elif message.role == 'assistant' %}Assistant: {{ message.content }}\n"
+    "{% elif message.role == 'assistant' %}Assistant: {{ message.content }}"
+    "{% for call in message.tool_calls or [] %}"
+    "<tool_call>{{ {'name': call.function.name, 'arguments': call.function.arguments} | tojson }}</tool_call>"
+    "{% endfor %}\n"
     "{% elif message.role == 'tool' %}Tool result: {{ message.content }}\n"
     "{% endif %}"
     "{% endfor %}"

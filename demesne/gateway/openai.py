@@ -13,7 +13,10 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
+from llama_cpp.llama_grammar import json_schema_to_gbnf
+
 from ..protocol import SamplingParams
+from .tools import ToolError, ToolSpec, assistant_calls, call_grammar, check_tool_messages, parse_tools
 
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16
@@ -56,6 +59,7 @@ class CompletionRequest:
     stream: bool = False
     include_usage: bool = False
     n: int = 1
+    tools: ToolSpec | None = None
 
 
 # -- field checks ------------------------------------------------------------------------
@@ -180,6 +184,15 @@ def parse_chat(body: Any) -> CompletionRequest:
         raise bad("'messages' must be a non-empty array", "messages", "invalid_type" if messages else "missing_required_parameter")
     clean = [_message(m, i) for i, m in enumerate(messages)]
     req = CompletionRequest(messages=clean, prompt=None, **_common(body, chat=True))
+    try:
+        req.tools = parse_tools(body)
+        check_tool_messages(clean, messages)
+    except ToolError as exc:
+        raise bad(str(exc), exc.param) from None
+    if req.tools is not None and req.tools.forced:
+        if req.params.grammar:
+            raise bad("a forced tool call and response_format cannot be combined", "response_format")
+        req.params.grammar = call_grammar(req.tools, lambda schema: _strict_strings(json_schema_to_gbnf(json.dumps(schema))))
     top = _typed(body, "top_logprobs", int)
     if _typed(body, "logprobs", bool, False):
         top = 0 if top is None else top
@@ -200,6 +213,8 @@ def _message(m: Any, i: int) -> dict:
         raise bad(f"'{where}.role' must be one of {', '.join(ROLES)}; got {role!r}", f"{where}.role")
     content = _content(m.get("content"), f"{where}.content", allow_null=role == "assistant")
     out = {"role": "system" if role == "developer" else role, "content": content}
+    if role == "assistant" and m.get("tool_calls"):
+        out["tool_calls"] = assistant_calls(m)
     if isinstance(m.get("name"), str):
         out["name"] = m["name"]
     return out
@@ -258,7 +273,7 @@ def response_grammar(body: dict) -> str | None:
     kind = fmt.get("type") if fmt else None
     if kind in (None, "text"):
         return None
-    from llama_cpp.llama_grammar import JSON_GBNF, json_schema_to_gbnf
+    from llama_cpp.llama_grammar import JSON_GBNF
 
     if kind == "json_object":
         return _strict_strings(JSON_GBNF)
@@ -309,10 +324,6 @@ def _schema_keys(node) -> list[str]:
 def check_chat_extras(body: dict) -> None:
     """Chat fields demesne cannot honour yet: a clear 400, never ignored."""
     check_unsupported(body)
-    if body.get("tools"):
-        raise bad("'tools' are not supported yet", "tools", "unsupported_value")
-    if body.get("functions"):
-        raise bad("'functions' are not supported yet", "functions", "unsupported_value")
 
 
 # -- responses -------------------------------------------------------------------------------
@@ -348,9 +359,11 @@ class Shaper:
     def _envelope(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint}
 
-    def choice(self, index: int, text: str, finish: str, logprobs: dict | None = None) -> dict:
+    def choice(self, index: int, text: str | None, finish: str, logprobs: dict | None = None, tool_calls: list | None = None) -> dict:
         if self.chat:
             message = {"role": "assistant", "content": text, "refusal": None}
+            if tool_calls:
+                message["tool_calls"] = tool_calls
             return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
@@ -366,6 +379,7 @@ class Shaper:
         first: bool = False,
         with_usage: bool = False,
         logprobs: dict | None = None,
+        tool_calls: list | None = None,
     ) -> dict:
         if self.chat:
             delta: dict[str, Any] = {}
@@ -373,6 +387,8 @@ class Shaper:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
+            if tool_calls:
+                delta["tool_calls"] = tool_calls
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             body = {**self._envelope("chat.completion.chunk"), "choices": [choice]}
         else:

@@ -15,6 +15,7 @@ from .. import protocol as p
 from .app_keys import CLIENT, FINGERPRINT, MODELS, STARTED
 from .engine_client import EngineRefused, EngineUnavailable
 from .generation import ModelContext, Piece, generate_text
+from .tools import ToolStream, parse_calls
 from .openai import (
     ApiError,
     CompletionRequest,
@@ -75,7 +76,8 @@ def _model(request: web.Request, model_id: str) -> ModelContext:
 def _prompt_tokens(model: ModelContext, req: CompletionRequest) -> tuple[list[int], str]:
     """Token ids of the prompt, and the name of the field they came from."""
     if req.chat:
-        text = model.template.render(req.messages)
+        tools = req.tools.tools if req.tools is not None and req.tools.choice != "none" else None
+        text = model.template.render(req.messages, tools=tools)
         return model.tokenizer.encode(text, add_special=not text.startswith(model.template.bos_token)), "messages"
     if isinstance(req.prompt, str):
         return model.tokenizer.encode(req.prompt), "prompt"
@@ -239,11 +241,16 @@ async def _collect(req: CompletionRequest, shaper: Shaper, pieces, logprobs) -> 
             logprobs[index].add(piece)
         if piece.finish is not None:
             finals[index] = piece
-    choices = [
-        shaper.choice(i, "".join(texts[i]), finals[i].finish, logprobs[i].total if logprobs else None)
-        for i in range(req.n)
-    ]
+    choices = [_final_choice(req, shaper, i, "".join(texts[i]), finals[i], logprobs) for i in range(req.n)]
     return _json(shaper.response(choices, _usage(finals)))
+
+
+def _final_choice(req: CompletionRequest, shaper: Shaper, i: int, text: str, final: Piece, logprobs) -> dict:
+    lp = logprobs[i].total if logprobs else None
+    if req.tools is None or req.tools.choice == "none":
+        return shaper.choice(i, text, final.finish, lp)
+    content, calls = parse_calls(text, req.tools)
+    return shaper.choice(i, content, "tool_calls" if calls else final.finish, lp, calls)
 
 
 async def _stream(request: web.Request, req: CompletionRequest, shaper: Shaper, pieces, logprobs) -> web.StreamResponse:
@@ -254,17 +261,22 @@ async def _stream(request: web.Request, req: CompletionRequest, shaper: Shaper, 
     started: set[int] = set()
     finals: dict[int, Piece] = {}
     with_usage = req.include_usage
+    calls = {i: ToolStream(req.tools) for i in range(req.n)} if req.tools and req.tools.choice != "none" else None
     while True:
         index, piece = item
         if req.chat and index not in started:
             await _send(response, shaper.chunk(index, "", first=True, with_usage=with_usage))
         started.add(index)
         part = logprobs[index].add(piece) if logprobs is not None else None
-        if piece.text or part:
-            await _send(response, shaper.chunk(index, piece.text, with_usage=with_usage, logprobs=part))
+        text = calls[index].feed(piece.text) if calls else piece.text
+        if text or part:
+            await _send(response, shaper.chunk(index, text, with_usage=with_usage, logprobs=part))
         if piece.finish is not None:
             finals[index] = piece
-            await _send(response, shaper.chunk(index, None if req.chat else "", piece.finish, with_usage=with_usage))
+            finish = piece.finish
+            if calls:
+                finish = await _send_calls(response, shaper, index, calls[index], finish, with_usage)
+            await _send(response, shaper.chunk(index, None if req.chat else "", finish, with_usage=with_usage))
             if len(finals) == req.n:
                 if with_usage:
                     await _send(response, shaper.usage_chunk(_usage(finals)))
@@ -277,6 +289,20 @@ async def _stream(request: web.Request, req: CompletionRequest, shaper: Shaper, 
     await response.write(b"data: [DONE]\n\n")
     await response.write_eof()
     return response
+
+
+async def _send_calls(response, shaper: Shaper, index: int, stream: ToolStream, finish: str, with_usage: bool) -> str:
+    """The held-back text of a finished choice: remaining content, then each call as OpenAI
+    streams it (index, id, type and name, then the arguments); the finish reason to send."""
+    rest, found = stream.finish()
+    if rest:
+        await _send(response, shaper.chunk(index, rest, with_usage=with_usage))
+    for k, call in enumerate(found):
+        head = {"index": k, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}}
+        await _send(response, shaper.chunk(index, None, with_usage=with_usage, tool_calls=[head]))
+        args = {"index": k, "function": {"arguments": call["function"]["arguments"]}}
+        await _send(response, shaper.chunk(index, None, with_usage=with_usage, tool_calls=[args]))
+    return "tool_calls" if found else finish
 
 
 async def _send(response: web.StreamResponse, obj: dict) -> None:
