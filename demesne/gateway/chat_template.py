@@ -30,7 +30,7 @@ log = logging.getLogger("demesne.gateway")
 FALLBACK_TEMPLATE = (
     "{{ bos_token }}"
     "{% if tools %}You can call these functions:\n"
-    "{% for tool in tools %}{{ tool.function | tojson }}\n{% endfor %}"
+    "{% for tool in tools %}{{ tool.function | tojson }}{{ '\\n' }}{% endfor %}"
     "To call one, answer with <tool_call>{\"name\": <function name>, \"arguments\": <arguments object>}</tool_call>.\n\n"
     "{% endif %}"
     "{% for message in messages %}"
@@ -39,7 +39,7 @@ FALLBACK_TEMPLATE = (
     "{% elif message.role == 'assistant' %}Assistant: {{ message.content }}"
     "{% for call in message.tool_calls or [] %}"
     "<tool_call>{{ {'name': call.function.name, 'arguments': call.function.arguments} | tojson }}</tool_call>"
-    "{% endfor %}\n"
+    "{% endfor %}{{ '\\n' }}"
     "{% elif message.role == 'tool' %}Tool result: {{ message.content }}\n"
     "{% endif %}"
     "{% endfor %}"
