@@ -13,7 +13,6 @@ from demesne.gateway.openai import (
     ApiError,
     Shaper,
     bad,
-    check_chat_extras,
     completion_logprobs,
     parse_chat,
     parse_completion,
@@ -62,18 +61,18 @@ def test_parse_chat_content_as_text_parts():
         messages=[
             {"role": "system", "content": [{"type": "text", "text": "Be "}, {"type": "text", "text": "brief."}]},
             {"role": "user", "content": "Hi", "name": "ann"},
-            {"role": "assistant", "content": None},
+            {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
             {"role": "developer", "content": "Rule."},
-            {"role": "tool", "content": [{"type": "text", "text": "42"}]},
+            {"role": "tool", "tool_call_id": "call_1", "content": [{"type": "text", "text": "42"}]},
         ]
     )
     req = parse_chat(body)
     assert req.messages == [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Hi", "name": "ann"},
-        {"role": "assistant", "content": ""},
+        {"role": "assistant", "content": "", "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "f", "arguments": {}}}]},
         {"role": "system", "content": "Rule."},  # developer is the new name of system
-        {"role": "tool", "content": "42"},
+        {"role": "tool", "content": "42", "tool_call_id": "call_1"},
     ]
 
 
@@ -242,18 +241,6 @@ def test_bad_prompt(prompt):
     if prompt is None:
         del body["prompt"]
     refused(parse_completion, body, "prompt", "invalid_type")
-
-
-@pytest.mark.parametrize(
-    "field, value",
-    [("tools", [{"type": "function", "function": {"name": "f"}}]), ("functions", [{"name": "f"}])],
-)
-def test_chat_extras_are_refused_not_ignored(field, value):
-    refused(check_chat_extras, chat(**{field: value}), field, "unsupported_value")
-
-
-def test_chat_extras_that_are_fine():
-    check_chat_extras(chat(logprobs=False, tools=[], response_format={"type": "text"}))
 
 
 def test_every_accepted_seed_is_usable_by_the_engine():

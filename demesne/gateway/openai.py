@@ -253,7 +253,6 @@ def parse_completion(body: Any) -> CompletionRequest:
         raise bad("'echo' is not supported", "echo", "unsupported_value")
     if body.get("suffix"):
         raise bad("'suffix' is not supported", "suffix", "unsupported_value")
-    check_unsupported(body)
     req = CompletionRequest(messages=None, prompt=prompt, **_common(body, chat=False))
     logprobs = _typed(body, "logprobs", int)
     if logprobs is not None:
@@ -261,10 +260,6 @@ def parse_completion(body: Any) -> CompletionRequest:
             raise bad(f"'logprobs' must be in [0, {MAX_COMPLETION_LOGPROBS}], got {logprobs}", "logprobs")
         req.params.logprobs = logprobs
     return req
-
-
-def check_unsupported(body: dict) -> None:
-    """Fields either endpoint cannot honour yet: a clear 400, never silently ignored."""
 
 
 def response_grammar(body: dict) -> str | None:
@@ -319,11 +314,6 @@ def _schema_keys(node) -> list[str]:
     if isinstance(node, list):
         return [k for item in node for k in _schema_keys(item)]
     return []
-
-
-def check_chat_extras(body: dict) -> None:
-    """Chat fields demesne cannot honour yet: a clear 400, never ignored."""
-    check_unsupported(body)
 
 
 # -- responses -------------------------------------------------------------------------------

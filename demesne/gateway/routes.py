@@ -22,7 +22,6 @@ from .openai import (
     Shaper,
     bad,
     chat_logprobs,
-    check_chat_extras,
     completion_logprobs,
     parse_chat,
     parse_completion,
@@ -51,10 +50,7 @@ async def _json_body(request: web.Request):
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    body = await _json_body(request)
-    req = parse_chat(body)
-    check_chat_extras(body)
-    return await _complete(request, req)
+    return await _complete(request, parse_chat(await _json_body(request)))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
