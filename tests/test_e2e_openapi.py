@@ -29,7 +29,13 @@ BASE = {
     "chat/completions": {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4},
     "completions": {"prompt": "Hi", "max_tokens": 4},
 }
-NEEDS = {"top_logprobs": {"logprobs": True}, "stream_options": {"stream": True}}
+TOOL = [{"type": "function", "function": {"name": "get_time", "parameters": {"type": "object", "properties": {}}}}]
+NEEDS = {
+    "top_logprobs": {"logprobs": True},
+    "stream_options": {"stream": True},
+    "tool_choice": {"tools": TOOL},
+    "function_call": {"functions": [TOOL[0]["function"]]},
+}
 
 
 async def test_document_is_served_and_lists_the_endpoints(server, http):
