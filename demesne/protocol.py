@@ -39,6 +39,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # llama.cpp: recent tokens' logits divided (or multiplied) by it
     logit_bias: list[list[float]] | None = None  # [[token id, bias], ...]
     grammar: str | None = None  # GBNF the output must follow (structured output)
+    grammar_trigger: str | None = None  # regex: the grammar applies only once output matches it
 
     @property
     def penalized(self) -> bool:

@@ -186,10 +186,10 @@ async def test_16_concurrent_greedy_equal_one_at_a_time(server, model_id):
     matrix kernels than a batch of one (shared/LLAMA_FACTS.md: logits differ by up to ~1), so
     an exact tie-break can differ. Where two outputs part, the test checks teacher-forced at
     that position: the token the concurrent run chose must be among the one-at-a-time run's
-    top choices there, within 0.5 nats of its best (same prefix, so a fair comparison).
+    top 20 there, within 0.5 nats of its best (same prefix, so a fair comparison).
     """
     client = openai_client(server)
-    kw = dict(model=model_id, max_tokens=24, temperature=0, logprobs=5)
+    kw = dict(model=model_id, max_tokens=24, temperature=0, logprobs=20)
     concurrent = await asyncio.gather(*(client.completions.create(prompt=p, **kw) for p in PROMPTS))
     alone = [await client.completions.create(prompt=p, **kw) for p in PROMPTS]
     exact = 0

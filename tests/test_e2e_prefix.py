@@ -51,7 +51,7 @@ async def test_cache_and_no_cache_agree(server, uncached_url, model_id):
     uncached run): the cached choice is within 0.5 nats of the best there."""
     questions = ["How tall is the tower?", "When was the light built?", "What ships pass by?", "Is a storm coming?"]
     prompts = [f"{SYSTEM}\nQuestion: {q}\nAnswer:" for q in questions] * 2  # identical ones too
-    kw = dict(model=model_id, max_tokens=16, temperature=0, logprobs=5)
+    kw = dict(model=model_id, max_tokens=16, temperature=0, logprobs=20)
     cached = client_for(server.v1)
     plain = client_for(f"{uncached_url}/v1", "unused")
     with_cache = await asyncio.gather(*(cached.completions.create(prompt=p, **kw) for p in prompts))

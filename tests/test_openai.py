@@ -229,7 +229,7 @@ def test_stream_options_need_stream():
 
 @pytest.mark.parametrize(
     "field, value",
-    [("echo", True), ("suffix", "The end."), ("logprobs", 6), ("logprobs", -1), ("logprobs", True), ("logprobs", "2")],
+    [("echo", True), ("suffix", "The end."), ("logprobs", 21), ("logprobs", -1), ("logprobs", True), ("logprobs", "2")],
 )
 def test_completion_only_fields(field, value):
     refused(parse_completion, completion(**{field: value}), field)

@@ -144,3 +144,24 @@ def test_json_grammar_never_lets_a_raw_newline_into_a_string(engine, tokenizer):
             assert grammar.allows(tokenizer.encode('"', add_special=False)[0])
         finally:
             grammar.close()
+
+
+def test_lazy_tool_grammar_lets_text_through_until_a_call_opens(engine, tokenizer):
+    """tool_choice auto: free text first; once the output holds <tool_call>, what follows must
+    be a valid call to a listed tool."""
+    from demesne.gateway.openai import parse_chat
+
+    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}]
+    params = parse_chat({"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": tools}).params
+    assert params.grammar_trigger
+    grammar = engine.grammars.new(params.grammar, params.grammar_trigger)
+    try:
+        for token in tokenizer.encode("Sure, let me add. ", add_special=False):
+            assert grammar.allows(token)  # before the trigger: anything
+            grammar.accept(token)
+        for token in tokenizer.encode("<tool_call>", add_special=False):
+            grammar.accept(token)
+        assert not grammar.allows(tokenizer.encode("hello", add_special=False)[0])
+        assert grammar.allows(tokenizer.encode('{"', add_special=False)[0])
+    finally:
+        grammar.close()

@@ -16,13 +16,13 @@ from typing import Any
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from ..protocol import SamplingParams
-from .tools import ToolError, ToolSpec, assistant_calls, call_grammar, check_tool_messages, parse_tools
+from .tools import CALL_TRIGGER, ToolError, ToolSpec, assistant_calls, call_grammar, check_tool_messages, parse_tools
 
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16
 MAX_LOGIT_BIAS = 1024
 MAX_TOP_LOGPROBS = 20  # chat, as OpenAI
-MAX_COMPLETION_LOGPROBS = 5  # as OpenAI's legacy completions endpoint
+MAX_COMPLETION_LOGPROBS = 20  # OpenAI allows 5 here; demesne as many as chat
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 _ERROR_TYPES = {401: "invalid_request_error", 429: "rate_limit_error"}
@@ -189,10 +189,13 @@ def parse_chat(body: Any) -> CompletionRequest:
         check_tool_messages(clean, messages)
     except ToolError as exc:
         raise bad(str(exc), exc.param) from None
-    if req.tools is not None and req.tools.forced:
-        if req.params.grammar:
+    if req.tools is not None and req.tools.choice != "none":
+        if req.tools.forced and req.params.grammar:
             raise bad("a forced tool call and response_format cannot be combined", "response_format")
-        req.params.grammar = call_grammar(req.tools, lambda schema: _strict_strings(json_schema_to_gbnf(json.dumps(schema))))
+        if not req.params.grammar:
+            req.params.grammar = call_grammar(req.tools, lambda schema: _strict_strings(json_schema_to_gbnf(json.dumps(schema))))
+            # auto: free text until the model opens a call, then the call must be valid.
+            req.params.grammar_trigger = None if req.tools.forced else CALL_TRIGGER
     top = _typed(body, "top_logprobs", int)
     if _typed(body, "logprobs", bool, False):
         top = 0 if top is None else top

@@ -20,6 +20,8 @@ from typing import Any
 
 OPEN, CLOSE = "<tool_call>", "</tool_call>"
 MAX_PARALLEL = 4  # calls one forced turn may hold
+# For tool_choice auto: llama.cpp's lazy grammar starts at the first group once output matches.
+CALL_TRIGGER = r"[\s\S]*?(" + re.escape(OPEN) + r")[\s\S]*"
 _CALL = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), re.S)
 
 
