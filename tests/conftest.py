@@ -16,7 +16,12 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from demesne.config import EngineConfig
+from demesne.engine.core import Engine
+from demesne.engine.runner import ModelRunner
+from demesne.gateway.tokenizer import Tokenizer
 from demesne.model import resolve_model
+from demesne.protocol import Generate
 
 API_KEY = "test-key-0123456789"
 BIN = Path(sys.executable).parent
@@ -25,6 +30,34 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="session")
 def model_path() -> str:
     return resolve_model(None)
+
+
+@pytest.fixture(scope="session")
+def tokenizer(model_path) -> Tokenizer:
+    return Tokenizer(model_path)
+
+
+def make_engine(model_path: str, **overrides) -> Engine:
+    """An in-process engine on the real model: 2 threads, 4,096 cells, 8 sequences unless told."""
+    config = EngineConfig(model=model_path, threads=2, **{"ctx_size": 4096, "max_seqs": 8, **overrides})
+    return Engine(config, ModelRunner(config))
+
+
+def run_engine(engine: Engine, requests: list[Generate]) -> dict[str, list[int]]:
+    """Submit ``requests``, step until idle; tokens per request id. Every request must finish."""
+    out: dict[str, list[int]] = {}
+    for req in requests:
+        assert engine.submit(b"test", req) is None
+        out[req.rid] = []
+    finished = set()
+    while engine.has_work:
+        for _client, delta in engine.step():
+            assert delta.rid not in finished
+            out[delta.rid].extend(delta.tokens)
+            if delta.finish:
+                finished.add(delta.rid)
+    assert finished == set(out)
+    return out
 
 
 def free_port() -> int:

@@ -5,11 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from demesne.config import EngineConfig
 from demesne.engine.core import Engine
-from demesne.engine.runner import ModelRunner
-from demesne.gateway.tokenizer import Tokenizer
 from demesne.protocol import FINISH_LENGTH, Generate, SamplingParams
+
+from conftest import make_engine, run_engine
 
 PROMPTS = [
     "The capital of France is",
@@ -25,36 +24,10 @@ GREEDY = SamplingParams(temperature=0.0)
 
 
 @pytest.fixture(scope="module")
-def tokenizer(model_path):
-    return Tokenizer(model_path)
-
-
-def make_engine(model_path, **kw) -> Engine:
-    config = EngineConfig(model=model_path, threads=2, **{"ctx_size": 4096, "max_seqs": 8, **kw})
-    return Engine(config, ModelRunner(config))
-
-
-@pytest.fixture(scope="module")
 def engine(model_path):
     engine = make_engine(model_path)
     yield engine
     engine.runner.close()
-
-
-def run_all(engine: Engine, requests: list[Generate]) -> dict[str, list[int]]:
-    """Submit everything, step until idle; tokens per request id. Checks the finishes."""
-    for req in requests:
-        assert engine.submit(b"test", req) is None
-    out: dict[str, list[int]] = {r.rid: [] for r in requests}
-    finished = set()
-    while engine.has_work:
-        for _client, delta in engine.step():
-            assert delta.rid not in finished
-            out[delta.rid].extend(delta.tokens)
-            if delta.finish:
-                finished.add(delta.rid)
-    assert finished == set(out)
-    return out
 
 
 def greedy_requests(tokenizer, max_tokens=24, tag="r") -> list[Generate]:
@@ -81,7 +54,7 @@ def test_concurrent_greedy_matches_single_sequence_teacher_forced(engine, tokeni
     """Exact equality across batch shapes is not guaranteed by llama.cpp (LLAMA_FACTS.md), so
     each token a concurrent run chose is checked against one sequence decoding alone, fed the
     same tokens: it must be that run's top choice or within 0.5 logits of it."""
-    concurrent = run_all(engine, greedy_requests(tokenizer))
+    concurrent = run_engine(engine, greedy_requests(tokenizer))
     for req in greedy_requests(tokenizer):
         generated = concurrent[req.rid]
         assert len(generated) == req.max_tokens
@@ -104,8 +77,8 @@ def assert_no_private_cells(engine: Engine) -> None:
 def test_one_at_a_time_is_exact_and_deterministic(engine, tokenizer):
     """The same request alone, twice: same batch shapes, so bit-for-bit the same output."""
     req = greedy_requests(tokenizer)[1]
-    first = run_all(engine, [req])[req.rid]
-    again = run_all(engine, [Generate("again", req.prompt, req.max_tokens, GREEDY)])["again"]
+    first = run_engine(engine, [req])[req.rid]
+    again = run_engine(engine, [Generate("again", req.prompt, req.max_tokens, GREEDY)])["again"]
     assert first == again
 
 
@@ -143,7 +116,7 @@ def test_full_cache_makes_requests_wait_not_fail(model_path, tokenizer):
     small = make_engine(model_path, ctx_size=512, max_seqs=8, batch_size=64)
     try:
         reqs = [Generate(f"p{i}", tokenizer.encode(p), 160, GREEDY) for i, p in enumerate(PROMPTS)]
-        out = run_all(small, reqs)
+        out = run_engine(small, reqs)
         assert all(len(out[r.rid]) == 160 for r in reqs)
         assert small.scheduler.n_preemptions > 0
         assert_no_private_cells(small)

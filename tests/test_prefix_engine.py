@@ -6,11 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from demesne.config import EngineConfig
 from demesne.engine.core import Engine, token_logprobs
-from demesne.engine.runner import ModelRunner
-from demesne.gateway.tokenizer import Tokenizer
 from demesne.protocol import Generate, SamplingParams
+
+from conftest import make_engine, run_engine
 
 GREEDY = SamplingParams(temperature=0.0)
 STORY = (
@@ -22,43 +21,17 @@ STORY = (
 
 
 @pytest.fixture(scope="module")
-def tokenizer(model_path):
-    return Tokenizer(model_path)
-
-
-def make_engine(model_path, **kw) -> Engine:
-    config = EngineConfig(model=model_path, threads=2, **{"ctx_size": 4096, "max_seqs": 16, **kw})
-    return Engine(config, ModelRunner(config))
-
-
-@pytest.fixture(scope="module")
 def cached(model_path):
-    engine = make_engine(model_path)
+    engine = make_engine(model_path, max_seqs=16)
     yield engine
     engine.runner.close()
 
 
 @pytest.fixture(scope="module")
 def uncached(model_path):
-    engine = make_engine(model_path, prefix_cache=False)
+    engine = make_engine(model_path, max_seqs=16, prefix_cache=False)
     yield engine
     engine.runner.close()
-
-
-def run(engine: Engine, requests: list[Generate]) -> dict[str, list[int]]:
-    """Submit, step until idle; tokens per request. Every request must finish."""
-    out: dict[str, list[int]] = {}
-    for req in requests:
-        assert engine.submit(b"t", req) is None
-        out[req.rid] = []
-    finished = set()
-    while engine.has_work:
-        for _c, d in engine.step():
-            out[d.rid].extend(d.tokens)
-            if d.finish:
-                finished.add(d.rid)
-    assert finished == set(out)
-    return out
 
 
 def mix(tokenizer) -> list[list[int]]:
@@ -77,7 +50,6 @@ def teacher_forced_gap(engine: Engine, prompt: list[int], generated: list[int]) 
     """Largest gap between the chosen token and the best one, decoding alone, token by token."""
     runner, batch = engine.runner, engine.runner.batch
     engine.scheduler.trie.evict(10**9)
-    tokens = prompt + generated
     batch.clear()
     batch.add_span(prompt, 0, 0, True)
     gaps = []
@@ -98,10 +70,10 @@ def test_cache_agrees_with_no_cache(cached, uncached, tokenizer, concurrent):
     prompts = mix(tokenizer)
     reqs = [Generate(f"m{i}", p, 16, GREEDY) for i, p in enumerate(prompts)]
     if concurrent:
-        with_cache, without = run(cached, reqs), run(uncached, reqs)
+        with_cache, without = run_engine(cached, reqs), run_engine(uncached, reqs)
     else:
-        with_cache = {k: v for r in reqs for k, v in run(cached, [r]).items()}
-        without = {k: v for r in reqs for k, v in run(uncached, [r]).items()}
+        with_cache = {k: v for r in reqs for k, v in run_engine(cached, [r]).items()}
+        without = {k: v for r in reqs for k, v in run_engine(uncached, [r]).items()}
     for req in reqs:
         if with_cache[req.rid] != without[req.rid]:
             assert teacher_forced_gap(cached, req.prompt, with_cache[req.rid]) < 0.5
@@ -113,7 +85,7 @@ def test_multi_turn_conversation_prefills_only_what_is_new(cached, tokenizer):
     history = tokenizer.encode("User: Tell me about lighthouses.\nAssistant:")
     for turn in range(3):
         before = cached.stats()
-        out = run(cached, [Generate(f"turn{turn}", history, 12, GREEDY)])[f"turn{turn}"]
+        out = run_engine(cached, [Generate(f"turn{turn}", history, 12, GREEDY)])[f"turn{turn}"]
         after = cached.stats()
         prefilled = after["prefill_tokens_total"] - before["prefill_tokens_total"]
         if turn:
@@ -133,7 +105,7 @@ def test_shared_prefix_is_decoded_once(model_path, tokenizer):
         prefix = (tokenizer.encode(STORY * 20))[:1000]
         suffixes = [tokenizer.encode(f" Question {i}: what happened to boat {i}?", add_special=False) for i in range(16)]
         reqs = [Generate(f"s{i}", prefix + s, 4, GREEDY) for i, s in enumerate(suffixes)]
-        out = run(engine, reqs)
+        out = run_engine(engine, reqs)
         stats = engine.stats()
         own = sum(len(s) for s in suffixes)
         assert all(len(v) == 4 for v in out.values())
@@ -158,7 +130,7 @@ def test_eviction_under_many_distinct_prompts(model_path, tokenizer):
                 text = " ".join(rng.choice(words, size=120)) + f" {wave}-{i}"
                 reqs.append(Generate(f"e{wave}-{i}", tokenizer.encode(text), 8, GREEDY))
                 total += len(reqs[-1].prompt) + 8
-            out = run(engine, reqs)
+            out = run_engine(engine, reqs)
             assert all(len(v) <= 8 for v in out.values())
         assert total > 5 * 1024
         stats = engine.stats()
@@ -179,7 +151,7 @@ def test_reuse_is_right_on_sliding_window_model(model_path, tokenizer):
     try:
         text = tokenizer.encode(STORY * 40)
         prefix, onward = text[:900], text[900:1600]
-        run(engine, [Generate("a", prefix + onward, 1, GREEDY)])
+        run_engine(engine, [Generate("a", prefix + onward, 1, GREEDY)])
         tail = tokenizer.encode(" Suddenly the keeper", add_special=False)
         second = Generate("b", prefix + tail, 1, SamplingParams(temperature=0.0, logprobs=5))
         assert engine.submit(b"t", second) is None

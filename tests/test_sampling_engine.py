@@ -6,24 +6,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from demesne.config import EngineConfig
 from demesne.engine.core import Engine, token_logprobs
-from demesne.engine.runner import ModelRunner
-from demesne.gateway.tokenizer import Tokenizer
 from demesne.protocol import Generate, SamplingParams
+
+from conftest import make_engine
 
 PROMPT = "1, 2, 3, 4,"
 
 
 @pytest.fixture(scope="module")
-def tokenizer(model_path):
-    return Tokenizer(model_path)
-
-
-@pytest.fixture(scope="module")
 def engine(model_path):
-    config = EngineConfig(model=model_path, threads=2, ctx_size=4096, max_seqs=8, prefix_cache=False)
-    engine = Engine(config, ModelRunner(config))
+    engine = make_engine(model_path, prefix_cache=False)
     yield engine
     engine.runner.close()
 

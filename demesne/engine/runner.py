@@ -72,7 +72,7 @@ class Batch:
         self.seq_id = np.zeros((capacity, n_seq_max), np.int32)
         self.logits = np.zeros(capacity, np.int8)
         row_addr = self.seq_id.ctypes.data + np.arange(capacity, dtype=np.uintp) * self.seq_id.strides[0]
-        self._seq_rows = row_addr.astype(np.uintp)
+        self._seq_rows = row_addr  # one pointer per token, into the seq_id block
         self._iota = np.arange(capacity, dtype=np.int32)
         self.n_tokens = 0
         self.n_outputs = 0

@@ -55,7 +55,6 @@ class Sampler:
 
     def prepare(self, params: list[SamplingParams]) -> None:
         """Gather the rows' parameters for the coming :meth:`sample` call."""
-        n = len(params)
         for i, p in enumerate(params):
             self._greedy[i] = p.greedy
             self._temp[i] = p.temperature if not p.greedy else 1.0
@@ -63,7 +62,6 @@ class Sampler:
             self._top_k[i] = p.top_k if p.top_k > 0 else self.n_vocab
             # min_p is a tighter candidate bar: p >= min_p * p_max, in logit units.
             self._cutoff[i] = min(_LOG_CUTOFF, -np.log(p.min_p)) if p.min_p > 0 else _LOG_CUTOFF
-        self._n = n
 
     def sample(self, logits: np.ndarray, rngs: list[np.random.Generator | None]) -> np.ndarray:
         """Return one token id per row of ``logits`` (rows as given to :meth:`prepare`)."""

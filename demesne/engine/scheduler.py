@@ -134,18 +134,21 @@ class Scheduler:
     def _decoding(self) -> list[Sequence]:
         return [s for s in self.running if s.attached and s.n_remaining == 1]
 
+    def _evict_for(self, cells: int) -> None:
+        """Evict unheld trie leaves until ``cells`` cells are free, if they allow."""
+        if self.free_cells() < cells:
+            self.trie.evict(cells - self.free_cells())
+
     def _make_room_for_decode(self) -> bool:
         need = len(self._decoding())
-        if self.free_cells() < need:
-            self.trie.evict(need - self.free_cells())
+        self._evict_for(need)
         preempted = False
         while self.running and self.free_cells() < need:
             victim = self.running[-1]
             need -= victim.attached and victim.n_remaining == 1
             self.preempt(victim)  # its cells move into an unheld trie leaf: evict that next
             preempted = True
-            if self.free_cells() < need:
-                self.trie.evict(need - self.free_cells())
+            self._evict_for(need)
         return preempted
 
     def _promised(self) -> tuple[int, set[Node]]:
@@ -182,9 +185,7 @@ class Scheduler:
 
     def _plan(self) -> StepPlan:
         plan = StepPlan()
-        demand = self._demand()
-        if self.free_cells() < demand:
-            self.trie.evict(demand - self.free_cells())
+        self._evict_for(self._demand())
         room = min(self.token_budget, self.free_cells())  # each token takes budget and a cell
         for seq in self._decoding():
             if room:

@@ -46,7 +46,6 @@ class EngineConn:
     stats: dict[str, float] = field(default_factory=dict)
     alive: bool = False
     last_seen: float = 0.0
-    rtt: float = 0.0
     inflight: set[str] = field(default_factory=set)
     ponged: asyncio.Event = field(default_factory=asyncio.Event)
 
@@ -187,11 +186,9 @@ class EngineClient:
             queue.put_nowait(item)
 
     def _on_pong(self, engine: EngineConn, pong: p.Pong) -> None:
-        engine.rtt = time.time() - pong.sent
         engine.stats = pong.stats
         engine.ponged.set()
-        if engine.info is None or engine.info != pong.model:
-            engine.info = pong.model
+        engine.info = pong.model
         if pong.model.id not in self._known_models:
             self._known_models.add(pong.model.id)
             if self.on_model is not None:
