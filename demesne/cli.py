@@ -16,7 +16,7 @@ from collections.abc import Callable
 import click
 
 from .bench import bench
-from .config import CACHE_TYPES, FLASH_ATTN, SPLIT_MODES, ConfigError, EngineConfig, GatewayConfig, default_engine_endpoint
+from .config import CACHE_TYPES, FLASH_ATTN, SPLIT_MODES, TOOL_FORMATS, ConfigError, EngineConfig, GatewayConfig, default_engine_endpoint
 from .model import ModelNotFound, resolve_model
 
 log = logging.getLogger("demesne")
@@ -73,6 +73,7 @@ GATEWAY_OPTIONS = [
     click.option("--port", default=9090, show_default=True),
     click.option("--api-key", "api_keys", multiple=True, envvar="DEMESNE_API_KEY", help="accepted key (repeatable; env DEMESNE_API_KEY)"),
     click.option("--chat-template", type=click.Path(dir_okay=False), help="Jinja file overriding the model's chat template"),
+    click.option("--tool-format", default="auto", type=click.Choice(TOOL_FORMATS), show_default=True, help="how the model writes tool calls (auto: from its chat template)"),
 ]
 
 
@@ -154,7 +155,7 @@ def gateway_cmd(log_level, **kw):
 @click.command("serve")
 @_apply(ENGINE_OPTIONS + GATEWAY_OPTIONS)
 @LOG_LEVEL
-def serve_cmd(log_level, host, port, api_keys, chat_template, model, **engine_kw):
+def serve_cmd(log_level, host, port, api_keys, chat_template, tool_format, model, **engine_kw):
     """Run an engine and a gateway together on this machine (the bundled model by default)."""
     _setup_logging(log_level)
     run_dir = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
@@ -162,7 +163,7 @@ def serve_cmd(log_level, host, port, api_keys, chat_template, model, **engine_kw
     try:
         engine_config = _engine_config(model, endpoint, **engine_kw)
         gateway_config = GatewayConfig(
-            engines=(endpoint,), host=host, port=port, api_keys=tuple(api_keys), chat_template=chat_template
+            engines=(endpoint,), host=host, port=port, api_keys=tuple(api_keys), chat_template=chat_template, tool_format=tool_format
         )
     except (ConfigError, ModelNotFound) as exc:
         _fail(str(exc))

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 CACHE_TYPES = ("f16", "q8_0", "q4_0")
 SPLIT_MODES = ("none", "layer", "row")
 FLASH_ATTN = ("auto", "on", "off")
+TOOL_FORMATS = ("auto", "hermes", "llama3", "mistral", "generic")  # gateway/tool_formats.py
 
 
 def default_engine_endpoint() -> str:
@@ -77,6 +78,7 @@ class GatewayConfig:
     api_keys: tuple[str, ...] = ()
     model: str | None = None  # local copy of the GGUF when the engine's path is not readable here
     chat_template: str | None = None  # a Jinja file overriding the model's template
+    tool_format: str = "auto"  # how the model writes tool calls; auto: detected from the template
     max_body_bytes: int = 8 * 1024 * 1024
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 5.0  # an engine silent this long is taken as dead
@@ -89,5 +91,6 @@ class GatewayConfig:
             self.heartbeat_timeout > self.heartbeat_interval > 0,
             "heartbeat timeout must exceed the interval",
         )
+        _require(self.tool_format in TOOL_FORMATS, f"--tool-format must be one of {TOOL_FORMATS}")
         if self.chat_template is not None:
             _require(os.path.isfile(self.chat_template), f"--chat-template {self.chat_template}: no such file")

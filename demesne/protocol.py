@@ -39,7 +39,9 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # llama.cpp: recent tokens' logits divided (or multiplied) by it
     logit_bias: list[list[float]] | None = None  # [[token id, bias], ...]
     grammar: str | None = None  # GBNF the output must follow (structured output)
-    grammar_trigger: str | None = None  # regex: the grammar applies only once output matches it
+    # Lazy grammar: regexes over the whole output so far; the grammar applies from the first
+    # group of the first one that matches (llama.cpp's grammar_lazy).
+    grammar_triggers: list[str] | None = None
 
     @property
     def penalized(self) -> bool:

@@ -139,22 +139,96 @@ def test_json_grammar_never_lets_a_raw_newline_into_a_string(engine, tokenizer):
             grammar.close()
 
 
-def test_lazy_tool_grammar_lets_text_through_until_a_call_opens(engine, tokenizer):
-    """tool_choice auto: free text first; once the output holds <tool_call>, what follows must
-    be a valid call to a listed tool."""
-    from demesne.gateway.openai import parse_chat
+ADD_TOOL = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}
+OPENS = {"hermes": "<tool_call>", "llama3": "<|python_tag|>", "mistral": "[TOOL_CALLS][", "generic": '{"tool_calls": ['}
 
-    tools = [{"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}]
-    params = parse_chat({"model": "m", "messages": [{"role": "user", "content": "hi"}], "tools": tools}).params
-    assert params.grammar_trigger
-    grammar = engine.grammars.new(params.grammar, params.grammar_trigger)
+
+def _tool_constraint(fmt_name: str, choice: str = "auto"):
+    from demesne.gateway.openai import schema_grammar
+    from demesne.gateway.tool_formats import FORMATS
+    from demesne.gateway.tools import call_constraint, parse_tools
+
+    spec = parse_tools({"tools": [ADD_TOOL], "tool_choice": choice})
+    return call_constraint(spec, FORMATS[fmt_name], lambda schema: schema_grammar(schema, "tools"))
+
+
+def _feed(grammar, tokenizer, text: str) -> bool:
+    """Accept ``text`` token by token while the grammar allows it; whether it all went in."""
+    for token in tokenizer.encode(text, add_special=False):
+        if not grammar.allows(token):
+            return False
+        grammar.accept(token)
+    return True
+
+
+@pytest.mark.parametrize("fmt", sorted(OPENS))
+def test_lazy_tool_grammar_lets_text_through_until_a_call_opens(engine, tokenizer, fmt):
+    """tool_choice auto: free text first; once the output opens a call in the model's
+    format, what follows must be a valid call to a listed tool."""
+    text, triggers = _tool_constraint(fmt)
+    assert triggers
+    grammar = engine.grammars.new(text, triggers)
     try:
-        for token in tokenizer.encode("Sure, let me add. ", add_special=False):
-            assert grammar.allows(token)  # before the trigger: anything
-            grammar.accept(token)
-        for token in tokenizer.encode("<tool_call>", add_special=False):
-            grammar.accept(token)
+        assert _feed(grammar, tokenizer, "Sure, I can add { that } for you. ")  # before the trigger: anything
+        assert _feed(grammar, tokenizer, OPENS[fmt])
         assert not grammar.allows(tokenizer.encode("hello", add_special=False)[0])
-        assert grammar.allows(tokenizer.encode('{"', add_special=False)[0])
+        assert _feed(grammar, tokenizer, '{"name": "add", ')
+        assert not _feed(grammar, tokenizer, '"x"')
     finally:
         grammar.close()
+
+
+def test_llama3_bare_json_triggers_only_at_the_start(engine, tokenizer):
+    text, triggers = _tool_constraint("llama3")
+    late = engine.grammars.new(text, triggers)
+    start = engine.grammars.new(text, triggers)
+    try:
+        assert _feed(late, tokenizer, 'Here: {"name": "x"} is plain JSON in text')
+        assert _feed(start, tokenizer, ' {"name"')
+        assert not _feed(start, tokenizer, ': "x"')  # now only "add" may follow
+    finally:
+        late.close()
+        start.close()
+
+
+@pytest.mark.parametrize("fmt", sorted(OPENS))
+def test_forced_tool_grammar_accepts_what_the_parser_reads(engine, tokenizer, fmt):
+    from demesne.gateway.tool_formats import FORMATS
+    from demesne.gateway.tools import write_calls
+
+    text, triggers = _tool_constraint(fmt, "required")
+    assert triggers is None
+    grammar = engine.grammars.new(text)
+    try:
+        assert not grammar.allows(tokenizer.encode("Sure", add_special=False)[0])
+        key = FORMATS[fmt].args_key
+        assert _feed(grammar, tokenizer, write_calls(FORMATS[fmt], [("add", {"a": 2})]).replace(f'"{key}": ', f'"{key}":'))
+    finally:
+        grammar.close()
+
+
+@pytest.mark.parametrize("fmt", sorted(OPENS))
+def test_a_trigger_fires_only_on_text_the_grammar_accepts(engine, tokenizer, fmt):
+    """llama.cpp hands the grammar everything from the trigger's group on, and aborts the
+    process if that does not fit. So a match must end inside an opener or a call's head: an
+    opener that runs on into anything else (a token such as '>Paris') must not fire."""
+    import re
+
+    grammar_text, triggers = _tool_constraint(fmt)
+    call = OPENS[fmt] + ' {"name": "add"'
+    fired = 0
+    for lead in ("", "Sure. "):
+        for cut in range(1, len(call) + 1):
+            for tail in ("", "Paris", "\n", '"x'):
+                output = lead + call[:cut] + tail
+                # (Python's $ also matches before a final newline; ECMAScript's, llama.cpp's, does not)
+                match = next((m for m in (re.search(t[:-1] + r"\Z", output) for t in triggers) if m), None)
+                if match is None:
+                    continue
+                fired += 1
+                grammar = engine.grammars.new(grammar_text)
+                try:
+                    assert _feed(grammar, tokenizer, output[match.start(1) :]), output
+                finally:
+                    grammar.close()
+    assert fired

@@ -1,4 +1,6 @@
-"""Function-calling pieces: validation, parsing, the streaming hold-back, the forcing grammar."""
+"""Function calling without a model: validation, every output format's parser (whole and
+streamed, split at every position), detection and rendering with templates that reproduce
+each family's layout (tests/templates), and the grammars' shape."""
 
 from __future__ import annotations
 
@@ -6,7 +8,20 @@ import json
 
 import pytest
 
-from demesne.gateway.tools import CLOSE, OPEN, ToolError, ToolStream, call_grammar, parse_calls, parse_tools
+from pathlib import Path
+
+from demesne.gateway.chat_template import FALLBACK_TEMPLATE, ChatTemplate, TemplateError
+from demesne.gateway.tool_formats import FORMATS, GENERIC, HERMES, LLAMA3, MISTRAL, call_schema, detect, grammar, short_id
+from demesne.gateway.tools import (
+    ToolError,
+    ToolStream,
+    assistant_calls,
+    call_constraint,
+    parse_calls,
+    parse_tools,
+    template_messages,
+    write_calls,
+)
 
 WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 ADD = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}}}}
@@ -48,62 +63,225 @@ def test_bad_tools(body, param):
     assert info.value.param == param
 
 
-def call_text(name="get_weather", **args) -> str:
-    return f'{OPEN}{json.dumps({"name": name, "arguments": args})}{CLOSE}'
+PARIS = ("get_weather", {"city": "Paris"})
+ONE = ("add", {"a": 1})
+# What each family's model writes: the content, then the calls.
+SAMPLES = {
+    "hermes": ("Let me check. ", '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>\n<tool_call>\n{"name": "add", "arguments": {"a": 1}}\n</tool_call>', [PARIS, ONE]),
+    "llama3": ("", '{"name": "get_weather", "parameters": {"city": "Paris"}}', [PARIS]),
+    "llama3-tag": ("Checking. ", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}', [PARIS]),
+    "mistral": ("", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "a1b2c3d4e"}, {"name": "add", "arguments": {"a": 1}, "id": "f5g6h7i8j"}]', [PARIS, ONE]),
+    "generic": ("Let me check. ", '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"arguments": {"a": 1}, "name": "add"}]}', [PARIS, ONE]),
+}
 
 
-def test_parse_calls_splits_content_and_calls():
-    text = "Let me check. " + call_text(city="Paris") + "\n" + call_text("add", a=1)
-    content, calls = parse_calls(text, spec())
-    assert content == "Let me check."
-    assert [c["function"]["name"] for c in calls] == ["get_weather", "add"]
-    assert json.loads(calls[0]["function"]["arguments"]) == {"city": "Paris"}
+def fmt_of(sample: str):
+    return FORMATS[sample.split("-")[0]]
+
+
+def named(calls: list[dict]) -> list[tuple[str, dict]]:
+    return [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls]
+
+
+@pytest.mark.parametrize("sample", sorted(SAMPLES))
+def test_parse_splits_content_and_calls(sample):
+    prefix, markup, expected = SAMPLES[sample]
+    content, calls = parse_calls(prefix + markup, spec(), fmt_of(sample))
+    assert content == (prefix.strip() or None)
+    assert named(calls) == expected
     assert all(c["id"].startswith("call_") and c["type"] == "function" for c in calls)
-    assert len({c["id"] for c in calls}) == 2
+    assert len({c["id"] for c in calls}) == len(calls)
 
 
-def test_parse_calls_respects_parallel_false_and_unknown_names():
-    text = call_text(city="A") + call_text(city="B")
-    assert len(parse_calls(text, spec(parallel_tool_calls=False))[1]) == 1
-    content, calls = parse_calls(call_text("rm_rf"), spec())
-    assert calls == [] and content == call_text("rm_rf")
+def stream(fmt, pieces: list[str], tools=None) -> tuple[str, dict[int, dict], list[dict]]:
+    """Feed pieces to a ToolStream: (content, calls by index, every delta)."""
+    s = ToolStream(tools or spec(), fmt)
+    content, deltas = "", []
+    for piece in pieces:
+        text, more = s.feed(piece)
+        content, deltas = content + text, deltas + more
+    text, more = s.finish()
+    content, deltas = content + text, deltas + more
+    calls: dict[int, dict] = {}
+    for d in deltas:
+        if "id" in d:  # the first delta of a call: index, id, type, name
+            assert d["index"] not in calls and d["type"] == "function" and d["function"]["arguments"] == ""
+            calls[d["index"]] = {"id": d["id"], "name": d["function"]["name"], "arguments": ""}
+        else:
+            assert set(d) == {"index", "function"} and set(d["function"]) == {"arguments"}
+            calls[d["index"]]["arguments"] += d["function"]["arguments"]
+    return content, calls, deltas
 
 
-def test_a_call_cut_short_never_becomes_content():
-    text = call_text(city="Paris") + OPEN + '{"name": "add", "argum'
-    content, calls = parse_calls(text, spec())
-    assert len(calls) == 1 and content is None
+@pytest.mark.parametrize("sample", sorted(SAMPLES))
+def test_streaming_at_every_split_never_leaks_markup(sample):
+    prefix, markup, expected = SAMPLES[sample]
+    text, fmt = prefix + markup, fmt_of(sample)
+    splits = [[text[:cut], text[cut:]] for cut in range(1, len(text))] + [list(text)]
+    for pieces in splits:
+        content, calls, _ = stream(fmt, pieces)
+        assert content == prefix, pieces
+        assert sorted(calls) == list(range(len(expected)))
+        assert [(c["name"], json.loads(c["arguments"])) for c in calls.values()] == expected
 
 
-@pytest.mark.parametrize("prefix", ["", "Sure. "])
-def test_streaming_holds_markup_back_at_every_split(prefix):
-    text = prefix + call_text(city="Paris") + call_text("add", a=2)
-    for cut in range(1, len(text)):
-        stream = ToolStream(spec())
-        sent = stream.feed(text[:cut]) + stream.feed(text[cut:])
-        rest, calls = stream.finish()
-        assert OPEN not in sent and "<" not in sent.replace(prefix, "")
-        assert sent + rest == prefix or (sent + rest).strip() == prefix.strip()
-        assert [c["function"]["name"] for c in calls] == ["get_weather", "add"]
+@pytest.mark.parametrize("sample", sorted(SAMPLES))
+def test_arguments_stream_in_pieces_as_they_are_written(sample):
+    prefix, markup, expected = SAMPLES[sample]
+    _, calls, deltas = stream(fmt_of(sample), list(prefix + markup))
+    pieces = [d for d in deltas if "id" not in d and d["index"] == 0]
+    assert len(pieces) > 3  # not one piece once the call is over
+    assert calls[0]["arguments"] == json.dumps(expected[0][1])  # as the model wrote it
 
 
-def test_streaming_plain_text_passes_through_whole():
-    text = "No tools needed: 1 < 2 and <b>bold</b>."
-    stream = ToolStream(spec())
-    sent = "".join(stream.feed(ch) for ch in text)
-    rest, calls = stream.finish()
-    assert sent + rest == text and calls == []
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_text_that_only_looks_like_markup_passes_through(fmt):
+    text = 'No tools needed: 1 < 2, <b>bold</b>, [TOOL] {curly} {"tool": 1} [{"a": 1}] <tool_>'
+    for pieces in ([text], list(text)):
+        content, calls, _ = stream(FORMATS[fmt], pieces)
+        assert content == text and calls == {}
+
+
+def test_llama3_json_that_is_not_a_call_is_the_answer():
+    for text in ('{"answer": 42}', '{"name": "nope", "parameters": {}}'):
+        assert parse_calls(text, spec(), LLAMA3) == (text, [])
+        assert stream(LLAMA3, list(text))[:2] == (text, {})
+    # A bare object counts only at the start of the reply.
+    late = 'Try {"name": "add", "parameters": {"a": 1}}'
+    assert parse_calls(late, spec(), LLAMA3) == (late, [])
+
+
+@pytest.mark.parametrize("fmt", [HERMES, MISTRAL, GENERIC])
+def test_unknown_names_stay_text_and_parallel_false_takes_one(fmt):
+    rm = write_calls(fmt, [("rm_rf", {"path": "/"})])
+    assert parse_calls(rm, spec(), fmt) == (rm, [])
+    both = write_calls(fmt, [PARIS, ONE])
+    assert named(parse_calls(both, spec(parallel_tool_calls=False), fmt)[1]) == [PARIS]
+    assert named(parse_calls(both, spec(), fmt)[1]) == [PARIS, ONE]
+
+
+def test_arguments_in_another_key_order_or_as_a_string_still_parse():
+    text = '<tool_call>{"arguments": "{\\"a\\": 3}", "name": "add"}</tool_call>'
+    content, calls = parse_calls(text, spec(), HERMES)
+    assert content is None and named(calls) == [("add", {"a": 3})]
+
+
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_a_call_cut_short_keeps_what_it_has_and_leaks_no_markup(fmt):
+    full = ("<|python_tag|>" if fmt == "llama3" else "") + write_calls(FORMATS[fmt], [PARIS])  # not at the start
+    cut = full[: full.index("Paris")]
+    content, calls = parse_calls("Hi. " + cut, spec(), FORMATS[fmt])
+    assert content == "Hi." and len(calls) == 1 and calls[0]["function"]["arguments"] == '{"city": "'
+    opener_only = "".join(FORMATS[fmt].openers[0].parts) or "{"
+    content, calls = parse_calls("Hi. " + opener_only, spec(), FORMATS[fmt])
+    assert calls == [] and content.strip() in ("Hi.", "Hi. {")  # llama3's lone '{' is text
+
+
+# -- detection and rendering ---------------------------------------------------------------
+
+TEMPLATES = Path(__file__).parent / "templates"
+FAMILIES = {"qwen25": HERMES, "hermes": HERMES, "llama31": LLAMA3, "mistral": MISTRAL}
+
+
+def fixture(name: str) -> ChatTemplate:
+    return ChatTemplate((TEMPLATES / f"{name}.jinja").read_text(), "<s>", "</s>", name)
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_detection_from_the_template_text(name):
+    assert detect(fixture(name).source) is FAMILIES[name]
+    assert fixture(name).supports_tools
+
+
+def test_templates_without_tools_get_the_generic_format():
+    assert detect(FALLBACK_TEMPLATE) is GENERIC and detect(None) is GENERIC
+    gemma_like = "{% for m in messages %}<start_of_turn>{{ m.role }}\n{{ m.content }}<end_of_turn>\n{% endfor %}"
+    assert detect(gemma_like) is GENERIC and not ChatTemplate(gemma_like, "", "", "x").supports_tools
+
+
+def conversation(call_id: str = "call_0123456789abcdef") -> list[dict]:
+    raw_call = {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}
+    return [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": "", "tool_calls": assistant_calls({"tool_calls": [raw_call]})},
+        {"role": "tool", "content": '{"temp": 21}', "tool_call_id": call_id},
+    ]
+
+
+# Where each family's assistant turn begins, and the markers its layout must show.
+LAYOUT = {
+    "qwen25": ("<|im_start|>assistant", ["<tools>", "<tool_call>\n{\"name\": \"get_weather\"", "<tool_response>\n{\"temp\": 21}"]),
+    "hermes": ("<|im_start|>assistant", ["<tools>", "<|im_start|>tool\n<tool_response>"]),
+    "llama31": ("<|start_header_id|>assistant<|end_header_id|>\n\n", ["Environment: ipython", '"parameters": {"city": "Paris"}', "<|start_header_id|>ipython<|end_header_id|>"]),
+    "mistral": ("[/INST]", ["[AVAILABLE_TOOLS]", "[TOOL_CALLS][", "[TOOL_RESULTS]"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+def test_tools_calls_and_results_render_through_the_family_template(name):
+    template, fmt = fixture(name), FAMILIES[name]
+    messages = template_messages(conversation(), [WEATHER], fmt, template.supports_tools)
+    text = template.render(messages, tools=[WEATHER], add_generation_prompt=False)
+    turn, markers = LAYOUT[name]
+    for marker in markers:
+        assert marker in text
+    # What the template wrote for the earlier call is what the parser reads back.
+    assistant = text.rsplit(turn, 1)[1]
+    assert named(parse_calls(assistant, spec(), fmt)[1]) == [PARIS]
+
+
+def test_mistral_call_ids_are_shortened_the_same_way_everywhere():
+    template = fixture("mistral")
+    with pytest.raises(TemplateError, match="length 9"):  # the family's own check
+        template.render(conversation(), tools=[WEATHER])
+    text = template.render(template_messages(conversation(), [WEATHER], MISTRAL, True), tools=[WEATHER])
+    short = short_id("call_0123456789abcdef")
+    assert len(short) == 9 and short.isalnum()
+    assert f'"id": "{short}"' in text and f'"call_id": "{short}"' in text
+
+
+def test_a_template_without_tools_is_told_about_them_in_the_system_turn():
+    template = ChatTemplate(FALLBACK_TEMPLATE, "<bos>", "<eos>", "fallback")
+    messages = template_messages(conversation(), [WEATHER], GENERIC, template.supports_tools)
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "user"]
+    assert messages[0]["content"].startswith("Be brief.\n\nYou can call these functions:\n")
+    assert '{"tool_calls": [{"name": "<function name>", "arguments": <arguments object>}]}' in messages[0]["content"]
+    assert messages[2]["content"] == '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}]}'
+    assert messages[3]["content"] == 'Tool result (get_weather): {"temp": 21}'
+    text = template.render(messages)
+    assert named(parse_calls(text.split("Assistant: ")[1].split("\n")[0], spec(), GENERIC)[1]) == [PARIS]
+
+
+def test_tool_results_merge_into_one_user_turn_for_alternating_templates():
+    messages = conversation() + [{"role": "user", "content": "Thanks"}]
+    roles = [m["role"] for m in template_messages(messages, None, GENERIC, False)]
+    assert roles == ["system", "user", "assistant", "user"]
+
+
+# -- the grammar -----------------------------------------------------------------------------
+
+
+def fake_gbnf(schema):
+    fake_gbnf.seen = schema
+    return 'root ::= "{}"\n'
 
 
 def test_forcing_grammar_names_only_allowed_tools():
-    seen = {}
+    call_constraint(spec(tool_choice={"type": "function", "function": {"name": "add"}}), HERMES, fake_gbnf)
+    assert fake_gbnf.seen["properties"]["name"] == {"const": "add"}
+    call_constraint(spec(tool_choice="required"), LLAMA3, fake_gbnf)
+    assert [v["properties"]["name"]["const"] for v in fake_gbnf.seen["oneOf"]] == ["get_weather", "add"]
+    assert all(set(v["required"]) == {"name", "parameters"} for v in fake_gbnf.seen["oneOf"])
 
-    def fake_gbnf(schema):
-        seen["schema"] = schema
-        return 'root ::= "{}"\n'
 
-    grammar = call_grammar(spec(tool_choice={"type": "function", "function": {"name": "add"}}), fake_gbnf)
-    assert seen["schema"]["properties"]["name"] == {"const": "add"}
-    assert "call ::=" in grammar and f'root ::= "{OPEN}" call "{CLOSE}"' in grammar
-    call_grammar(spec(tool_choice="required"), fake_gbnf)
-    assert [v["properties"]["name"]["const"] for v in seen["schema"]["oneOf"]] == ["get_weather", "add"]
+@pytest.mark.parametrize("fmt", sorted(FORMATS))
+def test_grammar_root_follows_the_format(fmt):
+    f = FORMATS[fmt]
+    root = next(line for line in grammar(f, [WEATHER], 4, fake_gbnf).splitlines() if line.startswith("root ::="))
+    for part in [p for o in f.openers for p in o.parts] + list(f.closer):
+        assert json.dumps(part) in root
+    assert ("{0,3}" in root) == (f.max_calls > 1)  # Llama 3.x templates take one call a turn
+    assert call_schema(f, [WEATHER])["required"] == ["name", f.args_key]
+    _, triggers = call_constraint(spec(), f, fake_gbnf)
+    assert triggers and all(t.startswith("^") and t.endswith("$") for t in triggers)

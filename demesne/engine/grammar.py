@@ -30,15 +30,15 @@ class Grammars:
         self._one = np.zeros(1, _TOKEN_DATA)
         self._one_array = _token_array(self._one)
 
-    def new(self, text: str, trigger: str | None = None) -> Grammar:
-        """A grammar sampler; with ``trigger`` (a regex whose first group marks where the
-        grammar starts), a lazy one that lets anything through until the output matches."""
-        if trigger is None:
+    def new(self, text: str, triggers: list[str] | None = None) -> Grammar:
+        """A grammar sampler; with ``triggers`` (regexes whose first group marks where the
+        grammar starts), a lazy one that lets anything through until the output matches one."""
+        if not triggers:
             sampler = llama_cpp.llama_sampler_init_grammar(self.vocab, text.encode("utf-8"), b"root")
         else:
-            patterns = (ctypes.c_char_p * 1)(trigger.encode("utf-8"))
+            patterns = (ctypes.c_char_p * len(triggers))(*(t.encode("utf-8") for t in triggers))
             sampler = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
-                self.vocab, text.encode("utf-8"), b"root", patterns, 1, None, 0
+                self.vocab, text.encode("utf-8"), b"root", patterns, len(triggers), None, 0
             )
         if not sampler:
             raise GrammarError("the grammar does not compile")

@@ -20,6 +20,7 @@ from .generation import ModelContext
 from .openai import ApiError
 from .routes import setup_routes
 from .tokenizer import Tokenizer
+from .tool_formats import FORMATS, detect
 
 log = logging.getLogger("demesne.gateway")
 
@@ -58,8 +59,10 @@ def _model_loader(app: web.Application):
         except (TemplateError, OSError) as exc:
             log.error("%s; chat requests use the built-in fallback template", exc)
             template = ChatTemplate.select(None, None, info.bos_token, info.eos_token)
-        app[MODELS][info.id] = ModelContext(info, tokenizer, template)
-        log.info("serving model %s (context %d tokens)", info.id, info.n_ctx)
+        fmt = FORMATS[config.tool_format] if config.tool_format != "auto" else detect(template.source)
+        tokenizer.render_special(fmt.special)  # Llama's <|python_tag|>, Mistral's [TOOL_CALLS]
+        app[MODELS][info.id] = ModelContext(info, tokenizer, template, fmt)
+        log.info("serving model %s (context %d tokens, tool calls in the %s format)", info.id, info.n_ctx, fmt.name)
 
     return on_model
 

@@ -15,31 +15,25 @@ import logging
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .tool_formats import supports_tools
+
 log = logging.getLogger("demesne.gateway")
 
 # A plain transcript, which base models continue sensibly:
 #
 #     <bos>{system}\n\nUser: {user}\nAssistant: {assistant}\n ... Assistant:
 #
-# With tools, it first lists them (one JSON object each) and asks for calls written as
-# <tool_call>{"name": ..., "arguments": {...}}</tool_call> (tools.py's format);
-# assistant turns that made calls show them the same way.
+# It knows nothing of tools: like any template that never reads ``tools``, it is given them
+# described in a system turn, in the generic format (tools.template_messages).
 #
 # A base model will happily write the user's next turn as well, so this template comes
 # with the stop string "\nUser:" (added to each chat request that uses it).
 FALLBACK_TEMPLATE = (
     "{{ bos_token }}"
-    "{% if tools %}You can call these functions:\n"
-    "{% for tool in tools %}{{ tool.function | tojson }}{{ '\\n' }}{% endfor %}"
-    "To call one, answer with <tool_call>{\"name\": <function name>, \"arguments\": <arguments object>}</tool_call>.\n\n"
-    "{% endif %}"
     "{% for message in messages %}"
     "{% if message.role == 'system' %}{{ message.content }}\n\n"
     "{% elif message.role == 'user' %}User: {{ message.content }}\n"
-    "{% elif message.role == 'assistant' %}Assistant: {{ message.content }}"
-    "{% for call in message.tool_calls or [] %}"
-    "<tool_call>{{ {'name': call.function.name, 'arguments': call.function.arguments} | tojson }}</tool_call>"
-    "{% endfor %}{{ '\\n' }}"
+    "{% elif message.role == 'assistant' %}Assistant: {{ message.content }}\n"
     "{% elif message.role == 'tool' %}Tool result: {{ message.content }}\n"
     "{% endif %}"
     "{% endfor %}"
@@ -76,6 +70,8 @@ class ChatTemplate:
             self._template = env.from_string(source)
         except jinja2.TemplateError as exc:
             raise TemplateError(f"the chat template ({origin}) does not compile: {exc}") from exc
+        self.source = source
+        self.supports_tools = supports_tools(source)  # it renders tools and tool messages itself
         self.bos_token = bos_token
         self.eos_token = eos_token
         self.origin = origin  # "file PATH", "model", or "built-in fallback"

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from .. import protocol as p
 from .chat_template import ChatTemplate
 from .engine_client import EngineClient, EngineConn
+from .tool_formats import ToolFormat
 from .tokenizer import IncrementalDetokenizer, StopMatcher, Tokenizer
 
 
@@ -22,6 +23,7 @@ class ModelContext:
     info: p.ModelInfo
     tokenizer: Tokenizer
     template: ChatTemplate
+    tool_format: ToolFormat
 
 
 @dataclass(slots=True)

@@ -16,7 +16,7 @@ from typing import Any
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from ..protocol import SamplingParams
-from .tools import CALL_TRIGGER, ToolError, ToolSpec, assistant_calls, call_grammar, check_tool_messages, parse_tools
+from .tools import ToolError, ToolSpec, assistant_calls, check_tool_messages, parse_tools
 
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16
@@ -189,13 +189,8 @@ def parse_chat(body: Any) -> CompletionRequest:
         check_tool_messages(clean, messages)
     except ToolError as exc:
         raise bad(str(exc), exc.param) from None
-    if req.tools is not None and req.tools.choice != "none":
-        if req.tools.forced and req.params.grammar:
-            raise bad("a forced tool call and response_format cannot be combined", "response_format")
-        if not req.params.grammar:
-            req.params.grammar = call_grammar(req.tools, lambda schema: _strict_strings(json_schema_to_gbnf(json.dumps(schema))))
-            # auto: free text until the model opens a call, then the call must be valid.
-            req.params.grammar_trigger = None if req.tools.forced else CALL_TRIGGER
+    if req.tools is not None and req.tools.forced and req.params.grammar:
+        raise bad("a forced tool call and response_format cannot be combined", "response_format")
     top = _typed(body, "top_logprobs", int)
     if _typed(body, "logprobs", bool, False):
         top = 0 if top is None else top
@@ -284,10 +279,15 @@ def response_grammar(body: dict) -> str | None:
     unsupported = sorted(_UNSUPPORTED_SCHEMA & set(_schema_keys(schema)))
     if unsupported:
         raise bad(f"unsupported JSON schema features: {', '.join(unsupported)}", "response_format.json_schema.schema", "unsupported_schema")
+    return schema_grammar(schema, "response_format.json_schema.schema")
+
+
+def schema_grammar(schema: dict, param: str) -> str:
+    """GBNF for a JSON schema; a schema the converter refuses is a 400 on ``param``."""
     try:
         return _strict_strings(json_schema_to_gbnf(json.dumps(schema)))
     except Exception as exc:  # the converter's own refusals (remote $ref, bad patterns, ...)
-        raise bad(f"cannot enforce this JSON schema: {exc}", "response_format.json_schema.schema", "unsupported_schema") from None
+        raise bad(f"cannot enforce this JSON schema: {exc}", param, "unsupported_schema") from None
 
 
 _STRICT_CHAR = r'char ::= [^"\\\x7F\x00-\x1F]'

@@ -15,12 +15,13 @@ from .. import protocol as p
 from .app_keys import CLIENT, FINGERPRINT, MODELS, STARTED
 from .engine_client import EngineRefused, EngineUnavailable
 from .generation import ModelContext, Piece, generate_text
-from .tools import ToolStream, parse_calls
+from .tools import ToolStream, call_constraint, parse_calls, template_messages
 from .openai import (
     ApiError,
     CompletionRequest,
     Shaper,
     bad,
+    schema_grammar,
     chat_logprobs,
     completion_logprobs,
     parse_chat,
@@ -72,14 +73,31 @@ def _model(request: web.Request, model_id: str) -> ModelContext:
 def _prompt_tokens(model: ModelContext, req: CompletionRequest) -> tuple[list[int], str]:
     """Token ids of the prompt, and the name of the field they came from."""
     if req.chat:
-        tools = req.tools.tools if req.tools is not None and req.tools.choice != "none" else None
-        text = model.template.render(req.messages, tools=tools)
+        template = model.template
+        tools = req.tools.tools if _calling(req) else None
+        messages = template_messages(req.messages, tools, model.tool_format, template.supports_tools)
+        text = template.render(messages, tools=tools if template.supports_tools else None)
         return model.tokenizer.encode(text, add_special=not text.startswith(model.template.bos_token)), "messages"
     if isinstance(req.prompt, str):
         return model.tokenizer.encode(req.prompt), "prompt"
     if any(t < 0 or t >= model.info.n_vocab for t in req.prompt):
         raise bad("'prompt' holds token ids outside the vocabulary", "prompt")
     return list(req.prompt), "prompt"
+
+
+def _calling(req: CompletionRequest) -> bool:
+    """Whether this request may call tools (``tool_choice: none`` renders no tools either)."""
+    return req.tools is not None and req.tools.choice != "none"
+
+
+def _constrain_calls(model: ModelContext, req: CompletionRequest) -> None:
+    """The grammar that forces a call (required, named) or keeps one valid (auto)."""
+    if not _calling(req) or req.params.grammar:  # auto beside response_format: the format wins
+        return
+    grammar, triggers = call_constraint(req.tools, model.tool_format, lambda schema: schema_grammar(schema, "tools"))
+    if not model.tokenizer.grammar_compiles(grammar):
+        raise bad("the tools' parameter schemas do not make a grammar", "tools", "invalid_grammar")
+    req.params.grammar, req.params.grammar_triggers = grammar, triggers
 
 
 def _budget(n_ctx: int, n_prompt: int, req: CompletionRequest, field: str) -> int:
@@ -115,6 +133,7 @@ async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamR
     max_tokens = _budget(model.info.n_ctx, len(prompt), req, field)
     if req.params.grammar and not model.tokenizer.grammar_compiles(req.params.grammar):
         raise bad("the grammar for response_format does not compile", "response_format", "invalid_grammar")
+    _constrain_calls(model, req)
     if any(not 0 <= t < model.info.n_vocab for t, _ in req.params.logit_bias or ()):
         raise bad(f"'logit_bias' names token ids outside the vocabulary [0, {model.info.n_vocab})", "logit_bias")
     try:
@@ -132,8 +151,8 @@ async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamR
     pieces = _merge(streams)
     try:
         if req.stream:
-            return await _stream(request, req, shaper, pieces, logprobs)
-        return await _collect(req, shaper, pieces, logprobs)
+            return await _stream(request, req, model, shaper, pieces, logprobs)
+        return await _collect(req, model, shaper, pieces, logprobs)
     finally:
         await pieces.aclose()
 
@@ -227,7 +246,7 @@ class _LogprobShaper:
         return part
 
 
-async def _collect(req: CompletionRequest, shaper: Shaper, pieces, logprobs) -> web.Response:
+async def _collect(req: CompletionRequest, model: ModelContext, shaper: Shaper, pieces, logprobs) -> web.Response:
     texts: list[list[str]] = [[] for _ in range(req.n)]
     finals: dict[int, Piece] = {}
     while len(finals) < req.n:
@@ -237,19 +256,25 @@ async def _collect(req: CompletionRequest, shaper: Shaper, pieces, logprobs) -> 
             logprobs[index].add(piece)
         if piece.finish is not None:
             finals[index] = piece
-    choices = [_final_choice(req, shaper, i, "".join(texts[i]), finals[i], logprobs) for i in range(req.n)]
+    fmt = model.tool_format
+    choices = [_final_choice(req, shaper, fmt, i, "".join(texts[i]), finals[i], logprobs) for i in range(req.n)]
     return _json(shaper.response(choices, _usage(finals)))
 
 
-def _final_choice(req: CompletionRequest, shaper: Shaper, i: int, text: str, final: Piece, logprobs) -> dict:
+def _final_choice(req: CompletionRequest, shaper: Shaper, fmt, i: int, text: str, final: Piece, logprobs) -> dict:
     lp = logprobs[i].total if logprobs else None
-    if req.tools is None or req.tools.choice == "none":
+    if not _calling(req):
         return shaper.choice(i, text, final.finish, lp)
-    content, calls = parse_calls(text, req.tools)
-    return shaper.choice(i, content, "tool_calls" if calls else final.finish, lp, calls)
+    content, calls = parse_calls(text, req.tools, fmt)
+    return shaper.choice(i, content, _finish(final.finish, bool(calls)), lp, calls)
 
 
-async def _stream(request: web.Request, req: CompletionRequest, shaper: Shaper, pieces, logprobs) -> web.StreamResponse:
+def _finish(finish: str, called: bool) -> str:
+    """"tool_calls" when the turn made calls, unless it was cut short (then "length", as OpenAI)."""
+    return "tool_calls" if called and finish != p.FINISH_LENGTH else finish
+
+
+async def _stream(request: web.Request, req: CompletionRequest, model: ModelContext, shaper: Shaper, pieces, logprobs) -> web.StreamResponse:
     # The first piece comes before the headers, so a refused request still gets its status.
     item = await _next_piece(pieces)
     response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
@@ -257,21 +282,26 @@ async def _stream(request: web.Request, req: CompletionRequest, shaper: Shaper, 
     started: set[int] = set()
     finals: dict[int, Piece] = {}
     with_usage = req.include_usage
-    calls = {i: ToolStream(req.tools) for i in range(req.n)} if req.tools and req.tools.choice != "none" else None
+    calls = [ToolStream(req.tools, model.tool_format) for _ in range(req.n)] if _calling(req) else None
     while True:
         index, piece = item
         if req.chat and index not in started:
             await _send(response, shaper.chunk(index, "", first=True, with_usage=with_usage))
         started.add(index)
         part = logprobs[index].add(piece) if logprobs is not None else None
-        text = calls[index].feed(piece.text) if calls else piece.text
+        text, deltas = calls[index].feed(piece.text) if calls else (piece.text, [])
         if text or part:
             await _send(response, shaper.chunk(index, text, with_usage=with_usage, logprobs=part))
+        await _send_calls(response, shaper, index, deltas, with_usage)
         if piece.finish is not None:
             finals[index] = piece
             finish = piece.finish
             if calls:
-                finish = await _send_calls(response, shaper, index, calls[index], finish, with_usage)
+                text, deltas = calls[index].finish()
+                if text:
+                    await _send(response, shaper.chunk(index, text, with_usage=with_usage))
+                await _send_calls(response, shaper, index, deltas, with_usage)
+                finish = _finish(finish, calls[index].called)
             await _send(response, shaper.chunk(index, None if req.chat else "", finish, with_usage=with_usage))
             if len(finals) == req.n:
                 if with_usage:
@@ -287,18 +317,10 @@ async def _stream(request: web.Request, req: CompletionRequest, shaper: Shaper, 
     return response
 
 
-async def _send_calls(response, shaper: Shaper, index: int, stream: ToolStream, finish: str, with_usage: bool) -> str:
-    """The held-back text of a finished choice: remaining content, then each call as OpenAI
-    streams it (index, id, type and name, then the arguments); the finish reason to send."""
-    rest, found = stream.finish()
-    if rest:
-        await _send(response, shaper.chunk(index, rest, with_usage=with_usage))
-    for k, call in enumerate(found):
-        head = {"index": k, "id": call["id"], "type": "function", "function": {"name": call["function"]["name"], "arguments": ""}}
-        await _send(response, shaper.chunk(index, None, with_usage=with_usage, tool_calls=[head]))
-        args = {"index": k, "function": {"arguments": call["function"]["arguments"]}}
-        await _send(response, shaper.chunk(index, None, with_usage=with_usage, tool_calls=[args]))
-    return "tool_calls" if found else finish
+async def _send_calls(response, shaper: Shaper, index: int, deltas: list[dict], with_usage: bool) -> None:
+    """``delta.tool_calls`` entries, one chunk each, as OpenAI streams them."""
+    for delta in deltas:
+        await _send(response, shaper.chunk(index, None, with_usage=with_usage, tool_calls=[delta]))
 
 
 async def _send(response: web.StreamResponse, obj: dict) -> None:

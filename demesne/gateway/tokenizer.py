@@ -46,6 +46,14 @@ class Tokenizer:
         llama_cpp.llama_sampler_free(sampler)
         return True
 
+    def render_special(self, markers: tuple[str, ...]) -> None:
+        """Let these control tokens through as their text (a tool-call marker such as
+        ``[TOOL_CALLS]`` is one in Mistral's vocabulary, and the parser must see it)."""
+        for marker in markers:
+            ids = self.encode(marker, add_special=False)
+            if len(ids) == 1:
+                self._pieces[ids[0]] = marker.encode()
+
     def piece(self, token: int) -> bytes:
         """The bytes a token stands for (empty for control tokens such as ``<eos>``)."""
         cached = self._pieces[token]

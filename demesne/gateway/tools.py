@@ -1,28 +1,22 @@
-"""Function calling: validating ``tools`` and ``tool_choice``, the grammar that forces a call,
-and parsing calls out of the model's text.
+"""Function calling: validating ``tools`` and ``tool_choice``, rendering tools and tool
+messages for the chat template, the grammar that forces or guards a call, and turning the
+model's text into OpenAI ``tool_calls``, whole or streamed.
 
-One output format so far, the Hermes / Qwen 2.5 markup, which is also the generic format for
-models with none (the bundled base model, told about it by the fallback template)::
-
-    <tool_call>{"name": "get_weather", "arguments": {"city": "Paris"}}</tool_call>
-
-``tool_choice: "required"`` or a named function constrains decoding with a grammar built from
-the allowed tools' parameter schemas, so the output is always a valid call.
+The family-specific parts (markup, detection, grammar shape) are in :mod:`.tool_formats`;
+the incremental parser is :mod:`.tool_parser`.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-OPEN, CLOSE = "<tool_call>", "</tool_call>"
+from .tool_formats import ToolFormat, grammar, short_id, triggers
+from .tool_parser import Call, CallParser, Events
+
 MAX_PARALLEL = 4  # calls one forced turn may hold
-# For tool_choice auto: llama.cpp's lazy grammar starts at the first group once output matches.
-CALL_TRIGGER = r"[\s\S]*?(" + re.escape(OPEN) + r")[\s\S]*"
-_CALL = re.compile(re.escape(OPEN) + r"\s*(.*?)\s*" + re.escape(CLOSE), re.S)
 
 
 class ToolError(ValueError):
@@ -124,104 +118,138 @@ def assistant_calls(raw: dict) -> list[dict] | None:
     return calls or None
 
 
-# -- forcing a call ------------------------------------------------------------------------
+# -- rendering for the chat template --------------------------------------------------------
 
 
-def call_grammar(spec: ToolSpec, schema_to_gbnf) -> str:
-    """GBNF for one or more ``<tool_call>{...}</tool_call>`` with allowed names and arguments."""
+def template_messages(messages: list[dict], tools: list[dict] | None, fmt: ToolFormat, native: bool) -> list[dict]:
+    """The conversation as the chat template should see it.
+
+    ``native``: the template renders ``tools``, ``tool_calls`` and ``tool`` messages itself;
+    only call ids change where the family demands short ones (Mistral). Otherwise the tools
+    (if offered) are described in the system prompt in ``fmt``'s markup, earlier calls are
+    written into their assistant turns the same way, and tool results become user turns
+    (merged with a neighbouring user turn, for templates that insist on alternation).
+    """
+    if native:
+        return [_short_ids(m) for m in messages] if fmt.short_ids else messages
+    out: list[dict] = []
+    for m in messages:
+        role, content = m["role"], m.get("content") or ""
+        if role == "assistant" and m.get("tool_calls"):
+            calls = write_calls(fmt, [(c["function"]["name"], c["function"]["arguments"]) for c in m["tool_calls"]])
+            m = {"role": "assistant", "content": (content + "\n" if content else "") + calls}
+        elif role == "tool":
+            m = {"role": "user", "content": f"Tool result ({_call_name(messages, m)}): {content}"}
+        else:
+            m = {"role": role, "content": content}
+        if out and out[-1]["role"] == m["role"] and m["role"] in ("system", "user"):
+            out[-1] = {"role": m["role"], "content": out[-1]["content"] + "\n\n" + m["content"]}
+        else:
+            out.append(m)
+    if not tools:
+        return out
+    described = describe_tools(tools, fmt)
+    if out and out[0]["role"] == "system":
+        out[0] = {"role": "system", "content": out[0]["content"] + "\n\n" + described}
+    else:
+        out.insert(0, {"role": "system", "content": described})
+    return out
+
+
+def describe_tools(tools: list[dict], fmt: ToolFormat) -> str:
+    listing = "\n".join(json.dumps(t["function"], ensure_ascii=False) for t in tools)
+    example = write_calls(fmt, [("<function name>", "<arguments object>")], literal_args=True)
+    return (
+        f"You can call these functions:\n{listing}\n"
+        f"To call one, answer with {example}"
+        + (" (several calls go in one answer)." if fmt.max_calls > 1 else ".")
+    )
+
+
+def write_calls(fmt: ToolFormat, calls: list[tuple[str, Any]], literal_args: bool = False) -> str:
+    """Calls in ``fmt``'s markup, as the model is asked to write them."""
+    objects = []
+    for name, args in calls:
+        if literal_args:  # the placeholder in the instructions
+            objects.append(f'{{"name": "{name}", "{fmt.args_key}": {args}}}')
+        else:
+            objects.append(json.dumps({"name": name, fmt.args_key: args}, ensure_ascii=False))
+    return _written(fmt.openers[0].parts) + _written(fmt.separators[0]).join(objects) + _written(fmt.closer)
+
+
+def _written(parts: tuple[str, ...]) -> str:
+    return "".join(p + " " if p in (":", ",") else p for p in parts)
+
+
+def _call_name(messages: list[dict], tool_message: dict) -> str:
+    for m in messages:
+        for call in m.get("tool_calls") or []:
+            if call.get("id") == tool_message.get("tool_call_id"):
+                return call["function"]["name"]
+    return "tool"
+
+
+def _short_ids(m: dict) -> dict:
+    if m.get("tool_calls"):
+        m = {**m, "tool_calls": [{**c, "id": short_id(c["id"] or "")} for c in m["tool_calls"]]}
+    if m.get("tool_call_id"):
+        m = {**m, "tool_call_id": short_id(m["tool_call_id"])}
+    return m
+
+
+# -- constraining decoding ------------------------------------------------------------------
+
+
+def call_constraint(spec: ToolSpec, fmt: ToolFormat, schema_to_gbnf) -> tuple[str, list[str] | None]:
+    """(grammar, lazy triggers) for a request: ``required`` or a named tool forces a call from
+    the first token; ``auto`` lets the model write text until it opens a call, then keeps the
+    call valid (llama.cpp's lazy grammar)."""
     allowed = [t for t in spec.tools if spec.choice != "named" or t["function"]["name"] == spec.named]
-    variants = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": t["function"]["name"]}, "arguments": t["function"]["parameters"]},
-            "required": ["name", "arguments"],
-            "additionalProperties": False,
-        }
-        for t in allowed
-    ]
-    schema = variants[0] if len(variants) == 1 else {"oneOf": variants}
-    body = re.sub(r"^root ::=", "call ::=", schema_to_gbnf(schema), flags=re.M)
-    one = f'"{OPEN}" call "{CLOSE}"'
-    more = MAX_PARALLEL - 1 if spec.parallel and spec.choice != "named" else 0
-    root = f"root ::= {one}" + (f' ("\\n" {one}){{0,{more}}}' if more else "")
-    return body + "\n" + root + "\n"
+    most = MAX_PARALLEL if spec.parallel and spec.choice != "named" else 1
+    text = grammar(fmt, allowed, most, schema_to_gbnf)
+    return text, None if spec.forced else triggers(fmt)
 
 
-# -- reading calls out of text ---------------------------------------------------------------
+# -- reading calls out of the model's text ----------------------------------------------------
 
 
-def parse_calls(text: str, spec: ToolSpec) -> tuple[str | None, list[dict]]:
-    """Split model text into (content, tool_calls), OpenAI-shaped; unknown names stay text."""
-    calls, kept = [], []
-    last = 0
-    for match in _CALL.finditer(text):
-        call = _call(match.group(1), spec)
-        if call is None:
-            continue
-        kept.append(text[last : match.start()])
-        last = match.end()
-        calls.append(call)
-        if not spec.parallel:
-            break
-    if not calls:
-        return text, []
-    tail = text[last:]
-    unfinished = tail.find(OPEN)  # a call cut short (max_tokens): markup, never content
-    kept.append(tail if unfinished < 0 else tail[:unfinished])
-    content = "".join(kept).strip()
-    return content or None, calls
+def parse_calls(text: str, spec: ToolSpec, fmt: ToolFormat) -> tuple[str | None, list[dict]]:
+    """Split a whole reply into (content, tool_calls), OpenAI-shaped; unknown names stay text."""
+    parser = CallParser(fmt, spec.names, spec.parallel)
+    content = parser.feed(text).content + parser.finish().content
+    if not parser.calls:
+        return content, []
+    return content.strip() or None, [_call_json(c) for c in parser.calls]
 
 
-def _call(payload: str, spec: ToolSpec) -> dict | None:
-    try:
-        value = json.loads(payload)
-    except ValueError:
-        return None
-    if not isinstance(value, dict) or value.get("name") not in spec.names:
-        return None
-    args = value.get("arguments", value.get("parameters", {}))
-    return {
-        "id": "call_" + uuid.uuid4().hex[:24],
-        "type": "function",
-        "function": {"name": value["name"], "arguments": json.dumps(args, ensure_ascii=False)},
-    }
-
-
-def might_open_call(text: str) -> int:
-    """How many trailing characters of ``text`` could start ``<tool_call>`` (hold them back)."""
-    for n in range(min(len(OPEN) - 1, len(text)), 0, -1):
-        if OPEN.startswith(text[-n:]):
-            return n
-    return 0
+def _call_json(call: Call) -> dict:
+    return {"id": call.id, "type": "function", "function": {"name": call.name, "arguments": call.arguments}}
 
 
 class ToolStream:
-    """Streams a choice's content while holding back anything that may be a tool call.
+    """One streamed choice: content deltas, and ``delta.tool_calls`` entries as OpenAI sends
+    them (the first with ``index``, ``id``, ``type`` and ``function.name``, then
+    ``function.arguments`` in pieces)."""
 
-    Text before ``<tool_call>`` goes out as content (a tail that could begin the marker is
-    held); from the marker on everything is kept until the end, then parsed into calls.
-    """
+    def __init__(self, spec: ToolSpec, fmt: ToolFormat):
+        self._parser = CallParser(fmt, spec.names, spec.parallel)
 
-    def __init__(self, spec: ToolSpec):
-        self.spec = spec
-        self._text = ""
-        self._sent = 0
-        self._in_call = False
+    @property
+    def called(self) -> bool:
+        return bool(self._parser.calls)
 
-    def feed(self, piece: str) -> str:
-        self._text += piece
-        if self._in_call:
-            return ""
-        start = self._text.find(OPEN, self._sent)
-        if start >= 0:
-            self._in_call = True
-            end = start
-        else:
-            end = len(self._text) - might_open_call(self._text)
-        out, self._sent = self._text[self._sent : end], max(self._sent, end)
-        return out
+    def feed(self, piece: str) -> tuple[str, list[dict]]:
+        return self._deltas(self._parser.feed(piece))
 
     def finish(self) -> tuple[str, list[dict]]:
-        """Content not yet sent, and the calls (all in the held-back part)."""
-        content, calls = parse_calls(self._text[self._sent :], self.spec)
-        return (content or "").strip() if calls else self._text[self._sent :], calls
+        return self._deltas(self._parser.finish())
+
+    def _deltas(self, events: Events) -> tuple[str, list[dict]]:
+        deltas = []
+        for i, piece in events.calls:
+            if piece is None:
+                call = self._parser.calls[i]
+                deltas.append({"index": i, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}})
+            else:
+                deltas.append({"index": i, "function": {"arguments": piece}})
+        return events.content, deltas

@@ -1,0 +1,219 @@
+"""How each model family writes a tool call, which family a chat template belongs to, and
+the grammar that makes a call impossible to get wrong.
+
+Every format is a *run* of call objects ``{"name": ..., "arguments": {...}}`` between
+markers; only the markers and the arguments key differ:
+
+=========  ==========================================================  ======================
+format     what the model writes                                       families
+=========  ==========================================================  ======================
+hermes     ``<tool_call>{...}</tool_call>`` (one per call)              Qwen 2.5 / 3, QwQ,
+                                                                       Hermes 2 Pro / 3
+llama3     ``{"name": .., "parameters": {..}}`` as the whole reply,    Llama 3.1, 3.2, 3.3
+           or after ``<|python_tag|>``; calls joined by ``;``
+mistral    ``[TOOL_CALLS][{...}, {...}]``                               Mistral 7B v0.3,
+                                                                       Mixtral 8x22B, Nemo,
+                                                                       Small
+generic    ``{"tool_calls": [{...}, ...]}``                             anything else: base
+                                                                       models (the bundled
+                                                                       Gemma), templates
+                                                                       without tools
+=========  ==========================================================  ======================
+
+:func:`detect` picks the format from the template's text; ``--tool-format`` overrides it.
+A format's markers are literal *parts* with optional whitespace between them; the
+streaming parser (:mod:`.tool_parser`) and the grammar are both built from them, so what
+is forced is what is parsed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+Parts = tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Opener:
+    """Parts that begin a run of calls; ``start_only``: only at the start of the reply."""
+
+    parts: Parts
+    start_only: bool = False
+    # How many leading units (opener parts, then the call's head '{', '"name"', ...) output must
+    # hold before a lazy grammar takes over: a bare '{' is too common to constrain on.
+    trigger_units: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class ToolFormat:
+    name: str
+    openers: tuple[Opener, ...]
+    separators: tuple[Parts, ...]  # between two calls of one run
+    closer: Parts  # ends a run; () when the run ends with the reply
+    args_key: str  # the key the family's template teaches: "arguments" or "parameters"
+    max_calls: int  # the most calls one turn may hold (the template's own limit)
+    special: tuple[str, ...] = ()  # markers that are control tokens in the family's vocabulary
+    short_ids: bool = False  # the template demands 9-character alphanumeric call ids
+
+
+HERMES = ToolFormat(
+    "hermes",
+    openers=(Opener(("<tool_call>",)),),
+    separators=(("</tool_call>", "<tool_call>"),),
+    closer=("</tool_call>",),
+    args_key="arguments",
+    max_calls=8,
+)
+LLAMA3 = ToolFormat(
+    "llama3",
+    openers=(Opener((), start_only=True, trigger_units=2), Opener(("<|python_tag|>",))),
+    separators=((";",),),
+    closer=(),
+    args_key="parameters",
+    max_calls=1,  # Llama 3.x templates raise "This model only supports single tool-calls at once!"
+    special=("<|python_tag|>",),
+)
+MISTRAL = ToolFormat(
+    "mistral",
+    openers=(Opener(("[TOOL_CALLS]", "[")),),
+    separators=((",",),),
+    closer=("]",),
+    args_key="arguments",
+    max_calls=8,
+    special=("[TOOL_CALLS]",),
+    short_ids=True,
+)
+GENERIC = ToolFormat(
+    "generic",
+    openers=(Opener(("{", '"tool_calls"', ":", "["), trigger_units=2),),
+    separators=((",",),),
+    closer=("]", "}"),
+    args_key="arguments",
+    max_calls=8,
+)
+FORMATS = {f.name: f for f in (HERMES, LLAMA3, MISTRAL, GENERIC)}
+
+
+def detect(template_source: str | None) -> ToolFormat:
+    """The format a chat template speaks, from the markers its text holds.
+
+    Checked against the real templates (see the issue note): Mistral's hold
+    ``[TOOL_CALLS]``; Qwen 2.5/3 and Hermes 2 Pro/3 ``<tool_call>``; Llama 3.1-3.3
+    ``<|start_header_id|>`` with the ``ipython`` role. Anything else, and a template that
+    never reads ``tools``, gets the generic format.
+    """
+    src = template_source or ""
+    if not supports_tools(src):
+        return GENERIC
+    if "[TOOL_CALLS]" in src:
+        return MISTRAL
+    if "<tool_call>" in src:
+        return HERMES
+    if "<|start_header_id|>" in src and "ipython" in src:
+        return LLAMA3
+    return GENERIC
+
+
+def supports_tools(template_source: str | None) -> bool:
+    """Whether a template renders the tool list itself (it reads the ``tools`` variable)."""
+    return bool(template_source) and re.search(r"\btools\b", template_source) is not None
+
+
+def short_id(call_id: str) -> str:
+    """A 9-character alphanumeric stand-in for a call id (Mistral's templates demand one);
+    the same id always maps to the same stand-in, so a replayed conversation renders alike."""
+    return hashlib.blake2b(call_id.encode(), digest_size=8).hexdigest()[:9]
+
+
+# -- the grammar -------------------------------------------------------------------------------
+
+WS_RULE = "tc-ws ::= [ \\t\\n]{0,4}"
+
+
+def _gbnf_parts(parts: Parts) -> str:
+    return " tc-ws ".join(_gbnf_literal(p) for p in parts)
+
+
+def _gbnf_literal(text: str) -> str:
+    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def call_schema(fmt: ToolFormat, tools: list[dict]) -> dict:
+    """The JSON schema of one call to any of ``tools`` (name first, then its arguments)."""
+    variants = [
+        {
+            "type": "object",
+            "properties": {"name": {"const": t["function"]["name"]}, fmt.args_key: t["function"]["parameters"]},
+            "required": ["name", fmt.args_key],
+            "additionalProperties": False,
+        }
+        for t in tools
+    ]
+    return variants[0] if len(variants) == 1 else {"oneOf": variants}
+
+
+def grammar(fmt: ToolFormat, tools: list[dict], max_calls: int, schema_to_gbnf: Callable[[dict], str]) -> str:
+    """GBNF for a run of 1..max_calls calls to ``tools`` in ``fmt``'s markup.
+
+    The root accepts every opener (a lazy grammar may be triggered by any of them), and
+    whitespace wherever the parser allows it.
+    """
+    body = re.sub(r"^root ::=", "tc-call ::=", schema_to_gbnf(call_schema(fmt, tools)), flags=re.M)
+    opens = [_gbnf_parts(o.parts) for o in fmt.openers]
+    start = "(" + " | ".join(o for o in opens if o) + ")" + ("?" if "" in opens else "")
+    if all(not o for o in opens):
+        start = ""
+    sep = "(" + " | ".join(_gbnf_parts(s) for s in fmt.separators) + ")"
+    more = min(max_calls, fmt.max_calls) - 1
+    calls = "tc-call" + (f" (tc-ws {sep} tc-ws tc-call){{0,{more}}}" if more > 0 else "")
+    close = f" tc-ws {_gbnf_parts(fmt.closer)}" if fmt.closer else ""
+    root = f"root ::= tc-ws {start} tc-ws {calls}{close}".replace("tc-ws  tc-ws", "tc-ws")
+    return f"{body}\n{root}\n{WS_RULE}\n"
+
+
+# -- lazy triggers (tool_choice auto) ---------------------------------------------------------
+
+# The head of a call object as llama.cpp's schema grammar writes it: '{', '"name"', ':', '"',
+# with at most one space between (its ``space`` rule also takes one).
+_HEAD: Parts = ("{", '"name"', ":", '"')
+
+
+def triggers(fmt: ToolFormat) -> list[str]:
+    """Regexes for llama.cpp's lazy grammar: the grammar starts at the first group once the
+    output so far matches. Each is anchored (``^...$``): llama.cpp searches anywhere in the
+    output otherwise, and hands the grammar everything from the group on.
+
+    Each match must *end* inside text the grammar accepts: the group is an opener's leading
+    units followed by any prefix of the rest of the opener and the head of a call. Were the
+    output allowed to run on past that (a token such as ``>Paris`` closing ``<tool_call``),
+    llama.cpp would hand the grammar text it rejects, and it aborts the process rather than
+    refuse.
+    """
+    patterns = []
+    for opener in fmt.openers:
+        units = [(_WS_RE, p) for p in opener.parts] + [(_WS_RE if opener.parts else "", _HEAD[0])]
+        units += [(" ?", p) for p in _HEAD[1:]]
+        units[0] = ("", units[0][1])
+        need, rest = units[: opener.trigger_units], units[opener.trigger_units :]
+        fixed = "".join(sep + re.escape(literal) for sep, literal in need)
+        lead = r"^\s*" if opener.start_only else r"^[\s\S]*?"
+        patterns.append(f"{lead}({fixed}{_prefix_re(rest)})$")
+    return patterns
+
+
+_WS_RE = "[ \\t\\n]{0,4}"
+
+
+def _prefix_re(units: list[tuple[str, str]]) -> str:
+    """A regex for any prefix of the units' text (each a separator regex, then a literal)."""
+    if not units:
+        return ""
+    (sep, literal), rest = units[0], units[1:]
+    inner = _prefix_re(rest)
+    chain = re.escape(literal[-1]) + inner
+    for ch in reversed(literal[:-1]):
+        chain = re.escape(ch) + f"(?:{chain})?"
+    return f"(?:{sep}(?:{chain})?)?" if sep else f"(?:{chain})?"
