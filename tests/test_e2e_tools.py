@@ -138,6 +138,18 @@ async def test_round_trip_call_result_answer(server, model_id):
     assert answer.usage.prompt_tokens > first.usage.prompt_tokens
 
 
+async def test_a_call_cut_short_finishes_with_length(server, model_id):
+    for stream in (False, True):
+        out = await client(server).chat.completions.create(
+            model=model_id, messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=12, temperature=0, stream=stream
+        )
+        if stream:
+            content, finish, calls = await streamed_calls(out)
+        else:
+            content, finish = out.choices[0].message.content, out.choices[0].finish_reason
+        assert finish == "length" and no_markup(content)
+
+
 async def test_tool_choice_none_returns_text(server, model_id):
     out = await client(server).chat.completions.create(
         model=model_id, messages=ASK, tools=[WEATHER], tool_choice="none", max_tokens=12, temperature=0
@@ -154,6 +166,10 @@ async def test_tool_choice_none_returns_text(server, model_id):
         (
             {"tools": [WEATHER], "messages": ASK + [{"role": "tool", "tool_call_id": "call_nowhere", "content": "21"}]},
             "messages[1].tool_call_id",
+        ),
+        (  # a call that cannot be enforced is refused rather than left to chance
+            {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"p": {"$ref": "https://example.com/p.json"}}}}}], "tool_choice": "required"},
+            "tools",
         ),
     ],
 )

@@ -285,3 +285,31 @@ def test_grammar_root_follows_the_format(fmt):
     assert call_schema(f, [WEATHER])["required"] == ["name", f.args_key]
     _, triggers = call_constraint(spec(), f, fake_gbnf)
     assert triggers and all(t.startswith("^") and t.endswith("$") for t in triggers)
+
+
+def real_gbnf(schema):
+    from demesne.gateway.openai import schema_grammar
+
+    return schema_grammar(schema, "tools")
+
+
+def test_pydantic_defs_resolve_per_tool():
+    def nested(name, field):
+        params = {"$defs": {"P": {"type": "object", "properties": {field: {"type": "integer"}}}}, "type": "object", "properties": {"p": {"$ref": "#/$defs/P"}}}
+        return {"type": "function", "function": {"name": name, "parameters": params}}
+
+    tools = parse_tools({"tools": [nested("f", "x"), nested("g", "y")], "tool_choice": "required"})
+    schema = call_schema(GENERIC, tools.tools)
+    assert set(schema["$defs"]) == {"t0-P", "t1-P"}
+    refs = [v["properties"]["arguments"]["properties"]["p"]["$ref"] for v in schema["oneOf"]]
+    assert refs == ["#/$defs/t0-P", "#/$defs/t1-P"]
+    text, _ = call_constraint(tools, GENERIC, real_gbnf)
+    assert 't0-P-x-kv' in text and 't1-P-y-kv' in text  # each tool's own nested model
+
+
+def test_a_schema_the_converter_refuses():
+    remote = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"p": {"$ref": "https://example.com/p.json"}}}}}
+    with pytest.raises(Exception, match="cannot enforce"):
+        call_constraint(parse_tools({"tools": [remote], "tool_choice": "required"}), HERMES, real_gbnf)
+    text, triggers = call_constraint(parse_tools({"tools": [remote]}), HERMES, real_gbnf)  # auto: JSON arguments still
+    assert triggers and "tc-call" in text

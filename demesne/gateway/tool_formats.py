@@ -142,17 +142,46 @@ def _gbnf_literal(text: str) -> str:
 
 
 def call_schema(fmt: ToolFormat, tools: list[dict]) -> dict:
-    """The JSON schema of one call to any of ``tools`` (name first, then its arguments)."""
-    variants = [
-        {
-            "type": "object",
-            "properties": {"name": {"const": t["function"]["name"]}, fmt.args_key: t["function"]["parameters"]},
-            "required": ["name", fmt.args_key],
-            "additionalProperties": False,
-        }
-        for t in tools
-    ]
-    return variants[0] if len(variants) == 1 else {"oneOf": variants}
+    """The JSON schema of one call to any of ``tools`` (name first, then its arguments).
+
+    Each tool's ``$defs`` (pydantic writes nested models there) move to the root under a
+    per-tool prefix, and its local ``$ref``s follow, so they resolve inside the wrapper.
+    """
+    defs: dict = {}
+    variants = []
+    for i, t in enumerate(tools):
+        params = _hoist_defs(t["function"]["parameters"], f"t{i}-", defs)
+        variants.append(
+            {
+                "type": "object",
+                "properties": {"name": {"const": t["function"]["name"]}, fmt.args_key: params},
+                "required": ["name", fmt.args_key],
+                "additionalProperties": False,
+            }
+        )
+    schema = variants[0] if len(variants) == 1 else {"oneOf": variants}
+    return {**schema, "$defs": defs} if defs else schema
+
+
+_LOCAL_REF = re.compile(r"^#/(\$defs|definitions)/")
+
+
+def _hoist_defs(params: dict, prefix: str, defs: dict) -> dict:
+    def rewrite(node):
+        if isinstance(node, dict):
+            out = {k: rewrite(v) for k, v in node.items() if k not in ("$defs", "definitions")}
+            ref = node.get("$ref")
+            if isinstance(ref, str) and _LOCAL_REF.match(ref):
+                out["$ref"] = "#/$defs/" + prefix + _LOCAL_REF.sub("", ref)
+            return out
+        if isinstance(node, list):
+            return [rewrite(v) for v in node]
+        return node
+
+    for key in ("$defs", "definitions"):
+        for name, sub in (params.get(key) or {}).items():
+            defs[prefix + name] = rewrite(sub)
+    return rewrite(params)
 
 
 def grammar(fmt: ToolFormat, tools: list[dict], max_calls: int, schema_to_gbnf: Callable[[dict], str]) -> str:

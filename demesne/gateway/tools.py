@@ -206,7 +206,14 @@ def call_constraint(spec: ToolSpec, fmt: ToolFormat, schema_to_gbnf) -> tuple[st
     call valid (llama.cpp's lazy grammar)."""
     allowed = [t for t in spec.tools if spec.choice != "named" or t["function"]["name"] == spec.named]
     most = MAX_PARALLEL if spec.parallel and spec.choice != "named" else 1
-    text = grammar(fmt, allowed, most, schema_to_gbnf)
+    try:
+        text = grammar(fmt, allowed, most, schema_to_gbnf)
+    except Exception:  # the schema converter's refusal, in whatever form it raises it
+        if spec.forced:  # a call we cannot enforce is refused
+            raise
+        # auto: a schema the converter refuses still gets well-formed JSON arguments
+        loose = [{**t, "function": {**t["function"], "parameters": {"type": "object"}}} for t in allowed]
+        text = grammar(fmt, loose, most, schema_to_gbnf)
     return text, None if spec.forced else triggers(fmt)
 
 
