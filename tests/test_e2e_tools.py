@@ -183,7 +183,9 @@ async def test_bad_tool_input_is_400(server, model_id, kwargs, param):
 # -- each family's format, detected from its template ------------------------------------------
 
 TEMPLATES = Path(__file__).parent / "templates"
-FAMILIES = ["hermes", "llama31", "mistral", "qwen25"]
+FAMILIES = ["hermes", "llama31", "mistral", "mistral_v11", "qwen25"]
+# What the raw output of a forced call holds in each family's format.
+WRITES = {"hermes": "<tool_call>", "llama31": '"parameters": ', "mistral": "[TOOL_CALLS][", "mistral_v11": "[ARGS]{", "qwen25": "<tool_call>"}
 
 
 @pytest.fixture(scope="module")
@@ -203,8 +205,11 @@ async def test_family_format_forced_call_round_trip(families, model_id, family):
     template as history (Mistral's 9-character ids included)."""
     c = client(families[family])
     first = await c.chat.completions.create(
-        model=model_id, messages=ASK, tools=[WEATHER, ADD], tool_choice="required", max_tokens=150, temperature=0, parallel_tool_calls=False
+        model=model_id, messages=ASK, tools=[WEATHER, ADD], tool_choice="required", max_tokens=150, temperature=0,
+        parallel_tool_calls=False, logprobs=True,
     )
+    raw = "".join(t.token for t in first.choices[0].logprobs.content)  # the tokens as generated
+    assert WRITES[family] in raw  # the format detected from the template
     message = first.choices[0].message
     assert first.choices[0].finish_reason == "tool_calls" and len(message.tool_calls) == 1 and no_markup(message.content)
     call = message.tool_calls[0]

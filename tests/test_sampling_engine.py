@@ -140,7 +140,9 @@ def test_json_grammar_never_lets_a_raw_newline_into_a_string(engine, tokenizer):
 
 
 ADD_TOOL = {"type": "function", "function": {"name": "add", "parameters": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}}}
-OPENS = {"hermes": "<tool_call>", "llama3": "<|python_tag|>", "mistral": "[TOOL_CALLS][", "generic": '{"tool_calls": ['}
+OPENS = {"hermes": "<tool_call>", "llama3": "<|python_tag|>", "mistral": "[TOOL_CALLS][", "mistral-v11": "[TOOL_CALLS]", "generic": '{"tool_calls": ['}
+# How a call to "add" goes on after the opener.
+HEADS = {fmt: ' {"name": "add"' for fmt in OPENS} | {"mistral-v11": 'add[ARGS]{"a"'}
 
 
 def _tool_constraint(fmt_name: str, choice: str = "auto"):
@@ -172,7 +174,7 @@ def test_lazy_tool_grammar_lets_text_through_until_a_call_opens(engine, tokenize
         assert _feed(grammar, tokenizer, "Sure, I can add { that } for you. ")  # before the trigger: anything
         assert _feed(grammar, tokenizer, OPENS[fmt])
         assert not grammar.allows(tokenizer.encode("hello", add_special=False)[0])
-        assert _feed(grammar, tokenizer, '{"name": "add", ')
+        assert _feed(grammar, tokenizer, HEADS[fmt])
         assert not _feed(grammar, tokenizer, '"x"')
     finally:
         grammar.close()
@@ -215,7 +217,7 @@ def test_a_trigger_fires_only_on_text_the_grammar_accepts(engine, tokenizer, fmt
     import re
 
     grammar_text, triggers = _tool_constraint(fmt)
-    call = OPENS[fmt] + ' {"name": "add"'
+    call = OPENS[fmt] + HEADS[fmt]
     fired = 0
     for lead in ("", "Sure. "):
         for cut in range(1, len(call) + 1):

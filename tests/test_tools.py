@@ -11,7 +11,7 @@ import pytest
 from pathlib import Path
 
 from demesne.gateway.chat_template import FALLBACK_TEMPLATE, ChatTemplate, TemplateError
-from demesne.gateway.tool_formats import FORMATS, GENERIC, HERMES, LLAMA3, MISTRAL, call_schema, detect, grammar, short_id
+from demesne.gateway.tool_formats import FORMATS, GENERIC, HERMES, LLAMA3, MISTRAL, MISTRAL_V11, call_schema, detect, grammar, short_id
 from demesne.gateway.tools import (
     ToolError,
     ToolStream,
@@ -71,12 +71,13 @@ SAMPLES = {
     "llama3": ("", '{"name": "get_weather", "parameters": {"city": "Paris"}}', [PARIS]),
     "llama3-tag": ("Checking. ", '<|python_tag|>{"name": "get_weather", "parameters": {"city": "Paris"}}', [PARIS]),
     "mistral": ("", '[TOOL_CALLS][{"name": "get_weather", "arguments": {"city": "Paris"}, "id": "a1b2c3d4e"}, {"name": "add", "arguments": {"a": 1}, "id": "f5g6h7i8j"}]', [PARIS, ONE]),
+    "mistral-v11": ("", '[TOOL_CALLS]get_weather[ARGS]{"city": "Paris"}[TOOL_CALLS]add[CALL_ID]a1b2c3d4e[ARGS]{"a": 1}', [PARIS, ONE]),
     "generic": ("Let me check. ", '{"tool_calls": [{"name": "get_weather", "arguments": {"city": "Paris"}}, {"arguments": {"a": 1}, "name": "add"}]}', [PARIS, ONE]),
 }
 
 
 def fmt_of(sample: str):
-    return FORMATS[sample.split("-")[0]]
+    return FORMATS.get(sample) or FORMATS[sample.split("-")[0]]
 
 
 def named(calls: list[dict]) -> list[tuple[str, dict]]:
@@ -151,7 +152,7 @@ def test_llama3_json_that_is_not_a_call_is_the_answer():
     assert parse_calls(late, spec(), LLAMA3) == (late, [])
 
 
-@pytest.mark.parametrize("fmt", [HERMES, MISTRAL, GENERIC])
+@pytest.mark.parametrize("fmt", [HERMES, MISTRAL, MISTRAL_V11, GENERIC])
 def test_unknown_names_stay_text_and_parallel_false_takes_one(fmt):
     rm = write_calls(fmt, [("rm_rf", {"path": "/"})])
     assert parse_calls(rm, spec(), fmt) == (rm, [])
@@ -180,7 +181,7 @@ def test_a_call_cut_short_keeps_what_it_has_and_leaks_no_markup(fmt):
 # -- detection and rendering ---------------------------------------------------------------
 
 TEMPLATES = Path(__file__).parent / "templates"
-FAMILIES = {"qwen25": HERMES, "hermes": HERMES, "llama31": LLAMA3, "mistral": MISTRAL}
+FAMILIES = {"qwen25": HERMES, "hermes": HERMES, "llama31": LLAMA3, "mistral": MISTRAL, "mistral_v11": MISTRAL_V11}
 
 
 def fixture(name: str) -> ChatTemplate:
@@ -215,6 +216,7 @@ LAYOUT = {
     "hermes": ("<|im_start|>assistant", ["<tools>", "<|im_start|>tool\n<tool_response>"]),
     "llama31": ("<|start_header_id|>assistant<|end_header_id|>\n\n", ["Environment: ipython", '"parameters": {"city": "Paris"}', "<|start_header_id|>ipython<|end_header_id|>"]),
     "mistral": ("[/INST]", ["[AVAILABLE_TOOLS]", "[TOOL_CALLS][", "[TOOL_RESULTS]"]),
+    "mistral_v11": ("[/INST]", ["[AVAILABLE_TOOLS]", '[TOOL_CALLS]get_weather[CALL_ID]', '[ARGS]{"city": "Paris"}', "[TOOL_CONTENT]"]),
 }
 
 
@@ -231,14 +233,16 @@ def test_tools_calls_and_results_render_through_the_family_template(name):
     assert named(parse_calls(assistant, spec(), fmt)[1]) == [PARIS]
 
 
-def test_mistral_call_ids_are_shortened_the_same_way_everywhere():
-    template = fixture("mistral")
+@pytest.mark.parametrize("name, fmt, shows", [("mistral", MISTRAL, ['"id": "{}"', '"call_id": "{}"']), ("mistral_v11", MISTRAL_V11, ["[CALL_ID]{}[ARGS]", "[TOOL_RESULTS]{}[TOOL_CONTENT]"])])
+def test_mistral_call_ids_are_shortened_the_same_way_everywhere(name, fmt, shows):
+    template = fixture(name)
     with pytest.raises(TemplateError, match="length 9"):  # the family's own check
         template.render(conversation(), tools=[WEATHER])
-    text = template.render(template_messages(conversation(), [WEATHER], MISTRAL, True), tools=[WEATHER])
+    text = template.render(template_messages(conversation(), [WEATHER], fmt, True), tools=[WEATHER])
     short = short_id("call_0123456789abcdef")
     assert len(short) == 9 and short.isalnum()
-    assert f'"id": "{short}"' in text and f'"call_id": "{short}"' in text
+    for shown in shows:
+        assert shown.format(short) in text
 
 
 def test_a_template_without_tools_is_told_about_them_in_the_system_turn():

@@ -1,8 +1,9 @@
 """How each model family writes a tool call, which family a chat template belongs to, and
 the grammar that makes a call impossible to get wrong.
 
-Every format is a *run* of call objects ``{"name": ..., "arguments": {...}}`` between
-markers; only the markers and the arguments key differ:
+Every format is a *run* of calls between markers. A call is a JSON object
+``{"name": ..., "arguments": {...}}`` (the arguments key differs by family), or, in Mistral's
+newer tokenizers, the name and then the arguments object after ``[ARGS]``:
 
 =========  ==========================================================  ======================
 format     what the model writes                                       families
@@ -13,7 +14,9 @@ llama3     ``{"name": .., "parameters": {..}}`` as the whole reply,    Llama 3.1
            or after ``<|python_tag|>``; calls joined by ``;``
 mistral    ``[TOOL_CALLS][{...}, {...}]``                               Mistral 7B v0.3,
                                                                        Mixtral 8x22B, Nemo,
-                                                                       Small
+                                                                       Small 3.1
+mistral-   ``[TOOL_CALLS]name[ARGS]{...}`` (one marker per call)        Mistral Small 3.2,
+v11                                                                    Devstral, Magistral
 generic    ``{"tool_calls": [{...}, ...]}``                             anything else: base
                                                                        models (the bundled
                                                                        Gemma), templates
@@ -57,6 +60,7 @@ class ToolFormat:
     max_calls: int  # the most calls one turn may hold (the template's own limit)
     special: tuple[str, ...] = ()  # markers that are control tokens in the family's vocabulary
     short_ids: bool = False  # the template demands 9-character alphanumeric call ids
+    named_args: bool = False  # a call is name[ARGS]{...}, not one JSON object
 
 
 HERMES = ToolFormat(
@@ -86,6 +90,17 @@ MISTRAL = ToolFormat(
     special=("[TOOL_CALLS]",),
     short_ids=True,
 )
+MISTRAL_V11 = ToolFormat(
+    "mistral-v11",
+    openers=(Opener(("[TOOL_CALLS]",)),),
+    separators=(("[TOOL_CALLS]",),),
+    closer=(),
+    args_key="arguments",
+    max_calls=8,
+    special=("[TOOL_CALLS]", "[ARGS]", "[CALL_ID]"),
+    short_ids=True,
+    named_args=True,
+)
 GENERIC = ToolFormat(
     "generic",
     openers=(Opener(("{", '"tool_calls"', ":", "["), trigger_units=2),),
@@ -94,22 +109,22 @@ GENERIC = ToolFormat(
     args_key="arguments",
     max_calls=8,
 )
-FORMATS = {f.name: f for f in (HERMES, LLAMA3, MISTRAL, GENERIC)}
+FORMATS = {f.name: f for f in (HERMES, LLAMA3, MISTRAL, MISTRAL_V11, GENERIC)}
 
 
 def detect(template_source: str | None) -> ToolFormat:
     """The format a chat template speaks, from the markers its text holds.
 
     Checked against the real templates (see the issue note): Mistral's hold
-    ``[TOOL_CALLS]``; Qwen 2.5/3 and Hermes 2 Pro/3 ``<tool_call>``; Llama 3.1-3.3
-    ``<|start_header_id|>`` with the ``ipython`` role. Anything else, and a template that
-    never reads ``tools``, gets the generic format.
+    ``[TOOL_CALLS]``, the newer ones also ``[ARGS]``; Qwen 2.5/3 and Hermes 2 Pro/3
+    ``<tool_call>``; Llama 3.1-3.3 ``<|start_header_id|>`` with the ``ipython`` role.
+    Anything else, and a template that never reads ``tools``, gets the generic format.
     """
     src = template_source or ""
     if not supports_tools(src):
         return GENERIC
     if "[TOOL_CALLS]" in src:
-        return MISTRAL
+        return MISTRAL_V11 if "[ARGS]" in src else MISTRAL
     if "<tool_call>" in src:
         return HERMES
     if "<|start_header_id|>" in src and "ipython" in src:
@@ -190,7 +205,10 @@ def grammar(fmt: ToolFormat, tools: list[dict], max_calls: int, schema_to_gbnf: 
     The root accepts every opener (a lazy grammar may be triggered by any of them), and
     whitespace wherever the parser allows it.
     """
-    body = re.sub(r"^root ::=", "tc-call ::=", schema_to_gbnf(call_schema(fmt, tools)), flags=re.M)
+    if fmt.named_args:
+        body = _named_calls(tools, schema_to_gbnf)
+    else:
+        body = re.sub(r"^root ::=", "tc-call ::=", schema_to_gbnf(call_schema(fmt, tools)), flags=re.M)
     opens = [_gbnf_parts(o.parts) for o in fmt.openers]
     start = "(" + " | ".join(o for o in opens if o) + ")" + ("?" if "" in opens else "")
     if all(not o for o in opens):
@@ -203,6 +221,17 @@ def grammar(fmt: ToolFormat, tools: list[dict], max_calls: int, schema_to_gbnf: 
     return f"{body}\n{root}\n{WS_RULE}\n"
 
 
+def _named_calls(tools: list[dict], schema_to_gbnf: Callable[[dict], str]) -> str:
+    """``tc-call`` for name[ARGS]{...}: each tool's name, then its own arguments rule (one
+    conversion of a wrapper object whose properties are the tools' parameter schemas)."""
+    defs: dict = {}
+    props = {f"tc-args-{i}": _hoist_defs(t["function"]["parameters"], f"t{i}-", defs) for i, t in enumerate(tools)}
+    wrapper = {"type": "object", "properties": props, **({"$defs": defs} if defs else {})}
+    body = re.sub(r"^root ::=", "tc-wrapper ::=", schema_to_gbnf(wrapper), flags=re.M)
+    calls = " | ".join(f'{_gbnf_literal(t["function"]["name"] + "[ARGS]")} tc-args-{i}' for i, t in enumerate(tools))
+    return f"{body}\ntc-call ::= {calls}"
+
+
 # -- lazy triggers (tool_choice auto) ---------------------------------------------------------
 
 # The head of a call object as llama.cpp's schema grammar writes it: '{', '"name"', ':', '"',
@@ -210,7 +239,7 @@ def grammar(fmt: ToolFormat, tools: list[dict], max_calls: int, schema_to_gbnf: 
 _HEAD: Parts = ("{", '"name"', ":", '"')
 
 
-def triggers(fmt: ToolFormat) -> list[str]:
+def triggers(fmt: ToolFormat, names: list[str]) -> list[str]:
     """Regexes for llama.cpp's lazy grammar: the grammar starts at the first group once the
     output so far matches. Each is anchored (``^...$``): llama.cpp searches anywhere in the
     output otherwise, and hands the grammar everything from the group on.
@@ -221,6 +250,9 @@ def triggers(fmt: ToolFormat) -> list[str]:
     llama.cpp would hand the grammar text it rejects, and it aborts the process rather than
     refuse.
     """
+    if fmt.named_args:  # the opener, then a prefix of an allowed name, "[ARGS]" and "{"
+        heads = "|".join(prefix_re(name + "[ARGS]{") for name in names)
+        return [r"^[\s\S]*?(" + re.escape(fmt.openers[0].parts[0]) + f"(?:{heads})?)$"]
     patterns = []
     for opener in fmt.openers:
         units = [(_WS_RE, p) for p in opener.parts] + [(_WS_RE if opener.parts else "", _HEAD[0])]
@@ -241,8 +273,13 @@ def _prefix_re(units: list[tuple[str, str]]) -> str:
     if not units:
         return ""
     (sep, literal), rest = units[0], units[1:]
-    inner = _prefix_re(rest)
-    chain = re.escape(literal[-1]) + inner
+    chain = prefix_re(literal, _prefix_re(rest))
+    return f"(?:{sep}(?:{chain})?)?" if sep else f"(?:{chain})?"
+
+
+def prefix_re(literal: str, then: str = "") -> str:
+    """A regex for any non-empty prefix of ``literal`` (``then`` may follow all of it)."""
+    chain = re.escape(literal[-1]) + then
     for ch in reversed(literal[:-1]):
         chain = re.escape(ch) + f"(?:{chain})?"
-    return f"(?:{sep}(?:{chain})?)?" if sep else f"(?:{chain})?"
+    return chain

@@ -23,7 +23,7 @@ import re
 import uuid
 from dataclasses import dataclass, field
 
-from .tool_formats import ToolFormat
+from .tool_formats import ToolFormat, prefix_re
 
 WHITESPACE = " \t\n\r"
 TEXT, WAIT, OBJECT, AFTER, DONE = range(5)
@@ -33,6 +33,13 @@ FULL, PARTIAL, NO = range(3)
 _HEAD = re.compile(
     r'\{\s*(?:"type"\s*:\s*"function"\s*,\s*)?"name"\s*:\s*"((?:[^"\\]|\\.)*)"\s*,\s*"(?:arguments|parameters)"\s*:\s*(?=\{)'
 )
+
+
+# Mistral's newer calls: name[ARGS]{...}, perhaps with [CALL_ID]id before [ARGS].
+_NAME = r"[A-Za-z0-9_.-]{1,64}"
+_CALL_ID = r"(?:\[CALL_ID\][A-Za-z0-9]{0,64})?"
+_NAMED_HEAD = re.compile(f"({_NAME}){_CALL_ID}\\[ARGS\\](?=\\{{)")
+_NAMED_PREFIX = re.compile(f"{_NAME}{_CALL_ID}(?:{prefix_re('[CALL_ID]')}|{prefix_re('[ARGS]')})?")
 
 
 @dataclass(slots=True)
@@ -191,6 +198,13 @@ class CallParser:
     def _open_run(self, start: int, end: int, bare: bool) -> None:
         self._state, self._run, self._pos, self._bare, self._run_calls = WAIT, start, end, bare, 0
 
+    def _not_a_call(self) -> None:
+        """The object just read is no call: the run ends before it, or is text after all."""
+        if self._run_calls:
+            self._state, self._pos, self._sent = TEXT, self._obj, self._obj
+        else:
+            self._give_back()
+
     def _give_back(self) -> None:
         """The run held no call after all: its text is content, scanned on from past the opener."""
         self._state, self._pos = TEXT, self._run + 1
@@ -204,20 +218,27 @@ class CallParser:
             if final:  # an opener and nothing after it: markup, never content
                 self._state, self._sent = TEXT, len(self._text)
             return final
-        if self._text[j] != "{":
+        starts = _NAMED_PREFIX.match(self._text, j) if self.fmt.named_args else self._text[j] == "{"
+        if not starts:
             if self._run_calls:  # the run ends here; what follows is content
                 self._state, self._sent = TEXT, self._pos
             else:
                 self._give_back()
             return True
         self._state, self._obj, self._pos = OBJECT, j, j
-        self._braces = _Braces(j)
+        self._braces = None if self.fmt.named_args else _Braces(j)  # name[ARGS]: after the head
         self._args, self._args_end, self._args_sent, self._call = -1, -1, 0, None
         return True
 
     # -- OBJECT: scan to its closing brace, streaming the arguments ------------------------
 
     def _scan_object(self, out: Events) -> bool:
+        if self._braces is None:
+            verdict = self._read_named_head(out)
+            if verdict != FULL:
+                if verdict == NO:
+                    self._not_a_call()
+                return verdict == NO
         closed = self._braces.advance(self._text, len(self._text))
         self._pos = self._braces.pos
         if self._args < 0:
@@ -245,6 +266,18 @@ class CallParser:
         if name in self.names:
             self._start_call(out, name)
 
+    def _read_named_head(self, out: Events) -> int:
+        """name[ARGS]: FULL once read (the arguments object is then scanned as the call),
+        PARTIAL while the text may still become one, NO when it cannot."""
+        head = _NAMED_HEAD.match(self._text, self._obj)
+        if head is None:
+            return PARTIAL if _NAMED_PREFIX.fullmatch(self._text, self._obj) else NO
+        self._args = self._pos = head.end()
+        self._braces, self._arg_braces = _Braces(self._args), _Braces(self._args)
+        if head.group(1) in self.names:
+            self._start_call(out, head.group(1))
+        return FULL
+
     def _start_call(self, out: Events, name: str) -> None:
         self._call = Call(new_call_id(), name)
         self.calls.append(self._call)
@@ -263,13 +296,9 @@ class CallParser:
     def _close_object(self, out: Events) -> None:
         raw = self._text[self._obj : self._pos]
         if self._call is None:
-            call = _whole_call(raw, self.names, self.fmt.args_key)
-            if call is None:  # not a call: the run is text after all
-                if self._run_calls:
-                    self._state, self._pos = TEXT, self._obj
-                    self._sent = self._obj
-                else:
-                    self._give_back()
+            call = None if self.fmt.named_args else _whole_call(raw, self.names, self.fmt.args_key)
+            if call is None:
+                self._not_a_call()
                 return
             name, arguments = call
             self._start_call(out, name)

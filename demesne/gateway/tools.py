@@ -168,6 +168,9 @@ def describe_tools(tools: list[dict], fmt: ToolFormat) -> str:
 
 def write_calls(fmt: ToolFormat, calls: list[tuple[str, Any]], literal_args: bool = False) -> str:
     """Calls in ``fmt``'s markup, as the model is asked to write them."""
+    if fmt.named_args:  # [TOOL_CALLS]name[ARGS]{...} for each call
+        opener = fmt.openers[0].parts[0]
+        return "".join(f"{opener}{name}[ARGS]{args if literal_args else json.dumps(args, ensure_ascii=False)}" for name, args in calls)
     objects = []
     for name, args in calls:
         if literal_args:  # the placeholder in the instructions
@@ -214,7 +217,7 @@ def call_constraint(spec: ToolSpec, fmt: ToolFormat, schema_to_gbnf) -> tuple[st
         # auto: a schema the converter refuses still gets well-formed JSON arguments
         loose = [{**t, "function": {**t["function"], "parameters": {"type": "object"}}} for t in allowed]
         text = grammar(fmt, loose, most, schema_to_gbnf)
-    return text, None if spec.forced else triggers(fmt)
+    return text, None if spec.forced else triggers(fmt, [t["function"]["name"] for t in allowed])
 
 
 # -- reading calls out of the model's text ----------------------------------------------------
