@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 CACHE_TYPES = ("f16", "q8_0", "q4_0")
 SPLIT_MODES = ("none", "layer", "row")
 FLASH_ATTN = ("auto", "on", "off")
-TOOL_FORMATS = ("auto", "hermes", "llama3", "mistral", "generic")  # gateway/tool_formats.py
+TOOL_FORMATS = ("auto", "hermes", "llama3", "mistral", "mistral-v11", "generic")  # gateway/tool_formats.py
 
 
 def default_engine_endpoint() -> str:

@@ -183,17 +183,25 @@ async def test_bad_tool_input_is_400(server, model_id, kwargs, param):
 # -- each family's format, detected from its template ------------------------------------------
 
 TEMPLATES = Path(__file__).parent / "templates"
-FAMILIES = ["hermes", "llama31", "mistral", "mistral_v11", "qwen25"]
+FAMILIES = ["hermes", "llama31", "mistral", "mistral_v11", "qwen25", "fallback-as-mistral"]
 # What the raw output of a forced call holds in each family's format.
 WRITES = {"hermes": "<tool_call>", "llama31": '"parameters": ', "mistral": "[TOOL_CALLS][", "mistral_v11": "[ARGS]{", "qwen25": "<tool_call>"}
+WRITES["fallback-as-mistral"] = WRITES["mistral"]
+
+
+def family_args(name: str) -> list[str]:
+    if name == "fallback-as-mistral":  # no template with tools: --tool-format picks the markup
+        return ["--tool-format", "mistral"]
+    return ["--chat-template", str(TEMPLATES / f"{name}.jinja")]
 
 
 @pytest.fixture(scope="module")
 def families(processes, server) -> dict[str, Server]:
-    """A gateway per family template on the shared engine (the format is detected)."""
+    """A gateway per family template on the shared engine (the format is detected), and one
+    told the format on the command line."""
     out = {}
     for name in FAMILIES:
-        proc, url = processes.gateway([server.engine_endpoint], "--api-key", API_KEY, "--chat-template", str(TEMPLATES / f"{name}.jinja"))
+        proc, url = processes.gateway([server.engine_endpoint], "--api-key", API_KEY, *family_args(name))
         out[name] = Server(url, server.engine_endpoint, server.engine, proc)
     return out
 

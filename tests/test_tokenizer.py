@@ -283,3 +283,13 @@ def test_random_chunkings_match_the_reference():
         cuts = sorted(rng.sample(range(len(text) + 1), k=min(len(text) + 1, rng.randint(0, 5))))
         chunks = [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
         assert run_chunks(stops, chunks) == reference(text, stops), (text, stops, chunks)
+
+
+def test_control_tokens_a_tool_format_needs_come_through_as_text(model_path):
+    """Mistral's [TOOL_CALLS] and Llama's <|python_tag|> are control tokens, empty when
+    detokenized; the tool parser must see them. Gemma's <start_of_turn> stands in here."""
+    tokenizer = Tokenizer(model_path)  # its own: the change sticks to the instance
+    (token,) = tokenizer.encode("<start_of_turn>", add_special=False)
+    assert tokenizer.piece(token) == b""
+    tokenizer.render_special(("<start_of_turn>", "not one token"))
+    assert tokenizer.decode(tokenizer.encode("a<start_of_turn>b", add_special=False)) == "a<start_of_turn>b"

@@ -317,3 +317,9 @@ def test_a_schema_the_converter_refuses():
         call_constraint(parse_tools({"tools": [remote], "tool_choice": "required"}), HERMES, real_gbnf)
     text, triggers = call_constraint(parse_tools({"tools": [remote]}), HERMES, real_gbnf)  # auto: JSON arguments still
     assert triggers and "tc-call" in text
+
+
+def test_the_cli_offers_every_format():
+    from demesne.config import TOOL_FORMATS
+
+    assert TOOL_FORMATS == ("auto", *FORMATS)
