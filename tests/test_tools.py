@@ -288,7 +288,7 @@ def test_grammar_root_follows_the_format(fmt):
     assert ("{0,3}" in root) == (f.max_calls > 1)  # Llama 3.x templates take one call a turn
     assert call_schema(f, [WEATHER])["required"] == ["name", f.args_key]
     _, triggers = call_constraint(spec(), f, fake_gbnf)
-    assert triggers and all(t.startswith("^") and t.endswith("$") for t in triggers)
+    assert triggers and all(t.endswith("$") for t in triggers)  # a match ends the output
 
 
 def real_gbnf(schema):

@@ -240,19 +240,21 @@ _HEAD: Parts = ("{", '"name"', ":", '"')
 
 
 def triggers(fmt: ToolFormat, names: list[str]) -> list[str]:
-    """Regexes for llama.cpp's lazy grammar: the grammar starts at the first group once the
-    output so far matches. Each is anchored (``^...$``): llama.cpp searches anywhere in the
-    output otherwise, and hands the grammar everything from the group on.
+    """Regexes for llama.cpp's lazy grammar, which searches the output so far with each after
+    every token and starts the grammar at the first group of a match.
 
-    Each match must *end* inside text the grammar accepts: the group is an opener's leading
-    units followed by any prefix of the rest of the opener and the head of a call. Were the
-    output allowed to run on past that (a token such as ``>Paris`` closing ``<tool_call``),
-    llama.cpp would hand the grammar text it rejects, and it aborts the process rather than
-    refuse.
+    Each match must *end* the output (``$``) inside text the grammar accepts: the group is an
+    opener's leading units followed by any prefix of the rest of the opener and the head of
+    a call. Were the output allowed to run on past that (a token such as ``>Paris`` closing
+    ``<tool_call``), llama.cpp would hand the grammar text it rejects, and it aborts the
+    process rather than refuse. Only the bare-JSON opener is anchored at the start (``^``).
+    No leading ``[\\s\\S]*?``: searching for the opener directly costs a fifth as much, and
+    the search runs over the whole output after every token (0.12 ms a token at 3000 tokens
+    on this machine, against 0.66 ms).
     """
     if fmt.named_args:  # the opener, then a prefix of an allowed name, "[ARGS]" and "{"
         heads = "|".join(prefix_re(name + "[ARGS]{") for name in names)
-        return [r"^[\s\S]*?(" + re.escape(fmt.openers[0].parts[0]) + f"(?:{heads})?)$"]
+        return ["(" + re.escape(fmt.openers[0].parts[0]) + f"(?:{heads})?)$"]
     patterns = []
     for opener in fmt.openers:
         units = [(_WS_RE, p) for p in opener.parts] + [(_WS_RE if opener.parts else "", _HEAD[0])]
@@ -260,7 +262,7 @@ def triggers(fmt: ToolFormat, names: list[str]) -> list[str]:
         units[0] = ("", units[0][1])
         need, rest = units[: opener.trigger_units], units[opener.trigger_units :]
         fixed = "".join(sep + re.escape(literal) for sep, literal in need)
-        lead = r"^\s*" if opener.start_only else r"^[\s\S]*?"
+        lead = r"^\s*" if opener.start_only else ""
         patterns.append(f"{lead}({fixed}{_prefix_re(rest)})$")
     return patterns
 
