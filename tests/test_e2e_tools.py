@@ -150,6 +150,40 @@ async def test_a_call_cut_short_finishes_with_length(server, model_id):
         assert finish == "length" and no_markup(content)
 
 
+def few_shot() -> list[dict]:
+    """Two earlier exchanges in which the assistant called get_weather with unit "c"."""
+    history = []
+    for city, call_id in (("Oslo", "call_a1"), ("Lima", "call_b2")):
+        call = {"id": call_id, "type": "function", "function": {"name": "get_weather", "arguments": json.dumps({"city": city, "unit": "c"})}}
+        history += [
+            {"role": "user", "content": f"What is the weather in {city}?"},
+            {"role": "assistant", "content": None, "tool_calls": [call]},
+            {"role": "tool", "tool_call_id": call_id, "content": '{"temperature": 20}'},
+            {"role": "assistant", "content": f"It is 20 degrees in {city}."},
+        ]
+    return history + [{"role": "user", "content": "What is the weather in Rome?"}]
+
+
+async def test_auto_call_is_kept_valid_by_the_lazy_grammar(server, model_id):
+    """auto: the base model, following its history, opens a call by itself; from there the
+    lazy grammar holds it to the schema offered now, which allows only unit "k" where the
+    history shows "c"."""
+    kelvin = json.loads(json.dumps(WEATHER))
+    kelvin["function"]["parameters"]["properties"]["unit"] = {"enum": ["k"]}
+    for stream in (False, True):
+        out = await client(server).chat.completions.create(
+            model=model_id, messages=few_shot(), tools=[kelvin], max_tokens=60, temperature=0, stream=stream
+        )
+        if stream:
+            content, finish, calls = await streamed_calls(out)
+            calls = [(c["name"], c["arguments"]) for c in calls.values()]
+        else:
+            message, finish = out.choices[0].message, out.choices[0].finish_reason
+            content, calls = message.content, [(c.function.name, c.function.arguments) for c in message.tool_calls or []]
+        assert finish == "tool_calls" and no_markup(content)
+        assert [(name, json.loads(args)) for name, args in calls] == [("get_weather", {"city": "Rome", "unit": "k"})]
+
+
 async def test_tool_choice_none_returns_text(server, model_id):
     out = await client(server).chat.completions.create(
         model=model_id, messages=ASK, tools=[WEATHER], tool_choice="none", max_tokens=12, temperature=0
