@@ -134,6 +134,7 @@ def engine_cmd(model, listen, log_level, **kw):
 @_apply(GATEWAY_OPTIONS)
 @click.option("--engine", "engines", multiple=True, default=[default_engine_endpoint()], show_default=True, help="engine endpoint (repeatable)")
 @click.option("--model", type=click.Path(dir_okay=False), help="local copy of the engine's GGUF, when its path is not readable here")
+@click.option("--route-slack", default=4, show_default=True, help="with several engines: send a request to the engine holding more of its prefix unless it has this many more requests in flight than the least loaded")
 @LOG_LEVEL
 def gateway_cmd(log_level, **kw):
     """Run one gateway: HTTP on the outside, engines over ZeroMQ on the inside."""

@@ -82,6 +82,7 @@ class GatewayConfig:
     max_body_bytes: int = 8 * 1024 * 1024
     heartbeat_interval: float = 1.0
     heartbeat_timeout: float = 5.0  # an engine silent this long is taken as dead
+    route_slack: int = 4  # a prefix match may send a request to an engine this much busier
 
     def __post_init__(self) -> None:
         _require(len(self.engines) > 0, "at least one --engine endpoint is needed")
@@ -91,6 +92,7 @@ class GatewayConfig:
             self.heartbeat_timeout > self.heartbeat_interval > 0,
             "heartbeat timeout must exceed the interval",
         )
+        _require(self.route_slack >= 0, "--route-slack must be >= 0")
         _require(self.tool_format in TOOL_FORMATS, f"--tool-format must be one of {TOOL_FORMATS}")
         if self.chat_template is not None:
             _require(os.path.isfile(self.chat_template), f"--chat-template {self.chat_template}: no such file")

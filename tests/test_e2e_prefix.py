@@ -102,3 +102,36 @@ async def test_n_out_of_range_is_400(server, http, model_id):
     async with http.post(f"{server.v1}/completions", json=body) as r:
         assert r.status == 400
         assert (await r.json())["error"]["param"] == "n"
+
+
+@pytest.fixture(scope="module")
+def two_engines(processes):
+    """Two engines behind one gateway, for prefix-aware routing."""
+    endpoints = [processes.endpoint(f"engine-route-{i}") for i in range(2)]
+    for endpoint in endpoints:
+        processes.engine(endpoint, "--ctx-size", "4096", "--max-seqs", "4")
+    _, url = processes.gateway(endpoints)
+    return url
+
+
+async def test_a_prefix_goes_to_the_engine_that_holds_it(two_engines, model_id, tokenizer):
+    """One long request per prefix keeps each engine busy (P on the first, Q on the second);
+    then a request sharing Q's prefix arrives with both engines equally loaded. By load alone
+    it would go to the first engine and decode Q again; routed by prefix, it finds Q cached."""
+    client = client_for(f"{two_engines}/v1", "unused")
+    p_text = "The river ran past the mill and the mill wheel turned all day long. " * 20
+    q_text = "Stars burned over the desert while the caravan slept beside its fires. " * 20
+    no_end = {str(t): -100 for t in tokenizer.encode("<eos><end_of_turn>", add_special=False)}
+    long = dict(model=model_id, max_tokens=400, temperature=0, stream=True, logit_bias=no_end)
+    held = []
+    try:
+        for text in (p_text, q_text):
+            stream = await client.completions.create(prompt=text + "And then", **long)
+            held.append(stream)
+            await stream.__anext__()  # running on its engine now
+        q_again = await client.completions.create(model=model_id, prompt=q_text + "Meanwhile", max_tokens=1, temperature=0)
+        q_tokens = len(tokenizer.encode(q_text))
+        assert q_again.usage.prompt_tokens_details.cached_tokens >= q_tokens - 2
+    finally:
+        for stream in held:
+            await stream.close()

@@ -8,6 +8,7 @@ for ``CLIENT_TIMEOUT`` seconds is taken as gone and its requests are aborted.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from collections import defaultdict
@@ -29,7 +30,8 @@ class EngineProc:
     def __init__(self, config: EngineConfig, engine: Engine):
         self.config = config
         self.engine = engine
-        self.engine_id = f"{config.model_id}@{config.listen}"
+        # Unique per process: a gateway that sees it change knows the KV cache is new.
+        self.engine_id = f"{config.model_id}@{config.listen}#{os.getpid()}.{time.time_ns():x}"
         self.zctx = zmq.Context()
         self.sock = self.zctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)

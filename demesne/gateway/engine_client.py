@@ -22,6 +22,7 @@ import zmq.asyncio
 
 from .. import protocol as p
 from ..config import GatewayConfig
+from .routing import BLOCK, PrefixIndex, block_hashes, choose
 
 log = logging.getLogger("demesne.gateway")
 
@@ -48,6 +49,14 @@ class EngineConn:
     last_seen: float = 0.0
     inflight: set[str] = field(default_factory=set)
     ponged: asyncio.Event = field(default_factory=asyncio.Event)
+    engine_id: str | None = None  # changes when the engine process restarts
+    prefix: PrefixIndex = field(default_factory=PrefixIndex)  # what we think it holds
+    routed: int = 0  # requests sent here
+    routed_cached: int = 0  # prompt tokens the routing expected it to hold
+
+    @property
+    def load(self) -> int:
+        return len(self.inflight)
 
 
 class EngineClient:
@@ -107,12 +116,16 @@ class EngineClient:
     def new_request_id(self) -> str:
         return f"{self._prefix}-{next(self._ids)}"
 
-    def pick(self, model_id: str) -> EngineConn:
-        """The live engine serving ``model_id`` with the fewest requests in flight."""
+    def pick(self, model_id: str, prompt: list[int]) -> EngineConn:
+        """The live engine serving ``model_id`` most likely to hold the prompt's prefix, unless
+        it is ``--route-slack`` requests busier than the least loaded (routing.py)."""
         candidates = [e for e in self.engines if e.alive and e.info is not None and e.info.id == model_id]
         if not candidates:
             raise EngineUnavailable(f"no engine serving {model_id} is reachable")
-        return min(candidates, key=lambda e: len(e.inflight))
+        engine, matched = choose(candidates, block_hashes(prompt), self.config.route_slack)
+        engine.routed += 1
+        engine.routed_cached += matched * BLOCK
+        return engine
 
     async def generate(self, engine: EngineConn, req: p.Generate) -> AsyncIterator[p.Delta]:
         """Send ``req`` and yield its deltas until the one with ``finish``.
@@ -186,6 +199,9 @@ class EngineClient:
             queue.put_nowait(item)
 
     def _on_pong(self, engine: EngineConn, pong: p.Pong) -> None:
+        if engine.engine_id != pong.engine_id:  # a new process: its cache starts empty
+            engine.engine_id = pong.engine_id
+            engine.prefix.clear()
         engine.stats = pong.stats
         engine.ponged.set()
         engine.info = pong.model
@@ -208,6 +224,7 @@ class EngineClient:
 
     def _mark_down(self, engine: EngineConn) -> None:
         engine.alive = False
+        engine.prefix.clear()
         log.warning("engine %s stopped answering; failing its %d requests", engine.endpoint, len(engine.inflight))
         gone = EngineUnavailable(f"engine {engine.endpoint} stopped answering")
         for rid in list(engine.inflight):

@@ -137,7 +137,7 @@ async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamR
     if any(not 0 <= t < model.info.n_vocab for t, _ in req.params.logit_bias or ()):
         raise bad(f"'logit_bias' names token ids outside the vocabulary [0, {model.info.n_vocab})", "logit_bias")
     try:
-        engine = client.pick(req.model)
+        engine = client.pick(req.model, prompt)
     except EngineUnavailable as exc:
         raise ApiError(503, str(exc), None, "engine_unavailable") from None
     stops = req.stop + (list(model.template.stops) if req.chat else [])
@@ -390,6 +390,13 @@ async def metrics(request: web.Request) -> web.Response:
     await client.refresh_stats()
     lines = ["# HELP demesne_engine_up Whether the engine answers heartbeats", "# TYPE demesne_engine_up gauge"]
     lines += [f'demesne_engine_up{{engine="{e.endpoint}"}} {int(e.alive)}' for e in client.engines]
+    lines += ["# HELP demesne_gateway_routed_total Requests this gateway sent to the engine", "# TYPE demesne_gateway_routed_total counter"]
+    lines += [f'demesne_gateway_routed_total{{engine="{e.endpoint}"}} {e.routed}' for e in client.engines]
+    lines += [
+        "# HELP demesne_gateway_routed_prefix_tokens_total Prompt tokens the routing expected the engine to hold",
+        "# TYPE demesne_gateway_routed_prefix_tokens_total counter",
+    ]
+    lines += [f'demesne_gateway_routed_prefix_tokens_total{{engine="{e.endpoint}"}} {e.routed_cached}' for e in client.engines]
     for name, (kind, help_text) in _METRICS.items():
         lines += [f"# HELP demesne_{name} {help_text}", f"# TYPE demesne_{name} {kind}"]
         for e in client.engines:
