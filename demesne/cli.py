@@ -73,6 +73,7 @@ GATEWAY_OPTIONS = [
     click.option("--port", default=9090, show_default=True),
     click.option("--api-key", "api_keys", multiple=True, envvar="DEMESNE_API_KEY", help="accepted key (repeatable; env DEMESNE_API_KEY)"),
     click.option("--chat-template", type=click.Path(dir_okay=False), help="Jinja file overriding the model's chat template"),
+    click.option("--heartbeat-timeout", default=5.0, show_default=True, help="seconds of silence after which an engine is taken as down (raise it for very long decode steps)"),
     click.option("--tool-format", default="auto", type=click.Choice(TOOL_FORMATS), show_default=True, help="how the model writes tool calls (auto: from its chat template)"),
 ]
 
@@ -156,7 +157,7 @@ def gateway_cmd(log_level, **kw):
 @click.command("serve")
 @_apply(ENGINE_OPTIONS + GATEWAY_OPTIONS)
 @LOG_LEVEL
-def serve_cmd(log_level, host, port, api_keys, chat_template, tool_format, model, **engine_kw):
+def serve_cmd(log_level, host, port, api_keys, chat_template, heartbeat_timeout, tool_format, model, **engine_kw):
     """Run an engine and a gateway together on this machine (the bundled model by default)."""
     _setup_logging(log_level)
     run_dir = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
@@ -164,7 +165,8 @@ def serve_cmd(log_level, host, port, api_keys, chat_template, tool_format, model
     try:
         engine_config = _engine_config(model, endpoint, **engine_kw)
         gateway_config = GatewayConfig(
-            engines=(endpoint,), host=host, port=port, api_keys=tuple(api_keys), chat_template=chat_template, tool_format=tool_format
+            engines=(endpoint,), host=host, port=port, api_keys=tuple(api_keys), chat_template=chat_template, tool_format=tool_format,
+            heartbeat_timeout=heartbeat_timeout,
         )
     except (ConfigError, ModelNotFound) as exc:
         _fail(str(exc))
@@ -176,6 +178,7 @@ def serve_cmd(log_level, host, port, api_keys, chat_template, tool_format, model
         _run_async(_serve_with_engine(gateway_config, engine))
     finally:
         _stop_process(engine)
+        _remove_socket(endpoint)
     if engine.exitcode not in (0, None, -15):
         sys.exit(engine.exitcode if engine.exitcode > 0 else 1)
 
@@ -194,6 +197,14 @@ async def _serve_with_engine(config: GatewayConfig, engine: multiprocessing.Proc
     try:
         await gateway
     except asyncio.CancelledError:
+        pass
+
+
+def _remove_socket(endpoint: str) -> None:
+    """The IPC socket file our engine bound (ZeroMQ leaves it behind)."""
+    try:
+        os.unlink(endpoint.removeprefix("ipc://"))
+    except OSError:
         pass
 
 

@@ -90,7 +90,7 @@ class GatewayConfig:
         _require(all(self.api_keys), "an API key may not be empty")
         _require(
             self.heartbeat_timeout > self.heartbeat_interval > 0,
-            "heartbeat timeout must exceed the interval",
+            f"--heartbeat-timeout must exceed the heartbeat interval ({self.heartbeat_interval} s)",
         )
         _require(self.route_slack >= 0, "--route-slack must be >= 0")
         _require(self.tool_format in TOOL_FORMATS, f"--tool-format must be one of {TOOL_FORMATS}")

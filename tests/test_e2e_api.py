@@ -81,7 +81,8 @@ async def test_chat_completion_shape(server, http, model_id):
     assert isinstance(out["created"], int)
     choice = out["choices"][0]
     assert choice["index"] == 0 and choice["message"]["role"] == "assistant"
-    assert isinstance(choice["message"]["content"], str)
+    content = choice["message"]["content"]
+    assert isinstance(content, str) and content and not content[0].isspace()  # no space after "Assistant:"
     assert choice["finish_reason"] in ("stop", "length")
     use = out["usage"]
     assert use["total_tokens"] == use["prompt_tokens"] + use["completion_tokens"]
@@ -122,6 +123,7 @@ async def test_chat_stream_with_openai_client(server, model_id):
         temperature=0,
     )
     assert text == whole.choices[0].message.content
+    assert text and not text[0].isspace()
 
 
 async def test_completion_stream_raw_sse(server, http, model_id):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import time
@@ -129,12 +130,13 @@ def test_missing_model_exits_2_with_one_line(tmp_path):
     assert out.returncode == 2 and "not a GGUF" in out.stderr
 
 
-def test_serve_starts_both_and_stops_on_sigterm(model_path):
+def test_serve_starts_both_and_stops_on_sigterm(model_path, tmp_path):
     port = free_port()
     proc = subprocess.Popen(
         [str(BIN / "demesne"), "serve", "--port", str(port), "--ctx-size", "2048", "--max-seqs", "4", "--threads", "2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
+        env={**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)},  # where its engine socket goes
     )
 
     class P:  # the shape wait_healthy expects
@@ -160,3 +162,4 @@ def test_serve_starts_both_and_stops_on_sigterm(model_path):
         out = proc.communicate(timeout=40)[0].decode(errors="replace")
     assert proc.returncode == 0, out
     assert "NO API KEY" in out
+    assert list(tmp_path.iterdir()) == []  # the engine's socket file is gone

@@ -27,7 +27,8 @@ log = logging.getLogger("demesne.gateway")
 # described in a system turn, in the generic format (tools.template_messages).
 #
 # A base model will happily write the user's next turn as well, so this template comes
-# with the stop string "\nUser:" (added to each chat request that uses it).
+# with the stop string "\nUser:" (added to each chat request that uses it). The model writes
+# a space after "Assistant:"; the reply is stripped of it.
 FALLBACK_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
@@ -59,7 +60,9 @@ def _strftime_now(fmt: str) -> str:
 
 
 class ChatTemplate:
-    def __init__(self, source: str, bos_token: str, eos_token: str, origin: str, stops: tuple[str, ...] = ()):
+    def __init__(
+        self, source: str, bos_token: str, eos_token: str, origin: str, stops: tuple[str, ...] = (), strip_reply: bool = False
+    ):
         # As Hugging Face renders templates: loop controls on, its own tojson.
         env = ImmutableSandboxedEnvironment(
             trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"]
@@ -76,6 +79,7 @@ class ChatTemplate:
         self.eos_token = eos_token
         self.origin = origin  # "file PATH", "model", or "built-in fallback"
         self.stops = stops
+        self.strip_reply = strip_reply  # replies start with whitespace the prompt implies (fallback)
 
     @classmethod
     def select(cls, override_path: str | None, model_template: str | None, bos: str, eos: str) -> ChatTemplate:
@@ -85,7 +89,7 @@ class ChatTemplate:
         elif model_template:
             template = cls(model_template, bos, eos, "the model's tokenizer.chat_template")
         else:
-            template = cls(FALLBACK_TEMPLATE, bos, eos, "the built-in fallback (the model has none)", FALLBACK_STOPS)
+            template = cls(FALLBACK_TEMPLATE, bos, eos, "the built-in fallback (the model has none)", FALLBACK_STOPS, strip_reply=True)
         log.info("chat template: %s", template.origin)
         return template
 

@@ -43,7 +43,9 @@ async def generate_text(
     model: ModelContext,
     request: p.Generate,
     stops: list[str],
+    strip_leading: bool = False,
 ) -> AsyncIterator[Piece]:
+    """``strip_leading``: drop whitespace before the first visible character."""
     detok = IncrementalDetokenizer(model.tokenizer)
     matcher = StopMatcher(stops)
     n_out = 0
@@ -59,6 +61,9 @@ async def generate_text(
             if finish is not None and not matcher.stopped:
                 text += matcher.feed(detok.flush())
                 text += matcher.flush()
+            if strip_leading and text:
+                text = text.lstrip()
+                strip_leading = not text
             extra = (delta.tokens, delta.logprobs) if delta.logprobs is not None else (None, None)
             if matcher.stopped:
                 yield Piece(text, p.FINISH_STOP, prompt_tokens, n_out, cached, *extra)

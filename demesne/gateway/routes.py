@@ -141,9 +141,10 @@ async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamR
     except EngineUnavailable as exc:
         raise ApiError(503, str(exc), None, "engine_unavailable") from None
     stops = req.stop + (list(model.template.stops) if req.chat else [])
+    strip = req.chat and model.template.strip_reply
     # n choices are n requests with one prompt: the engine's prefix trie decodes it once.
     streams = [
-        generate_text(client, engine, model, p.Generate(client.new_request_id(), prompt, max_tokens, _choice_params(req, i)), stops)
+        generate_text(client, engine, model, p.Generate(client.new_request_id(), prompt, max_tokens, _choice_params(req, i)), stops, strip)
         for i in range(req.n)
     ]
     shaper = Shaper(req.chat, model.info.id, request.app[FINGERPRINT])
