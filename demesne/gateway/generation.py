@@ -35,6 +35,7 @@ class Piece:
     cached_tokens: int = 0
     tokens: list[int] | None = None  # with logprobs only: the tokens behind this piece
     logprobs: list | None = None
+    released: int = 0  # bytes of the output let through so far (a stop string and what follows are not)
 
 
 async def generate_text(
@@ -49,6 +50,7 @@ async def generate_text(
     detok = IncrementalDetokenizer(model.tokenizer)
     matcher = StopMatcher(stops)
     n_out = 0
+    released = 0
     prompt_tokens = len(request.prompt)
     cached = 0
     stream = client.generate(engine, request)
@@ -61,10 +63,11 @@ async def generate_text(
             if finish is not None and not matcher.stopped:
                 text += matcher.feed(detok.flush())
                 text += matcher.flush()
+            released += len(text.encode())
             if strip_leading and text:
                 text = text.lstrip()
                 strip_leading = not text
-            extra = (delta.tokens, delta.logprobs) if delta.logprobs is not None else (None, None)
+            extra = (delta.tokens, delta.logprobs, released) if delta.logprobs is not None else (None, None, released)
             if matcher.stopped:
                 yield Piece(text, p.FINISH_STOP, prompt_tokens, n_out, cached, *extra)
                 return

@@ -218,33 +218,54 @@ def _usage(finals: dict[int, Piece]) -> dict:
 
 
 class _LogprobShaper:
-    """Turns the engine's per-token logprobs into either endpoint's ``logprobs`` object."""
+    """Turns the engine's per-token logprobs into either endpoint's ``logprobs`` object.
+
+    A token's entry goes out with the text it stands for: entries wait while the stop-string
+    matcher holds their text back, and those of a stop string (and anything after it) are
+    dropped, as OpenAI leaves them out."""
 
     def __init__(self, model: ModelContext, chat: bool):
         self._tokenizer = model.tokenizer
         self._chat = chat
-        self._offset = 0
+        self._offset = 0  # characters of token text so far (completions' text_offset)
+        self._end = 0  # bytes of token text so far
+        self._starts: list[int] = []  # byte offset of each waiting entry
         if chat:
             self.total: dict = {"content": [], "refusal": None}
+            self._waiting: dict = {"content": []}
         else:
             self.total = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+            self._waiting = {key: [] for key in self.total}
 
     def _text(self, token: int) -> str:
         return self._tokenizer.piece(token).decode("utf-8", "replace")
 
     def add(self, piece: Piece) -> dict | None:
-        if piece.tokens is None:
+        """The entries this piece's text releases (None if there are none)."""
+        if piece.tokens is not None:
+            raw = [self._tokenizer.piece(t) for t in piece.tokens]
+            if self._chat:
+                part = chat_logprobs(raw, piece.logprobs, self._tokenizer.piece)
+            else:
+                texts = [self._text(t) for t in piece.tokens]
+                part = completion_logprobs(texts, piece.logprobs, self._text, self._offset)
+                self._offset += sum(len(t) for t in texts)
+            for key in self._waiting:
+                self._waiting[key].extend(part[key])
+            for b in raw:
+                self._starts.append(self._end)
+                self._end += len(b)
+        ready = sum(1 for start in self._starts if start < piece.released)
+        if piece.finish is not None:  # what is still waiting belongs to a stop string
+            self._starts = self._starts[:ready]
+        if not ready:
             return None
-        if self._chat:
-            part = chat_logprobs([self._tokenizer.piece(t) for t in piece.tokens], piece.logprobs, self._tokenizer.piece)
-            self.total["content"].extend(part["content"])
-            return part
-        texts = [self._text(t) for t in piece.tokens]
-        part = completion_logprobs(texts, piece.logprobs, self._text, self._offset)
-        self._offset += sum(len(t) for t in texts)
-        for key, values in part.items():
-            self.total[key].extend(values)
-        return part
+        out = {key: values[:ready] for key, values in self._waiting.items()}
+        for key, values in self._waiting.items():
+            del values[:ready]
+            self.total[key].extend(out[key])
+        del self._starts[:ready]
+        return {**out, "refusal": None} if self._chat else out
 
 
 async def _collect(req: CompletionRequest, model: ModelContext, shaper: Shaper, pieces, logprobs) -> web.Response:
