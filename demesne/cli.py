@@ -65,6 +65,7 @@ ENGINE_OPTIONS = [
     click.option("--cache-type-v", default="f16", type=click.Choice(CACHE_TYPES), show_default=True, help="V cache type (quantized needs flash attention)"),
     click.option("--max-waiting", default=1024, show_default=True, help="queued requests beyond this are refused with 429"),
     click.option("--seed", type=int, help="engine-wide seed for requests that bring none"),
+    click.option("--prefix-keep", default=0.25, show_default=True, help="share of the KV cache that prefixes of finished requests may keep (each kept cell widens every decode step's attention)"),
     click.option("--no-prefix-cache", "prefix_cache", is_flag=True, flag_value=False, default=True, help="turn off prefix sharing and retention (for A/B measurements)"),
 ]
 

@@ -46,6 +46,7 @@ class EngineConfig:
     max_waiting: int = 1024  # requests queued beyond this are refused with 429
     seed: int | None = None  # engine-wide seed for requests that bring none
     prefix_cache: bool = True  # share and keep KV of common prefixes (the radix trie)
+    prefix_keep: float = 0.25  # the share of the KV cache finished sequences' prefixes may keep
 
     def __post_init__(self) -> None:
         _require(self.ctx_size >= 256, f"--ctx-size must be at least 256, got {self.ctx_size}")
@@ -64,6 +65,7 @@ class EngineConfig:
             _require(value in CACHE_TYPES, f"--cache-type-{name} must be one of {CACHE_TYPES}")
         _require(all(x >= 0 for x in self.tensor_split), "--tensor-split takes non-negative numbers")
         _require(self.max_waiting >= 1, "--max-waiting must be positive")
+        _require(0.0 <= self.prefix_keep <= 1.0, f"--prefix-keep must be in [0, 1], got {self.prefix_keep}")
 
     @property
     def model_id(self) -> str:

@@ -178,3 +178,19 @@ def test_reuse_is_right_on_sliding_window_model(model_path, tokenizer):
         assert max(diffs) < 0.5, diffs
     finally:
         engine.runner.close()
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.5])
+def test_prefix_keep_bounds_what_finished_requests_leave(model_path, tokenizer, keep):
+    """--prefix-keep: the share of the cache that finished requests' prefixes may hold."""
+    engine = make_engine(model_path, ctx_size=1024, max_seqs=4, batch_size=256, prefix_keep=keep)
+    try:
+        words = STORY.split()
+        for i in range(6):  # about 1,400 prompt tokens in all: more than half the cache
+            text = " ".join(words[i * 40 : i * 40 + 200]) + f" ({i})"
+            run_engine(engine, [Generate(f"k{i}", tokenizer.encode(text), 4, GREEDY)])
+        kept = engine.scheduler.trie.n_cells
+        assert kept <= keep * 1024 and engine.stats()["kv_cells_used"] == kept
+        assert (kept > 0) == (keep > 0)
+    finally:
+        engine.runner.close()

@@ -60,7 +60,14 @@ class Engine:
         self.runner = runner
         self.n_ctx = runner.n_ctx
         self.scheduler = Scheduler(
-            runner.n_ctx, config.max_seqs, config.batch_size, config.max_waiting, runner, config.prefix_cache, runner.n_seq_max
+            runner.n_ctx,
+            config.max_seqs,
+            config.batch_size,
+            config.max_waiting,
+            runner,
+            config.prefix_cache,
+            runner.n_seq_max,
+            max_kept_cells=int(runner.n_ctx * config.prefix_keep),
         )
         self.sampler = Sampler(runner.n_vocab, config.max_seqs)  # at most one output row per sequence
         self.counters = Counters()
