@@ -201,6 +201,10 @@ async def test_tool_choice_none_returns_text(server, model_id):
             {"tools": [WEATHER], "messages": ASK + [{"role": "tool", "tool_call_id": "call_nowhere", "content": "21"}]},
             "messages[1].tool_call_id",
         ),
+        (  # was a 500: a malformed call in the history
+            {"tools": [WEATHER], "messages": ASK + [{"role": "assistant", "content": None, "tool_calls": ["oops"]}]},
+            "messages[1].tool_calls[0]",
+        ),
         (  # a call that cannot be enforced is refused rather than left to chance
             {"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"p": {"$ref": "https://example.com/p.json"}}}}}], "tool_choice": "required"},
             "tools",

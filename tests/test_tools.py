@@ -205,7 +205,7 @@ def conversation(call_id: str = "call_0123456789abcdef") -> list[dict]:
     return [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "Weather in Paris?"},
-        {"role": "assistant", "content": "", "tool_calls": assistant_calls({"tool_calls": [raw_call]})},
+        {"role": "assistant", "content": "", "tool_calls": assistant_calls({"tool_calls": [raw_call]}, "messages[2]")},
         {"role": "tool", "content": '{"temp": 21}', "tool_call_id": call_id},
     ]
 
@@ -323,3 +323,43 @@ def test_the_cli_offers_every_format():
     from demesne.config import TOOL_FORMATS
 
     assert TOOL_FORMATS == ("auto", *FORMATS)
+
+
+@pytest.mark.parametrize(
+    "calls, param",
+    [
+        ("x", "messages[1].tool_calls"),
+        (["oops"], "messages[1].tool_calls[0]"),
+        ([{"id": "a", "type": "function"}], "messages[1].tool_calls[0]"),
+        ([{"id": 5, "type": "function", "function": {"name": "w", "arguments": "{}"}}], "messages[1].tool_calls[0].id"),
+        ([{"id": "a", "type": "function", "function": {"name": 3, "arguments": "{}"}}], "messages[1].tool_calls[0].function.name"),
+    ],
+)
+def test_malformed_assistant_calls_are_refused(calls, param):
+    with pytest.raises(ToolError) as info:
+        assistant_calls({"tool_calls": calls}, "messages[1]")
+    assert info.value.param == param
+
+
+def test_assistant_call_arguments_are_taken_leniently():
+    def args(value):
+        call = {"id": "a", "type": "function", "function": {"name": "w", "arguments": value}}
+        return assistant_calls({"tool_calls": [call]}, "m")[0]["function"]["arguments"]
+
+    assert args('{"c": 1}') == {"c": 1} and args({"c": 1}) == {"c": 1} and args("") == {}
+    assert args('{"c": ') == '{"c": '  # cut short earlier: passed on as written
+
+
+@pytest.mark.parametrize(
+    "tool, param",
+    [
+        ({"type": "function", "function": {"name": "w", "description": 5}}, "tools[0].function.description"),
+        ({"type": "function", "function": {"name": "w", "strict": "yes"}}, "tools[0].function.strict"),
+        ({"type": "function", "function": {"name": "w", "parameters": {"type": "object", "properties": []}}}, "tools[0].function.parameters"),
+        (WEATHER, "tools[1].function.name"),  # the same name twice
+    ],
+)
+def test_more_bad_tools(tool, param):
+    with pytest.raises(ToolError) as info:
+        parse_tools({"tools": [WEATHER, tool] if tool is WEATHER else [tool]})
+    assert info.value.param == param

@@ -211,8 +211,13 @@ def _message(m: Any, i: int) -> dict:
         raise bad(f"'{where}.role' must be one of {', '.join(ROLES)}; got {role!r}", f"{where}.role")
     content = _content(m.get("content"), f"{where}.content", allow_null=role == "assistant")
     out = {"role": "system" if role == "developer" else role, "content": content}
-    if role == "assistant" and m.get("tool_calls"):
-        out["tool_calls"] = assistant_calls(m)
+    if role == "assistant" and m.get("tool_calls") is not None:
+        try:
+            calls = assistant_calls(m, where)
+        except ToolError as exc:
+            raise bad(str(exc), exc.param) from None
+        if calls:
+            out["tool_calls"] = calls
     if isinstance(m.get("name"), str):
         out["name"] = m["name"]
     return out

@@ -52,7 +52,11 @@ def parse_tools(body: dict) -> ToolSpec | None:
             raise ToolError("'tool_choice' needs 'tools'", "tool_choice")
         return None
     tools = [_tool(t, i) for i, t in enumerate(_list(tools, "tools"))]
-    names = {t["function"]["name"] for t in tools}
+    names: set[str] = set()
+    for i, t in enumerate(tools):
+        if t["function"]["name"] in names:
+            raise ToolError(f"'tools[{i}].function.name' repeats {t['function']['name']!r}", f"tools[{i}].function.name")
+        names.add(t["function"]["name"])
     parallel = body.get("parallel_tool_calls", True)
     if not isinstance(parallel, bool):
         raise ToolError("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
@@ -83,8 +87,11 @@ def _tool(tool: Any, i: int) -> dict:
     name = fn.get("name")
     if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9_-]{1,64}", name):
         raise ToolError(f"'{where}.function.name' must be 1-64 letters, digits, _ or -", f"{where}.function.name")
+    for key, kind, what in (("description", str, "a string"), ("strict", bool, "a boolean")):
+        if fn.get(key) is not None and not isinstance(fn[key], kind):
+            raise ToolError(f"'{where}.function.{key}' must be {what}", f"{where}.function.{key}")
     params = fn.get("parameters", {"type": "object", "properties": {}})
-    if not isinstance(params, dict) or params.get("type", "object") != "object":
+    if not isinstance(params, dict) or params.get("type", "object") != "object" or not isinstance(params.get("properties", {}), dict):
         raise ToolError(f"'{where}.function.parameters' must be a JSON schema of type object", f"{where}.function.parameters")
     return {"type": "function", "function": {**fn, "parameters": params}}
 
@@ -104,17 +111,30 @@ def check_tool_messages(messages: list[dict], raw: list[dict]) -> None:
             messages[i]["tool_call_id"] = call_id
 
 
-def assistant_calls(raw: dict) -> list[dict] | None:
-    """An assistant message's ``tool_calls`` for the template (arguments as objects)."""
+def assistant_calls(raw: dict, where: str) -> list[dict] | None:
+    """An assistant message's ``tool_calls``, checked, for the template (arguments as objects)."""
+    given = raw.get("tool_calls")
+    if given is None:
+        return None
+    if not isinstance(given, list):
+        raise ToolError(f"'{where}.tool_calls' must be an array", f"{where}.tool_calls")
     calls = []
-    for call in raw.get("tool_calls") or []:
-        fn = call.get("function", {}) if isinstance(call, dict) else {}
+    for j, call in enumerate(given):
+        at = f"{where}.tool_calls[{j}]"
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or call.get("type", "function") != "function":
+            raise ToolError(f"'{at}' must be {{id, type: function, function: {{name, arguments}}}}", at)
+        if not isinstance(call.get("id"), str) or not call["id"]:
+            raise ToolError(f"'{at}.id' must be a non-empty string", f"{at}.id")
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ToolError(f"'{at}.function.name' must be a non-empty string", f"{at}.function.name")
         args = fn.get("arguments", "{}")
-        try:
-            args = json.loads(args) if isinstance(args, str) else args
-        except ValueError:
-            pass
-        calls.append({"id": call.get("id"), "type": "function", "function": {"name": fn.get("name"), "arguments": args}})
+        if isinstance(args, str):  # OpenAI's shape: JSON text; templates want the object
+            try:
+                args = json.loads(args) if args.strip() else {}
+            except ValueError:
+                pass  # a call cut short earlier: the template gets the text as it was
+        calls.append({"id": call["id"], "type": "function", "function": {"name": fn["name"], "arguments": args}})
     return calls or None
 
 
