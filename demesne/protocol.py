@@ -42,6 +42,7 @@ class SamplingParams:
     # Lazy grammar: regexes over the whole output so far; the grammar applies from the first
     # group of the first one that matches (llama.cpp's grammar_lazy).
     grammar_triggers: list[str] | None = None
+    grammar_trigger_tokens: list[int] | None = None  # ...or once one of these tokens is sampled
 
     @property
     def penalized(self) -> bool:

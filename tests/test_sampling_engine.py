@@ -151,7 +151,8 @@ def _tool_constraint(fmt_name: str, choice: str = "auto"):
     from demesne.gateway.tools import call_constraint, parse_tools
 
     spec = parse_tools({"tools": [ADD_TOOL], "tool_choice": choice})
-    return call_constraint(spec, FORMATS[fmt_name], lambda schema: schema_grammar(schema, "tools"))
+    text, patterns, _ = call_constraint(spec, FORMATS[fmt_name], lambda schema: schema_grammar(schema, "tools"))
+    return text, patterns
 
 
 def _feed(grammar, tokenizer, text: str) -> bool:
@@ -234,3 +235,18 @@ def test_a_trigger_fires_only_on_text_the_grammar_accepts(engine, tokenizer, fmt
                 finally:
                     grammar.close()
     assert fired
+
+
+def test_a_lazy_grammar_can_trigger_on_a_token(engine, tokenizer):
+    """Trigger tokens (an opener that is one token of the vocabulary): Gemma's
+    <start_of_turn> stands in for Qwen's <tool_call>."""
+    token = tokenizer.one_token("<start_of_turn>")
+    assert token is not None and tokenizer.one_token("{") is None
+    grammar = engine.grammars.new('root ::= "<start_of_turn>" "x"+', None, [token])
+    try:
+        assert _feed(grammar, tokenizer, "anything at all { <tool_call> ")
+        grammar.accept(token)
+        assert not grammar.allows(tokenizer.encode("hello", add_special=False)[0])
+        assert _feed(grammar, tokenizer, "xx")
+    finally:
+        grammar.close()

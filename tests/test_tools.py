@@ -287,7 +287,8 @@ def test_grammar_root_follows_the_format(fmt):
         assert json.dumps(part) in root
     assert ("{0,3}" in root) == (f.max_calls > 1)  # Llama 3.x templates take one call a turn
     assert call_schema(f, [WEATHER])["required"] == ["name", f.args_key]
-    _, triggers = call_constraint(spec(), f, fake_gbnf)
+    _, triggers, tokens = call_constraint(spec(), f, fake_gbnf)
+    assert tokens is None
     assert triggers and all(t.endswith("$") for t in triggers)  # a match ends the output
 
 
@@ -307,7 +308,7 @@ def test_pydantic_defs_resolve_per_tool():
     assert set(schema["$defs"]) == {"t0-P", "t1-P"}
     refs = [v["properties"]["arguments"]["properties"]["p"]["$ref"] for v in schema["oneOf"]]
     assert refs == ["#/$defs/t0-P", "#/$defs/t1-P"]
-    text, _ = call_constraint(tools, GENERIC, real_gbnf)
+    text, _, _ = call_constraint(tools, GENERIC, real_gbnf)
     assert 't0-P-x-kv' in text and 't1-P-y-kv' in text  # each tool's own nested model
 
 
@@ -315,7 +316,7 @@ def test_a_schema_the_converter_refuses():
     remote = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"p": {"$ref": "https://example.com/p.json"}}}}}
     with pytest.raises(Exception, match="cannot enforce"):
         call_constraint(parse_tools({"tools": [remote], "tool_choice": "required"}), HERMES, real_gbnf)
-    text, triggers = call_constraint(parse_tools({"tools": [remote]}), HERMES, real_gbnf)  # auto: JSON arguments still
+    text, triggers, _ = call_constraint(parse_tools({"tools": [remote]}), HERMES, real_gbnf)  # auto: JSON arguments still
     assert triggers and "tc-call" in text
 
 
@@ -363,3 +364,18 @@ def test_more_bad_tools(tool, param):
     with pytest.raises(ToolError) as info:
         parse_tools({"tools": [WEATHER, tool] if tool is WEATHER else [tool]})
     assert info.value.param == param
+
+
+def test_openers_that_are_one_token_trigger_by_token():
+    """A vocabulary with the opener as one token (Qwen's <tool_call>) triggers on it: no
+    pattern to search after every token. A bare '{' never does (generic, Llama's JSON)."""
+    vocab = {"<tool_call>": 151657, "<|python_tag|>": 128010, "[TOOL_CALLS]": 5, "{": 90}
+    expect = {"hermes": ([], [151657]), "mistral": ([], [5]), "mistral-v11": ([], [5])}
+    for name, fmt in FORMATS.items():
+        _, patterns, tokens = call_constraint(spec(), fmt, fake_gbnf, vocab.get)
+        if name in expect:
+            assert (patterns, tokens) == expect[name]
+        elif name == "llama3":  # the bare JSON at the start still needs its pattern
+            assert tokens == [128010] and len(patterns) == 1 and patterns[0].startswith("^")
+        else:
+            assert tokens is None and patterns

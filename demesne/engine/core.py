@@ -106,7 +106,7 @@ class Engine:
             )
             if req.params.grammar:
                 try:
-                    seq.grammar = self.grammars.new(req.params.grammar, req.params.grammar_triggers)
+                    seq.grammar = self.grammars.new(req.params.grammar, req.params.grammar_triggers, req.params.grammar_trigger_tokens)
                 except GrammarError as exc:
                     self.counters.requests_refused += 1
                     return Error(req.rid, 400, str(exc), "invalid_grammar", "response_format")

@@ -30,15 +30,18 @@ class Grammars:
         self._one = np.zeros(1, _TOKEN_DATA)
         self._one_array = _token_array(self._one)
 
-    def new(self, text: str, triggers: list[str] | None = None) -> Grammar:
+    def new(self, text: str, triggers: list[str] | None = None, tokens: list[int] | None = None) -> Grammar:
         """A grammar sampler; with ``triggers`` (regexes whose first group marks where the
-        grammar starts), a lazy one that lets anything through until the output matches one."""
-        if not triggers:
+        grammar starts) or trigger ``tokens``, a lazy one that lets anything through until the
+        output matches a pattern or one of the tokens is sampled."""
+        triggers, tokens = triggers or [], tokens or []
+        if not triggers and not tokens:
             sampler = llama_cpp.llama_sampler_init_grammar(self.vocab, text.encode("utf-8"), b"root")
         else:
             patterns = (ctypes.c_char_p * len(triggers))(*(t.encode("utf-8") for t in triggers))
+            ids = (llama_cpp.llama_token * len(tokens))(*tokens)
             sampler = llama_cpp.llama_sampler_init_grammar_lazy_patterns(
-                self.vocab, text.encode("utf-8"), b"root", patterns, len(triggers), None, 0
+                self.vocab, text.encode("utf-8"), b"root", patterns, len(triggers), ids, len(tokens)
             )
         if not sampler:
             raise GrammarError("the grammar does not compile")

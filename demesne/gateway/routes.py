@@ -94,10 +94,13 @@ def _constrain_calls(model: ModelContext, req: CompletionRequest) -> None:
     """The grammar that forces a call (required, named) or keeps one valid (auto)."""
     if not _calling(req) or req.params.grammar:  # auto beside response_format: the format wins
         return
-    grammar, triggers = call_constraint(req.tools, model.tool_format, lambda schema: schema_grammar(schema, "tools"))
-    if not model.tokenizer.grammar_compiles(grammar):
+    tokenizer = model.tokenizer
+    grammar, patterns, tokens = call_constraint(
+        req.tools, model.tool_format, lambda schema: schema_grammar(schema, "tools"), tokenizer.one_token
+    )
+    if not tokenizer.grammar_compiles(grammar):
         raise bad("the tools' parameter schemas do not make a grammar", "tools", "invalid_grammar")
-    req.params.grammar, req.params.grammar_triggers = grammar, triggers
+    req.params.grammar, req.params.grammar_triggers, req.params.grammar_trigger_tokens = grammar, patterns, tokens
 
 
 def _budget(n_ctx: int, n_prompt: int, req: CompletionRequest, field: str) -> int:

@@ -46,13 +46,18 @@ class Tokenizer:
         llama_cpp.llama_sampler_free(sampler)
         return True
 
+    def one_token(self, text: str) -> int | None:
+        """The id of the one token that is exactly ``text`` (special tokens included), if any."""
+        ids = self.encode(text, add_special=False)
+        return ids[0] if len(ids) == 1 and len(text) > 1 else None
+
     def render_special(self, markers: tuple[str, ...]) -> None:
         """Let these control tokens through as their text (a tool-call marker such as
         ``[TOOL_CALLS]`` is one in Mistral's vocabulary, and the parser must see it)."""
         for marker in markers:
-            ids = self.encode(marker, add_special=False)
-            if len(ids) == 1:
-                self._pieces[ids[0]] = marker.encode()
+            token = self.one_token(marker)
+            if token is not None:
+                self._pieces[token] = marker.encode()
 
     def piece(self, token: int) -> bytes:
         """The bytes a token stands for (empty for control tokens such as ``<eos>``)."""

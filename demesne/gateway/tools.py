@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .tool_formats import ToolFormat, grammar, short_id, triggers
+from .tool_formats import ToolFormat, grammar, short_id, token_openers, triggers
 from .tool_parser import Call, CallParser, Events
 
 MAX_PARALLEL = 4  # calls one forced turn may hold
@@ -223,10 +224,13 @@ def _short_ids(m: dict) -> dict:
 # -- constraining decoding ------------------------------------------------------------------
 
 
-def call_constraint(spec: ToolSpec, fmt: ToolFormat, schema_to_gbnf) -> tuple[str, list[str] | None]:
-    """(grammar, lazy triggers) for a request: ``required`` or a named tool forces a call from
-    the first token; ``auto`` lets the model write text until it opens a call, then keeps the
-    call valid (llama.cpp's lazy grammar)."""
+def call_constraint(
+    spec: ToolSpec, fmt: ToolFormat, schema_to_gbnf, one_token: Callable[[str], int | None] = lambda text: None
+) -> tuple[str, list[str] | None, list[int] | None]:
+    """(grammar, trigger patterns, trigger tokens) for a request: ``required`` or a named tool
+    forces a call from the first token; ``auto`` lets the model write text until it opens a
+    call, then keeps the call valid (llama.cpp's lazy grammar). ``one_token(text)``: the
+    token id if the vocabulary has the text as one token (that opener triggers by token)."""
     allowed = [t for t in spec.tools if spec.choice != "named" or t["function"]["name"] == spec.named]
     most = MAX_PARALLEL if spec.parallel and spec.choice != "named" else 1
     try:
@@ -237,7 +241,12 @@ def call_constraint(spec: ToolSpec, fmt: ToolFormat, schema_to_gbnf) -> tuple[st
         # auto: a schema the converter refuses still gets well-formed JSON arguments
         loose = [{**t, "function": {**t["function"], "parameters": {"type": "object"}}} for t in allowed]
         text = grammar(fmt, loose, most, schema_to_gbnf)
-    return text, None if spec.forced else triggers(fmt, [t["function"]["name"] for t in allowed])
+    if spec.forced:
+        return text, None, None
+    tokens = {opener: one_token(opener) for opener in token_openers(fmt)}
+    tokens = {opener: token for opener, token in tokens.items() if token is not None}
+    patterns = triggers(fmt, [t["function"]["name"] for t in allowed], tokens)
+    return text, patterns, list(tokens.values()) or None
 
 
 # -- reading calls out of the model's text ----------------------------------------------------
