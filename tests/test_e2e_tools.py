@@ -144,7 +144,7 @@ async def test_a_call_cut_short_finishes_with_length(server, model_id):
             model=model_id, messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=12, temperature=0, stream=stream
         )
         if stream:
-            content, finish, calls = await streamed_calls(out)
+            content, finish, _ = await streamed_calls(out)
         else:
             content, finish = out.choices[0].message.content, out.choices[0].finish_reason
         assert finish == "length" and no_markup(content)

@@ -13,11 +13,11 @@ from demesne.gateway.openai import (
     ApiError,
     Shaper,
     bad,
-    completion_logprobs,
     parse_chat,
     parse_completion,
     usage,
 )
+from demesne.gateway.logprobs import completion_logprobs
 from demesne.protocol import Generate, SamplingParams
 
 MODEL = "gemma-3-270m-q4_k_m"

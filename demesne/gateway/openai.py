@@ -399,34 +399,3 @@ class Shaper:
     def usage_chunk(self, use: dict) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._envelope(obj), "choices": [], "usage": use}
-
-
-def completion_logprobs(pieces: list[str], entries: list, top_text, offset: int) -> dict:
-    """The completions endpoint's ``logprobs`` object for some generated tokens.
-
-    ``pieces`` are the tokens' texts, ``entries`` the engine's ``[logprob, [[id, lp]...]]``
-    per token, ``top_text(id)`` a token's text, ``offset`` the text length before them.
-    """
-    offsets = []
-    for piece in pieces:
-        offsets.append(offset)
-        offset += len(piece)
-    return {
-        "tokens": pieces,
-        "token_logprobs": [e[0] for e in entries],
-        "top_logprobs": [{top_text(i): lp for i, lp in e[1]} for e in entries],
-        "text_offset": offsets,
-    }
-
-
-def chat_logprobs(pieces: list[bytes], entries: list, top_bytes) -> dict:
-    """The chat endpoint's ``logprobs`` object: ``content`` with, per token, its text, bytes,
-    logprob and ``top_logprobs``. ``top_bytes(id)`` gives a token's bytes."""
-
-    def item(raw: bytes, logprob: float) -> dict:
-        return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
-
-    content = []
-    for raw, (logprob, top) in zip(pieces, entries):
-        content.append({**item(raw, logprob), "top_logprobs": [item(top_bytes(i), lp) for i, lp in top]})
-    return {"content": content, "refusal": None}

@@ -15,6 +15,7 @@ from .. import protocol as p
 from .app_keys import CLIENT, FINGERPRINT, MODELS, STARTED
 from .engine_client import EngineRefused, EngineUnavailable
 from .generation import ModelContext, Piece, generate_text
+from .logprobs import LogprobShaper
 from .tools import ToolStream, call_constraint, parse_calls, template_messages
 from .openai import (
     ApiError,
@@ -22,8 +23,6 @@ from .openai import (
     Shaper,
     bad,
     schema_grammar,
-    chat_logprobs,
-    completion_logprobs,
     parse_chat,
     parse_completion,
     usage,
@@ -151,7 +150,7 @@ async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamR
         for i in range(req.n)
     ]
     shaper = Shaper(req.chat, model.info.id, request.app[FINGERPRINT])
-    logprobs = [_LogprobShaper(model, req.chat) for _ in streams] if req.params.logprobs >= 0 else None
+    logprobs = [LogprobShaper(model.tokenizer, req.chat) for _ in streams] if req.params.logprobs >= 0 else None
     pieces = _merge(streams)
     try:
         if req.stream:
@@ -218,57 +217,6 @@ def _usage(finals: dict[int, Piece]) -> dict:
     first = finals[0]
     completion = sum(piece.completion_tokens for piece in finals.values())
     return usage(first.prompt_tokens, completion, first.cached_tokens)
-
-
-class _LogprobShaper:
-    """Turns the engine's per-token logprobs into either endpoint's ``logprobs`` object.
-
-    A token's entry goes out with the text it stands for: entries wait while the stop-string
-    matcher holds their text back, and those of a stop string (and anything after it) are
-    dropped, as OpenAI leaves them out."""
-
-    def __init__(self, model: ModelContext, chat: bool):
-        self._tokenizer = model.tokenizer
-        self._chat = chat
-        self._offset = 0  # characters of token text so far (completions' text_offset)
-        self._end = 0  # bytes of token text so far
-        self._starts: list[int] = []  # byte offset of each waiting entry
-        if chat:
-            self.total: dict = {"content": [], "refusal": None}
-            self._waiting: dict = {"content": []}
-        else:
-            self.total = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-            self._waiting = {key: [] for key in self.total}
-
-    def _text(self, token: int) -> str:
-        return self._tokenizer.piece(token).decode("utf-8", "replace")
-
-    def add(self, piece: Piece) -> dict | None:
-        """The entries this piece's text releases (None if there are none)."""
-        if piece.tokens is not None:
-            raw = [self._tokenizer.piece(t) for t in piece.tokens]
-            if self._chat:
-                part = chat_logprobs(raw, piece.logprobs, self._tokenizer.piece)
-            else:
-                texts = [self._text(t) for t in piece.tokens]
-                part = completion_logprobs(texts, piece.logprobs, self._text, self._offset)
-                self._offset += sum(len(t) for t in texts)
-            for key in self._waiting:
-                self._waiting[key].extend(part[key])
-            for b in raw:
-                self._starts.append(self._end)
-                self._end += len(b)
-        ready = sum(1 for start in self._starts if start < piece.released)
-        if piece.finish is not None:  # what is still waiting belongs to a stop string
-            self._starts = self._starts[:ready]
-        if not ready:
-            return None
-        out = {key: values[:ready] for key, values in self._waiting.items()}
-        for key, values in self._waiting.items():
-            del values[:ready]
-            self.total[key].extend(out[key])
-        del self._starts[:ready]
-        return {**out, "refusal": None} if self._chat else out
 
 
 async def _collect(req: CompletionRequest, model: ModelContext, shaper: Shaper, pieces, logprobs) -> web.Response:
