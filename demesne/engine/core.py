@@ -306,4 +306,6 @@ class Engine:
             "prefix_cache_nodes": self.scheduler.trie.n_nodes,
             "prefix_cache_cells": self.scheduler.trie.n_cells,
             "kv_cells_total": self.n_ctx,
+            "grammar_masks_total": self.grammars.masks,
+            "grammar_full_masks_total": self.grammars.full_masks,
         }

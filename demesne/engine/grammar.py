@@ -1,8 +1,14 @@
 """Grammar-constrained sampling (GBNF, llama.cpp's grammar sampler), one per sequence.
 
 Beside runner.py the one engine module that touches llama_cpp. The batched sampler picks a
-token as usual; only if the grammar rejects it is the row masked over the whole vocabulary
-and sampled again, so a constrained row costs little while the model follows the grammar.
+token as usual; only if the grammar rejects it is the row masked and sampled again, so a
+constrained row costs little while the model follows the grammar.
+
+The mask first looks at the row's :data:`TOP` most likely tokens: llama.cpp's grammar check
+costs about 0.1 µs a token, which is 28 ms over Gemma's 262,144 (half a 16-row decode step
+on this CPU) but 0.05 ms over 512. Only when none of those is allowed is the whole
+vocabulary checked. So a rejected token is replaced by one drawn from the allowed tokens
+among the likeliest 512, a cut far below what top-p or min-p would keep.
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import llama_cpp
 import numpy as np
 
 _TOKEN_DATA = np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+TOP = 512  # candidates checked before the whole vocabulary
 
 
 class GrammarError(ValueError):
@@ -29,6 +36,11 @@ class Grammars:
         self._full_array = _token_array(self._full)
         self._one = np.zeros(1, _TOKEN_DATA)
         self._one_array = _token_array(self._one)
+        self._top = np.zeros(min(TOP, n_vocab), _TOKEN_DATA)
+        self._top_array = _token_array(self._top)
+        self._masked = np.full(n_vocab, -np.inf, np.float32)
+        self.masks = 0  # rows masked after the grammar rejected the sampled token
+        self.full_masks = 0  # ...of which none of the TOP likeliest tokens was allowed
 
     def new(self, text: str, triggers: list[str] | None = None, tokens: list[int] | None = None) -> Grammar:
         """A grammar sampler; with ``triggers`` (regexes whose first group marks where the
@@ -60,10 +72,23 @@ class Grammar:
         return bool(np.isfinite(one["logit"][0]))
 
     def mask(self, row: np.ndarray) -> np.ndarray:
-        """``row`` with every token the grammar forbids now at -inf (a new array)."""
-        full = self._owner._full
+        """``row`` with every token the grammar forbids at -inf (a new array); among the
+        likeliest :data:`TOP` tokens if any of them is allowed (see the module docstring)."""
+        owner = self._owner
+        owner.masks += 1
+        top = owner._top
+        top["id"] = np.argpartition(row, -top.size)[-top.size :]
+        top["logit"] = row[top["id"]]
+        self._apply(owner._top_array)
+        allowed = top["id"][np.isfinite(top["logit"])]
+        if allowed.size:
+            out = owner._masked.copy()
+            out[allowed] = row[allowed]
+            return out
+        owner.full_masks += 1
+        full = owner._full
         full["logit"] = row
-        self._apply(self._owner._full_array)
+        self._apply(owner._full_array)
         return full["logit"].copy()
 
     def accept(self, token: int) -> None:

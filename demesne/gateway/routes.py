@@ -354,6 +354,8 @@ _METRICS = {
     "kv_cells_total": ("gauge", "KV cells in all"),
     "prefix_cache_nodes": ("gauge", "Nodes in the prefix trie"),
     "prefix_cache_cells": ("gauge", "KV cells the prefix trie holds"),
+    "grammar_masks_total": ("counter", "Grammar-constrained rows resampled after the grammar refused the sampled token"),
+    "grammar_full_masks_total": ("counter", "...of which the whole vocabulary had to be checked"),
 }
 
 
