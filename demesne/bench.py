@@ -185,7 +185,38 @@ async def fetch_model(session: aiohttp.ClientSession, url: str, api_key: str | N
     return body["data"][0]["id"]
 
 
-def _request_body(endpoint: str, model: str, prompt: str, max_tokens: int, temperature: float) -> dict:
+# The tools a --tool-choice run offers: one with a nested, constrained argument object.
+BENCH_TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "lookup",
+            "description": "Look up facts about a place",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "place": {"type": "string"},
+                    "topics": {"type": "array", "items": {"enum": ["weather", "history", "food", "travel"]}},
+                    "days": {"type": "integer"},
+                },
+                "required": ["place", "topics", "days"],
+            },
+        },
+    },
+    {
+        "type": "function",
+        "function": {
+            "name": "add",
+            "description": "Add two integers",
+            "parameters": {"type": "object", "properties": {"a": {"type": "integer"}, "b": {"type": "integer"}}, "required": ["a", "b"]},
+        },
+    },
+]
+
+
+def _request_body(
+    endpoint: str, model: str, prompt: str, max_tokens: int, temperature: float, tool_choice: str | None = None
+) -> dict:
     body = {
         "model": model,
         "max_tokens": max_tokens,
@@ -195,18 +226,24 @@ def _request_body(endpoint: str, model: str, prompt: str, max_tokens: int, tempe
     }
     if endpoint == "chat":
         body["messages"] = [{"role": "user", "content": prompt}]
+        if tool_choice is not None:
+            body["tools"], body["tool_choice"] = BENCH_TOOLS, tool_choice
     else:
         body["prompt"] = prompt
     return body
 
 
 def _chunk_text(chunk: dict) -> str:
+    """The text a chunk carries: content, or a tool call's name and arguments."""
     choices = chunk.get("choices") or []
     if not choices:
         return ""
     choice = choices[0]
     if "delta" in choice:
-        return (choice["delta"] or {}).get("content") or ""
+        delta = choice["delta"] or {}
+        calls = "".join((c.get("function") or {}).get("name") or "" for c in delta.get("tool_calls") or [])
+        calls += "".join((c.get("function") or {}).get("arguments") or "" for c in delta.get("tool_calls") or [])
+        return (delta.get("content") or "") + calls
     return choice.get("text") or ""
 
 
@@ -278,6 +315,7 @@ async def run_bench(
     model: str | None = None,
     temperature: float = 0.0,
     endpoint: str = "completions",
+    tool_choice: str | None = None,
     progress: bool = True,
 ) -> BenchResult:
     """Send `requests` streaming requests, at most `concurrency` at a time, and time them."""
@@ -290,7 +328,7 @@ async def run_bench(
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
         model = model or await fetch_model(session, url, api_key)
-        bodies = [_request_body(endpoint, model, p, max_tokens, temperature) for p in prompts]
+        bodies = [_request_body(endpoint, model, p, max_tokens, temperature, tool_choice) for p in prompts]
         with tqdm(total=requests, file=sys.stderr, disable=not progress, unit="req") as bar:
             start = time.perf_counter()
             results = await _drive(session, url + path, bodies, headers, concurrency, bar)
@@ -324,15 +362,20 @@ async def _drive(session, url: str, bodies: list[dict], headers: dict, concurren
 @click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=0.0, show_default=True, type=float)
 @click.option("--endpoint", type=click.Choice(["completions", "chat"]), default="completions", show_default=True)
+@click.option("--tool-choice", type=click.Choice(["auto", "required"]), default=None,
+              help="Chat only: offer two tools with this tool_choice (required: every reply is a grammar-forced call).")
 @click.option("--no-progress", is_flag=True, help="Do not draw a progress bar.")
 def bench(url, api_key, model, concurrency, n_requests, prompt_tokens, shared_prefix_tokens,
-          max_tokens, temperature, endpoint, no_progress):
+          max_tokens, temperature, endpoint, tool_choice, no_progress):
     """Measure throughput and latency of an OpenAI-compatible server with streamed requests."""
+    if tool_choice and endpoint != "chat":
+        raise click.UsageError("--tool-choice needs --endpoint chat")
     try:
         result = asyncio.run(run_bench(
             url, concurrency=concurrency, requests=n_requests, prompt_tokens=prompt_tokens,
             shared_prefix_tokens=shared_prefix_tokens, max_tokens=max_tokens, api_key=api_key,
-            model=model, temperature=temperature, endpoint=endpoint, progress=not no_progress,
+            model=model, temperature=temperature, endpoint=endpoint, tool_choice=tool_choice,
+            progress=not no_progress,
         ))
     except (aiohttp.ClientError, KeyError, IndexError) as exc:
         # Only the model lookup can get here; the requests themselves record their errors.

@@ -146,13 +146,18 @@ async def run_levels(url: str, levels: list[int], n_requests: int | None, **kwar
 @click.option("--shared-prefix-tokens", default=0, show_default=True, type=click.IntRange(min=0))
 @click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--endpoint", type=click.Choice(["completions", "chat"]), default="completions", show_default=True)
+@click.option("--tool-choice", type=click.Choice(["auto", "required"]), default=None,
+              help="Chat only: offer two tools with this tool_choice.")
+@click.option("--temperature", default=0.0, show_default=True, type=float)
 @click.option("--api-key", envvar="DEMESNE_API_KEY", default=None, help="Bearer token (env DEMESNE_API_KEY).")
 @click.option("--health-timeout", default=300.0, show_default=True, help="Seconds to wait for /health.")
 @click.option("--no-progress", is_flag=True, help="Do not draw progress bars.")
 @click.argument("serve_args", nargs=-1, type=click.UNPROCESSED)
-def main(levels, n_requests, prompt_tokens, shared_prefix_tokens, max_tokens, endpoint, api_key,
-         health_timeout, no_progress, serve_args):
+def main(levels, n_requests, prompt_tokens, shared_prefix_tokens, max_tokens, endpoint, tool_choice, temperature,
+         api_key, health_timeout, no_progress, serve_args):
     """Start `demesne serve`, benchmark it at each concurrency, print a summary, stop it."""
+    if tool_choice and endpoint != "chat":
+        raise click.UsageError("--tool-choice needs --endpoint chat")
     port = free_port()
     proc = start_server(port, serve_args)
     try:
@@ -160,7 +165,7 @@ def main(levels, n_requests, prompt_tokens, shared_prefix_tokens, max_tokens, en
         results = asyncio.run(run_levels(
             f"http://127.0.0.1:{port}/v1", levels, n_requests, prompt_tokens=prompt_tokens,
             shared_prefix_tokens=shared_prefix_tokens, max_tokens=max_tokens, api_key=api_key,
-            temperature=0.0, endpoint=endpoint, progress=not no_progress,
+            temperature=temperature, endpoint=endpoint, tool_choice=tool_choice, progress=not no_progress,
         ))
         click.echo("\n== summary ==\n" + summary_table(results))
     finally:

@@ -135,9 +135,14 @@ class FakeOpenAI:
         await resp.prepare(request)
         chat = "messages" in body
         prompt = body["messages"][0]["content"] if chat else body["prompt"]
-        for _ in range(body["max_tokens"]):
+        for i in range(body["max_tokens"]):
             await asyncio.sleep(0.002)
-            choice = {"index": 0, "delta": {"content": "tok "}} if chat else {"index": 0, "text": "tok "}
+            if body.get("tools"):  # a streamed call: the head, then arguments in pieces
+                call = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "add", "arguments": ""}}
+                delta = {"tool_calls": [call if i == 0 else {"index": 0, "function": {"arguments": "{}"[i % 2]}}]}
+                choice = {"index": 0, "delta": delta}
+            else:
+                choice = {"index": 0, "delta": {"content": "tok "}} if chat else {"index": 0, "text": "tok "}
             await resp.write(b"data: " + orjson.dumps({"choices": [choice]}) + b"\n\n")
         usage = {"prompt_tokens": len(prompt.split()), "completion_tokens": body["max_tokens"],
                  "prompt_tokens_details": {"cached_tokens": 5}}
@@ -172,6 +177,20 @@ async def test_run_bench_measures_a_streaming_server(fake, endpoint):
     assert all(r.ttft is not None and len(r.itls) == 4 for r in result.ok)
     assert all(r.prompt_tokens == 32 and r.cached_tokens == 5 for r in result.ok)
     assert "10 ok, 0 failed" in format_result(result)
+
+
+async def test_run_bench_with_tools_times_streamed_calls(fake):
+    server, url = fake
+    result = await run_bench(url, concurrency=2, requests=4, prompt_tokens=16, shared_prefix_tokens=0, max_tokens=5,
+                             api_key=API_KEY, endpoint="chat", tool_choice="required", progress=False)
+    assert len(result.ok) == 4 and result.output_tokens == 20
+    assert all(b["tool_choice"] == "required" and {t["function"]["name"] for t in b["tools"]} == {"lookup", "add"} for b in server.bodies)
+    assert all(r.ttft is not None and len(r.itls) == 4 for r in result.ok)  # call deltas count as output
+
+
+def test_tool_choice_needs_the_chat_endpoint():
+    out = CliRunner().invoke(bench, ["--tool-choice", "required"])
+    assert out.exit_code == 2 and "--endpoint chat" in out.output
 
 
 async def test_run_bench_records_errors_without_raising(fake):
