@@ -55,3 +55,68 @@ async def test_every_documented_field_is_accepted(server, http, model_id, path, 
         assert r.status == 200, text
     if body.get("stream"):
         assert text.rstrip().endswith("data: [DONE]")
+
+
+def validator(name: str):
+    """A JSON-schema validator for one of the document's component schemas (OpenAPI 3.1's
+    schemas are JSON Schema 2020-12; their $refs resolve inside the document)."""
+    import json
+    from importlib.resources import files
+
+    from jsonschema import Draft202012Validator
+
+    doc = json.loads(files("demesne.gateway").joinpath("openapi.json").read_text())
+    return Draft202012Validator({"$ref": f"#/components/schemas/{name}", "components": doc["components"]})
+
+
+async def post(http, url: str, body: dict) -> tuple[dict | None, list[dict]]:
+    """(the JSON body, or None) and (the SSE events, for a stream)."""
+    import json
+
+    async with http.post(url, json=body) as r:
+        assert r.status == 200, await r.text()
+        if not body.get("stream"):
+            return await r.json(), []
+        events = []
+        async for line in r.content:
+            if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
+                events.append(json.loads(line[6:]))
+        return None, events
+
+
+WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+RESPONSES = {
+    "chat": ("chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "logprobs": True, "top_logprobs": 2, "n": 2}),
+    "chat-tools": ("chat/completions", {"messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": [WEATHER], "tool_choice": "required", "max_tokens": 40}),
+    "completion": ("completions", {"prompt": "1, 2, 3,", "max_tokens": 6, "logprobs": 3, "stop": [", 6"]}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(RESPONSES))
+@pytest.mark.parametrize("stream", [False, True])
+async def test_responses_match_the_documented_schemas(server, http, model_id, case, stream):
+    path, body = RESPONSES[case]
+    body = {"model": model_id, "temperature": 0, **body}
+    if stream:
+        body |= {"stream": True, "stream_options": {"include_usage": True}}
+    whole, events = await post(http, f"{server.v1}/{path}", body)
+    if path == "completions":
+        name = "Completion"
+    else:
+        name = "ChatCompletionChunk" if stream else "ChatCompletion"
+    check = validator(name)
+    for obj in events or [whole]:
+        errors = [f"{list(e.absolute_path)}: {e.message}" for e in check.iter_errors(obj)]
+        assert not errors, (obj, errors)
+    if case == "chat-tools":
+        calls = whole["choices"][0]["message"]["tool_calls"] if whole else [d for e in events for c in e["choices"] for d in c["delta"].get("tool_calls", [])]
+        assert calls  # the tool-call shapes were exercised
+
+
+async def test_model_listing_matches_the_documented_schemas(server, http, model_id):
+    async with http.get(f"{server.v1}/models") as r:
+        listing = await r.json()
+    async with http.get(f"{server.v1}/models/{model_id}") as r:
+        card = await r.json()
+    assert not list(validator("ModelList").iter_errors(listing))
+    assert not list(validator("Model").iter_errors(card))
