@@ -88,6 +88,7 @@ WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters":
 RESPONSES = {
     "chat": ("chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "logprobs": True, "top_logprobs": 2, "n": 2}),
     "chat-tools": ("chat/completions", {"messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": [WEATHER], "tool_choice": "required", "max_tokens": 40}),
+    "chat-legacy": ("chat/completions", {"messages": [{"role": "user", "content": "Weather in Oslo?"}], "functions": [WEATHER["function"]], "function_call": {"name": "get_weather"}, "max_tokens": 40}),
     "completion": ("completions", {"prompt": "1, 2, 3,", "max_tokens": 6, "logprobs": 3, "stop": [", 6"]}),
 }
 

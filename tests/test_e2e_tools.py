@@ -150,6 +150,34 @@ async def test_a_call_cut_short_finishes_with_length(server, model_id):
         assert finish == "length" and no_markup(content)
 
 
+async def test_legacy_functions_answer_with_function_call(server, model_id):
+    """Asked with the legacy functions/function_call, the answer is the legacy shape too:
+    message.function_call and finish_reason function_call, streamed as delta.function_call;
+    and a legacy history (function_call, then a function message) renders."""
+    c = client(server)
+    kw = dict(model=model_id, messages=ASK, functions=[WEATHER["function"]], function_call={"name": "get_weather"}, max_tokens=60, temperature=0)
+    out = await c.chat.completions.create(**kw)
+    message = out.choices[0].message
+    assert out.choices[0].finish_reason == "function_call" and message.tool_calls is None
+    check_call(message.function_call.name, message.function_call.arguments)
+    name, arguments, finish = "", "", None
+    async for chunk in await c.chat.completions.create(**kw, stream=True):
+        for choice in chunk.choices:
+            assert choice.delta.tool_calls is None
+            if choice.delta.function_call:
+                name += choice.delta.function_call.name or ""
+                arguments += choice.delta.function_call.arguments or ""
+            finish = choice.finish_reason or finish
+    assert finish == "function_call"
+    check_call(name, arguments)
+    history = ASK + [
+        {"role": "assistant", "content": None, "function_call": {"name": name, "arguments": arguments}},
+        {"role": "function", "name": name, "content": json.dumps({"temperature": 21})},
+    ]
+    answer = await c.chat.completions.create(model=model_id, messages=history, functions=[WEATHER["function"]], max_tokens=10, temperature=0)
+    assert answer.usage.prompt_tokens > out.usage.prompt_tokens
+
+
 def few_shot() -> list[dict]:
     """Two earlier exchanges in which the assistant called get_weather with unit "c"."""
     history = []

@@ -153,11 +153,16 @@ def test_missing_model():
     refused(parse_chat, chat(model=3), "model", "invalid_type")
 
 
-@pytest.mark.parametrize("role", ["robot", None, "function", "USER"])
+@pytest.mark.parametrize("role", ["robot", None, "USER"])
 def test_unknown_role(role):
     body = chat(messages=[{"role": "user", "content": "a"}, {"role": role, "content": "b"}])
     err = refused(parse_chat, body, "messages[1].role")
     assert "role" in err.message
+
+
+def test_a_legacy_function_message_must_answer_a_function_call():
+    body = chat(messages=[{"role": "user", "content": "a"}, {"role": "function", "name": "f", "content": "b"}])
+    refused(parse_chat, body, "messages[1].tool_call_id")
 
 
 def test_message_not_an_object():

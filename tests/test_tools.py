@@ -17,6 +17,8 @@ from demesne.gateway.tools import (
     ToolStream,
     assistant_calls,
     call_constraint,
+    legacy_call,
+    legacy_history,
     parse_calls,
     parse_tools,
     template_messages,
@@ -379,3 +381,19 @@ def test_openers_that_are_one_token_trigger_by_token():
             assert tokens == [128010] and len(patterns) == 1 and patterns[0].startswith("^")
         else:
             assert tokens is None and patterns
+
+
+def test_legacy_function_turns_become_tool_turns():
+    history = legacy_history([
+        {"role": "user", "content": "Weather?"},
+        {"role": "assistant", "content": None, "function_call": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}},
+        {"role": "function", "name": "get_weather", "content": "21"},
+        {"role": "function", "name": "get_weather", "content": "again"},  # answers nothing now
+    ])
+    assert history[1]["tool_calls"] == [{"id": "call_fn1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}]
+    assert history[2] == {"role": "tool", "content": "21", "tool_call_id": "call_fn1"}
+    assert history[3]["tool_call_id"] is None
+    legacy = parse_tools({"functions": [WEATHER["function"]], "function_call": "auto"})
+    assert legacy.legacy and not legacy.parallel and legacy.choice == "auto"
+    assert legacy_call({"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}) == {"name": "f", "arguments": ""}
+    assert legacy_call({"index": 0, "function": {"arguments": '{"a'}}) == {"arguments": '{"a'}

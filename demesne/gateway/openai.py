@@ -16,7 +16,7 @@ from typing import Any
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from ..protocol import SamplingParams
-from .tools import ToolError, ToolSpec, assistant_calls, check_tool_messages, parse_tools
+from .tools import ToolError, ToolSpec, assistant_calls, check_tool_messages, legacy_history, parse_tools
 
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16
@@ -182,6 +182,7 @@ def parse_chat(body: Any) -> CompletionRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty array", "messages", "invalid_type" if messages else "missing_required_parameter")
+    messages = legacy_history(messages)
     clean = [_message(m, i) for i, m in enumerate(messages)]
     req = CompletionRequest(messages=clean, prompt=None, **_common(body, chat=True))
     try:
@@ -357,10 +358,14 @@ class Shaper:
     def _envelope(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint}
 
-    def choice(self, index: int, text: str | None, finish: str, logprobs: dict | None = None, tool_calls: list | None = None) -> dict:
+    def choice(
+        self, index: int, text: str | None, finish: str, logprobs: dict | None = None, tool_calls: list | None = None, legacy: bool = False
+    ) -> dict:
         if self.chat:
             message = {"role": "assistant", "content": text, "refusal": None}
-            if tool_calls:
+            if tool_calls and legacy:  # asked with functions: the one call as function_call
+                message["function_call"] = tool_calls[0]["function"]
+            elif tool_calls:
                 message["tool_calls"] = tool_calls
             return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
@@ -378,6 +383,7 @@ class Shaper:
         with_usage: bool = False,
         logprobs: dict | None = None,
         tool_calls: list | None = None,
+        function_call: dict | None = None,
     ) -> dict:
         if self.chat:
             delta: dict[str, Any] = {}
@@ -387,6 +393,8 @@ class Shaper:
                 delta["content"] = text
             if tool_calls:
                 delta["tool_calls"] = tool_calls
+            if function_call:
+                delta["function_call"] = function_call
             choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             body = {**self._envelope("chat.completion.chunk"), "choices": [choice]}
         else:

@@ -35,6 +35,7 @@ class ToolSpec:
     named: str | None = None
     parallel: bool = True
     names: set[str] = field(default_factory=set)
+    legacy: bool = False  # asked with functions/function_call: answer with message.function_call
 
     @property
     def forced(self) -> bool:
@@ -44,10 +45,11 @@ class ToolSpec:
 def parse_tools(body: dict) -> ToolSpec | None:
     """``tools``/``tool_choice``/``parallel_tool_calls``, or the legacy ``functions``/``function_call``."""
     tools, choice = body.get("tools"), body.get("tool_choice")
-    if tools is None and body.get("functions") is not None:
+    legacy = tools is None and body.get("functions") is not None
+    if legacy:
         tools = [{"type": "function", "function": f} for f in _list(body["functions"], "functions")]
-        legacy = body.get("function_call")
-        choice = {"type": "function", "function": legacy} if isinstance(legacy, dict) else legacy
+        asked = body.get("function_call")
+        choice = {"type": "function", "function": asked} if isinstance(asked, dict) else asked
     if tools is None:
         if choice not in (None, "none"):
             raise ToolError("'tool_choice' needs 'tools'", "tool_choice")
@@ -61,7 +63,7 @@ def parse_tools(body: dict) -> ToolSpec | None:
     parallel = body.get("parallel_tool_calls", True)
     if not isinstance(parallel, bool):
         raise ToolError("'parallel_tool_calls' must be a boolean", "parallel_tool_calls")
-    spec = ToolSpec(tools, "auto", None, parallel, names)
+    spec = ToolSpec(tools, "auto", None, parallel and not legacy, names, legacy)  # legacy: one call
     if choice in (None, "auto", "none", "required"):
         spec.choice = choice or "auto"
     elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
@@ -95,6 +97,28 @@ def _tool(tool: Any, i: int) -> dict:
     if not isinstance(params, dict) or params.get("type", "object") != "object" or not isinstance(params.get("properties", {}), dict):
         raise ToolError(f"'{where}.function.parameters' must be a JSON schema of type object", f"{where}.function.parameters")
     return {"type": "function", "function": {**fn, "parameters": params}}
+
+
+def legacy_history(messages: list) -> list:
+    """The legacy function-calling turns as tool turns: an assistant ``function_call`` becomes
+    one tool call (its id derived from the message's place, so a replay renders alike) and a
+    ``function`` message answers the latest such call to that name."""
+    out, open_calls = [], {}
+    for i, m in enumerate(messages):
+        if isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("function_call"), dict) and not m.get("tool_calls"):
+            call_id = f"call_fn{i}"
+            open_calls[m["function_call"].get("name")] = call_id
+            m = {**m, "tool_calls": [{"id": call_id, "type": "function", "function": m["function_call"]}]}
+        elif isinstance(m, dict) and m.get("role") == "function":
+            m = {"role": "tool", "content": m.get("content"), "tool_call_id": open_calls.pop(m.get("name"), None)}
+        out.append(m)
+    return out
+
+
+def legacy_call(delta: dict) -> dict:
+    """A streamed ``tool_calls`` entry as the legacy ``delta.function_call``."""
+    fn = delta["function"]
+    return {"name": fn["name"], "arguments": ""} if "id" in delta else {"arguments": fn["arguments"]}
 
 
 def check_tool_messages(messages: list[dict], raw: list[dict]) -> None:
