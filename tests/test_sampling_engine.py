@@ -253,23 +253,28 @@ def test_a_lazy_grammar_can_trigger_on_a_token(engine, tokenizer):
 
 
 def test_a_rejected_token_is_redrawn_from_the_likeliest_allowed_ones(engine, tokenizer):
-    """The mask checks the row's likeliest tokens first and the whole vocabulary only when
-    none of those is allowed; either way only allowed tokens stay, with their logits."""
-    from demesne.engine.grammar import TOP
+    """The mask checks the row's likeliest tokens first (512, then 16,384) and the whole
+    vocabulary only when none of those is allowed; either way only allowed tokens stay, with
+    their logits."""
+    from demesne.engine.grammar import STAGES
 
     grammar = engine.grammars.new('root ::= [0-9]+')
     try:
         digits = [tokenizer.one_token(d) or tokenizer.encode(d, add_special=False)[0] for d in "0123456789"]
         row = np.random.default_rng(0).standard_normal(tokenizer.n_vocab).astype(np.float32)
         masks, full = engine.grammars.masks, engine.grammars.full_masks
-        far = grammar.mask(row)  # digits are nowhere near the top: the whole vocabulary
+        row[digits] = row.min() - 1  # digits are the least likely: the whole vocabulary
+        far = grammar.mask(row)
         assert engine.grammars.full_masks == full + 1
         assert set(digits) <= set(np.flatnonzero(np.isfinite(far)))
         row[digits[:3]] = row.max() + 1  # three digits among the likeliest
         near = grammar.mask(row)
         assert engine.grammars.masks == masks + 2 and engine.grammars.full_masks == full + 1
         kept = np.flatnonzero(np.isfinite(near))
-        assert set(digits[:3]) <= set(kept) and len(kept) <= TOP
+        assert set(digits[:3]) <= set(kept) and len(kept) <= STAGES[0]
         assert np.array_equal(near[kept], row[kept])
+        row[digits] = np.sort(row)[-STAGES[0] - 100]  # below the first stage, inside the second
+        mid = grammar.mask(row)
+        assert engine.grammars.full_masks == full + 1 and set(digits) <= set(np.flatnonzero(np.isfinite(mid)))
     finally:
         grammar.close()
