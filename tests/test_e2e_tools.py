@@ -138,16 +138,17 @@ async def test_round_trip_call_result_answer(server, model_id):
     assert answer.usage.prompt_tokens > first.usage.prompt_tokens
 
 
-async def test_a_call_cut_short_finishes_with_length(server, model_id):
+@pytest.mark.parametrize("max_tokens", [3, 12])  # cut inside the opener, then inside the call
+async def test_a_call_cut_short_finishes_with_length(server, model_id, max_tokens):
     for stream in (False, True):
         out = await client(server).chat.completions.create(
-            model=model_id, messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=12, temperature=0, stream=stream
+            model=model_id, messages=ASK, tools=[WEATHER], tool_choice="required", max_tokens=max_tokens, temperature=0, stream=stream
         )
         if stream:
             content, finish, _ = await streamed_calls(out)
         else:
             content, finish = out.choices[0].message.content, out.choices[0].finish_reason
-        assert finish == "length" and no_markup(content)
+        assert finish == "length" and no_markup(content) and not content
 
 
 async def test_legacy_functions_answer_with_function_call(server, model_id):

@@ -397,3 +397,11 @@ def test_legacy_function_turns_become_tool_turns():
     assert legacy.legacy and not legacy.parallel and legacy.choice == "auto"
     assert legacy_call({"index": 0, "id": "call_1", "type": "function", "function": {"name": "f", "arguments": ""}}) == {"name": "f", "arguments": ""}
     assert legacy_call({"index": 0, "function": {"arguments": '{"a'}}) == {"arguments": '{"a'}
+
+
+def test_a_forced_call_cut_inside_its_opener_leaves_no_content():
+    """required: the grammar allowed only markup, so a reply cut after '{"tool_ca' is not text."""
+    forced = spec(tool_choice="required")
+    assert parse_calls(' {"tool_ca', forced, GENERIC) == (None, [])
+    assert parse_calls(' {"tool_ca', spec(), GENERIC) == (' {"tool_ca', [])  # auto: it may be text
+    assert stream(GENERIC, list(' {"tool_ca'), forced) == ("", {}, [])

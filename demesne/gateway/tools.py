@@ -280,9 +280,10 @@ def parse_calls(text: str, spec: ToolSpec, fmt: ToolFormat) -> tuple[str | None,
     """Split a whole reply into (content, tool_calls), OpenAI-shaped; unknown names stay text."""
     parser = CallParser(fmt, spec.names, spec.parallel)
     content = parser.feed(text).content + parser.finish().content
-    if not parser.calls:
-        return content, []
-    return content.strip() or None, [_call_json(c) for c in parser.calls]
+    calls = [_call_json(c) for c in parser.calls]
+    if spec.forced:  # the grammar allowed nothing but markup: a cut-short opener is not text
+        return None, calls
+    return (content.strip() or None, calls) if calls else (content, [])
 
 
 def _call_json(call: Call) -> dict:
@@ -296,6 +297,7 @@ class ToolStream:
 
     def __init__(self, spec: ToolSpec, fmt: ToolFormat):
         self._parser = CallParser(fmt, spec.names, spec.parallel)
+        self._forced = spec.forced  # the grammar allows nothing but markup: no content
 
     @property
     def called(self) -> bool:
@@ -315,4 +317,4 @@ class ToolStream:
                 deltas.append({"index": i, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}})
             else:
                 deltas.append({"index": i, "function": {"arguments": piece}})
-        return events.content, deltas
+        return "" if self._forced else events.content, deltas
