@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from importlib.resources import files
+
 import pytest
+from jsonschema import Draft202012Validator
+
+from test_e2e_api import sse_events
+from test_e2e_tools import WEATHER
 
 pytestmark = pytest.mark.e2e
+
+DOC = json.loads(files("demesne.gateway").joinpath("openapi.json").read_text())
 
 
 async def fetch_doc(server, http) -> dict:
@@ -14,13 +23,9 @@ async def fetch_doc(server, http) -> dict:
 
 
 def cases() -> list[tuple[str, str]]:
-    import json
-    from importlib.resources import files
-
-    doc = json.loads(files("demesne.gateway").joinpath("openapi.json").read_text())
     out = []
     for schema, path in (("ChatCompletionRequest", "chat/completions"), ("CompletionRequest", "completions")):
-        for field in doc["components"]["schemas"][schema]["properties"]:
+        for field in DOC["components"]["schemas"][schema]["properties"]:
             out.append((path, field))
     return out
 
@@ -60,31 +65,17 @@ async def test_every_documented_field_is_accepted(server, http, model_id, path, 
 def validator(name: str):
     """A JSON-schema validator for one of the document's component schemas (OpenAPI 3.1's
     schemas are JSON Schema 2020-12; their $refs resolve inside the document)."""
-    import json
-    from importlib.resources import files
-
-    from jsonschema import Draft202012Validator
-
-    doc = json.loads(files("demesne.gateway").joinpath("openapi.json").read_text())
-    return Draft202012Validator({"$ref": f"#/components/schemas/{name}", "components": doc["components"]})
+    return Draft202012Validator({"$ref": f"#/components/schemas/{name}", "components": DOC["components"]})
 
 
 async def post(http, url: str, body: dict) -> tuple[dict | None, list[dict]]:
     """(the JSON body, or None) and (the SSE events, for a stream)."""
-    import json
-
     async with http.post(url, json=body) as r:
         assert r.status == 200, await r.text()
         if not body.get("stream"):
             return await r.json(), []
-        events = []
-        async for line in r.content:
-            if line.startswith(b"data: ") and line.strip() != b"data: [DONE]":
-                events.append(json.loads(line[6:]))
-        return None, events
+        return None, await sse_events(r)
 
-
-WEATHER = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
 RESPONSES = {
     "chat": ("chat/completions", {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "logprobs": True, "top_logprobs": 2, "n": 2}),
     "chat-tools": ("chat/completions", {"messages": [{"role": "user", "content": "Weather in Oslo?"}], "tools": [WEATHER], "tool_choice": "required", "max_tokens": 40}),

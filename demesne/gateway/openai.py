@@ -16,7 +16,7 @@ from typing import Any
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
 from ..protocol import SamplingParams
-from .tools import ToolError, ToolSpec, assistant_calls, check_tool_messages, legacy_history, parse_tools
+from .tools import ToolError, ToolSpec, assistant_calls, check_tool_messages, legacy_call, legacy_history, parse_tools
 
 MAX_STOP_STRINGS = 4
 MAX_CHOICES = 16
@@ -350,6 +350,7 @@ class Shaper:
     fingerprint: str
     id: str = ""
     created: int = 0
+    legacy: bool = False  # asked with functions: calls go out as function_call
 
     def __post_init__(self) -> None:
         self.id = self.id or new_id(self.chat)
@@ -358,15 +359,17 @@ class Shaper:
     def _envelope(self, obj: str) -> dict:
         return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "system_fingerprint": self.fingerprint}
 
-    def choice(
-        self, index: int, text: str | None, finish: str, logprobs: dict | None = None, tool_calls: list | None = None, legacy: bool = False
-    ) -> dict:
+    def _finish(self, finish: str | None) -> str | None:
+        return "function_call" if self.legacy and finish == "tool_calls" else finish
+
+    def choice(self, index: int, text: str | None, finish: str, logprobs: dict | None = None, tool_calls: list | None = None) -> dict:
         if self.chat:
             message = {"role": "assistant", "content": text, "refusal": None}
-            if tool_calls and legacy:  # asked with functions: the one call as function_call
+            if tool_calls and self.legacy:  # the one call as function_call
                 message["function_call"] = tool_calls[0]["function"]
             elif tool_calls:
                 message["tool_calls"] = tool_calls
+            finish = self._finish(finish)
             return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish}
         return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
 
@@ -383,7 +386,6 @@ class Shaper:
         with_usage: bool = False,
         logprobs: dict | None = None,
         tool_calls: list | None = None,
-        function_call: dict | None = None,
     ) -> dict:
         if self.chat:
             delta: dict[str, Any] = {}
@@ -391,11 +393,11 @@ class Shaper:
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            if tool_calls:
+            if tool_calls and self.legacy:
+                delta["function_call"] = legacy_call(tool_calls[0])
+            elif tool_calls:
                 delta["tool_calls"] = tool_calls
-            if function_call:
-                delta["function_call"] = function_call
-            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
+            choice = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": self._finish(finish)}
             body = {**self._envelope("chat.completion.chunk"), "choices": [choice]}
         else:
             choice = {"index": index, "text": text or "", "logprobs": logprobs, "finish_reason": finish}
@@ -407,3 +409,4 @@ class Shaper:
     def usage_chunk(self, use: dict) -> dict:
         obj = "chat.completion.chunk" if self.chat else "text_completion"
         return {**self._envelope(obj), "choices": [], "usage": use}
+

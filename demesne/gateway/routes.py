@@ -16,7 +16,7 @@ from .app_keys import CLIENT, FINGERPRINT, MODELS, STARTED
 from .engine_client import EngineRefused, EngineUnavailable
 from .generation import ModelContext, Piece, generate_text
 from .logprobs import LogprobShaper
-from .tools import ToolStream, call_constraint, legacy_call, parse_calls, template_messages
+from .tools import ToolStream, call_constraint, parse_calls, template_messages
 from .openai import (
     ApiError,
     CompletionRequest,
@@ -149,7 +149,7 @@ async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamR
         generate_text(client, engine, model, p.Generate(client.new_request_id(), prompt, max_tokens, _choice_params(req, i)), stops, strip)
         for i in range(req.n)
     ]
-    shaper = Shaper(req.chat, model.info.id, request.app[FINGERPRINT])
+    shaper = Shaper(req.chat, model.info.id, request.app[FINGERPRINT], legacy=bool(req.tools and req.tools.legacy))
     logprobs = [LogprobShaper(model.tokenizer, req.chat) for _ in streams] if req.params.logprobs >= 0 else None
     pieces = _merge(streams)
     try:
@@ -239,15 +239,12 @@ def _final_choice(req: CompletionRequest, shaper: Shaper, fmt, i: int, text: str
     if not _calling(req):
         return shaper.choice(i, text, final.finish, lp)
     content, calls = parse_calls(text, req.tools, fmt)
-    return shaper.choice(i, content, _finish(final.finish, bool(calls), req.tools.legacy), lp, calls, req.tools.legacy)
+    return shaper.choice(i, content, _finish(final.finish, bool(calls)), lp, calls)
 
 
-def _finish(finish: str, called: bool, legacy: bool = False) -> str:
-    """"tool_calls" ("function_call" when asked with functions) when the turn made calls,
-    unless it was cut short (then "length", as OpenAI)."""
-    if not called or finish == p.FINISH_LENGTH:
-        return finish
-    return "function_call" if legacy else "tool_calls"
+def _finish(finish: str, called: bool) -> str:
+    """"tool_calls" when the turn made calls, unless it was cut short (then "length", as OpenAI)."""
+    return "tool_calls" if called and finish != p.FINISH_LENGTH else finish
 
 
 async def _stream(request: web.Request, req: CompletionRequest, model: ModelContext, shaper: Shaper, pieces, logprobs) -> web.StreamResponse:
@@ -268,7 +265,7 @@ async def _stream(request: web.Request, req: CompletionRequest, model: ModelCont
         text, deltas = calls[index].feed(piece.text) if calls else (piece.text, [])
         if text or part:
             await _send(response, shaper.chunk(index, text, with_usage=with_usage, logprobs=part))
-        await _send_calls(response, shaper, index, deltas, with_usage, req.tools)
+        await _send_calls(response, shaper, index, deltas, with_usage)
         if piece.finish is not None:
             finals[index] = piece
             finish = piece.finish
@@ -276,8 +273,8 @@ async def _stream(request: web.Request, req: CompletionRequest, model: ModelCont
                 text, deltas = calls[index].finish()
                 if text:
                     await _send(response, shaper.chunk(index, text, with_usage=with_usage))
-                await _send_calls(response, shaper, index, deltas, with_usage, req.tools)
-                finish = _finish(finish, calls[index].called, req.tools.legacy)
+                await _send_calls(response, shaper, index, deltas, with_usage)
+                finish = _finish(finish, calls[index].called)
             await _send(response, shaper.chunk(index, None if req.chat else "", finish, with_usage=with_usage))
             if len(finals) == req.n:
                 if with_usage:
@@ -293,15 +290,10 @@ async def _stream(request: web.Request, req: CompletionRequest, model: ModelCont
     return response
 
 
-async def _send_calls(response, shaper: Shaper, index: int, deltas: list[dict], with_usage: bool, tools) -> None:
-    """``delta.tool_calls`` entries (``delta.function_call`` when asked with functions), one
-    chunk each, as OpenAI streams them."""
+async def _send_calls(response, shaper: Shaper, index: int, deltas: list[dict], with_usage: bool) -> None:
+    """``delta.tool_calls`` entries, one chunk each, as OpenAI streams them."""
     for delta in deltas:
-        if tools.legacy:
-            chunk = shaper.chunk(index, None, with_usage=with_usage, function_call=legacy_call(delta))
-        else:
-            chunk = shaper.chunk(index, None, with_usage=with_usage, tool_calls=[delta])
-        await _send(response, chunk)
+        await _send(response, shaper.chunk(index, None, with_usage=with_usage, tool_calls=[delta]))
 
 
 async def _send(response: web.StreamResponse, obj: dict) -> None:

@@ -209,10 +209,9 @@ def grammar(fmt: ToolFormat, tools: list[dict], max_calls: int, schema_to_gbnf: 
         body = _named_calls(tools, schema_to_gbnf)
     else:
         body = re.sub(r"^root ::=", "tc-call ::=", schema_to_gbnf(call_schema(fmt, tools)), flags=re.M)
-    opens = [_gbnf_parts(o.parts) for o in fmt.openers]
-    start = "(" + " | ".join(o for o in opens if o) + ")" + ("?" if "" in opens else "")
-    if all(not o for o in opens):
-        start = ""
+    opens = [_gbnf_parts(o.parts) for o in fmt.openers if o.parts]
+    bare = any(not o.parts for o in fmt.openers)  # a run may also start with no opener at all
+    start = f"({' | '.join(opens)})" + ("?" if bare else "") if opens else ""
     sep = "(" + " | ".join(_gbnf_parts(s) for s in fmt.separators) + ")"
     more = min(max_calls, fmt.max_calls) - 1
     calls = "tc-call" + (f" (tc-ws {sep} tc-ws tc-call){{0,{more}}}" if more > 0 else "")

@@ -67,8 +67,7 @@ def match_parts(text: str, i: int, parts: tuple[str, ...]) -> tuple[int, int]:
     (FULL, end), (PARTIAL, -1) if the text ends inside them, or (NO, -1)."""
     for k, part in enumerate(parts):
         if k:
-            while i < len(text) and text[i] in WHITESPACE:
-                i += 1
+            i = _skip_ws(text, i)
         seg = text[i : i + len(part)]
         if seg != part:
             return (PARTIAL, -1) if len(seg) < len(part) and part.startswith(seg) else (NO, -1)
@@ -83,10 +82,12 @@ def _skip_ws(text: str, i: int) -> int:
 
 
 class CallParser:
-    def __init__(self, fmt: ToolFormat, names: set[str], parallel: bool = True):
+    def __init__(self, fmt: ToolFormat, names: set[str], parallel: bool = True, no_content: bool = False):
         self.fmt = fmt
         self.names = names
         self.limit = fmt.max_calls if parallel else 1
+        self.no_content = no_content  # everything is markup (a forced call): emit no content
+        self._bare_opener = next((o for o in fmt.openers if o.start_only), None)
         self.calls: list[Call] = []
         self._text = ""
         self._state = TEXT
@@ -133,7 +134,8 @@ class CallParser:
             text = self._text[self._sent : end]
             if self._at_start and not text.strip():
                 return  # whitespace before anything else: held until we know what follows
-            out.content += text
+            if not self.no_content:
+                out.content += text
             self._at_start = False
             self._sent = end
 
@@ -155,10 +157,9 @@ class CallParser:
         text, i = self._text, self._pos
         if self._at_start and len(self.calls) < self.limit:
             j = _skip_ws(text, self._sent)
-            bare = next((o for o in self.fmt.openers if o.start_only), None)
             if j == len(text) and not final:
                 return False  # only whitespace so far
-            if bare is not None and j < len(text) and text[j] == "{":
+            if self._bare_opener is not None and j < len(text) and text[j] == "{":
                 self._open_run(j, j, bare=True)
                 return True
         while len(self.calls) < self.limit:

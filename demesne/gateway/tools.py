@@ -278,12 +278,17 @@ def call_constraint(
 
 def parse_calls(text: str, spec: ToolSpec, fmt: ToolFormat) -> tuple[str | None, list[dict]]:
     """Split a whole reply into (content, tool_calls), OpenAI-shaped; unknown names stay text."""
-    parser = CallParser(fmt, spec.names, spec.parallel)
+    parser = _parser(spec, fmt)
     content = parser.feed(text).content + parser.finish().content
     calls = [_call_json(c) for c in parser.calls]
-    if spec.forced:  # the grammar allowed nothing but markup: a cut-short opener is not text
-        return None, calls
-    return (content.strip() or None, calls) if calls else (content, [])
+    if calls or spec.forced:
+        return content.strip() or None, calls
+    return content, []
+
+
+def _parser(spec: ToolSpec, fmt: ToolFormat) -> CallParser:
+    # A forced call's grammar allows nothing but markup: no content, even cut short.
+    return CallParser(fmt, spec.names, spec.parallel, no_content=spec.forced)
 
 
 def _call_json(call: Call) -> dict:
@@ -296,8 +301,7 @@ class ToolStream:
     ``function.arguments`` in pieces)."""
 
     def __init__(self, spec: ToolSpec, fmt: ToolFormat):
-        self._parser = CallParser(fmt, spec.names, spec.parallel)
-        self._forced = spec.forced  # the grammar allows nothing but markup: no content
+        self._parser = _parser(spec, fmt)
 
     @property
     def called(self) -> bool:
@@ -317,4 +321,4 @@ class ToolStream:
                 deltas.append({"index": i, "id": call.id, "type": "function", "function": {"name": call.name, "arguments": ""}})
             else:
                 deltas.append({"index": i, "function": {"arguments": piece}})
-        return "" if self._forced else events.content, deltas
+        return events.content, deltas
