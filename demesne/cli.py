@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import multiprocessing
-import os
 import sys
 from collections.abc import Callable
 
@@ -66,6 +64,9 @@ ENGINE_OPTIONS = [
     click.option("--max-waiting", default=1024, show_default=True, help="queued requests beyond this are refused with 429"),
     click.option("--seed", type=int, help="engine-wide seed for requests that bring none"),
     click.option("--prefix-keep", default=0.25, show_default=True, help="share of the KV cache that prefixes of finished requests may keep (each kept cell widens every decode step's attention)"),
+    click.option("--step-target", default=0.5, show_default=True, help="seconds a step aims at while streams decode: long prompts are fed in chunks that fit (0: no time budget)"),
+    click.option("--drain-timeout", default=60.0, show_default=True, help="on SIGTERM: seconds to finish running requests (new ones are refused) before exiting"),
+    click.option("--gateway-timeout", default=30.0, show_default=True, help="seconds of silence after which a gateway is taken as gone and its requests are failed"),
     click.option("--no-prefix-cache", "prefix_cache", is_flag=True, flag_value=False, default=True, help="turn off prefix sharing and retention (for A/B measurements)"),
 ]
 
@@ -74,8 +75,11 @@ GATEWAY_OPTIONS = [
     click.option("--port", default=9090, show_default=True),
     click.option("--api-key", "api_keys", multiple=True, envvar="DEMESNE_API_KEY", help="accepted key (repeatable; env DEMESNE_API_KEY)"),
     click.option("--chat-template", type=click.Path(dir_okay=False), help="Jinja file overriding the model's chat template"),
-    click.option("--heartbeat-timeout", default=5.0, show_default=True, help="seconds of silence after which an engine is taken as down (raise it for very long decode steps)"),
+    click.option("--heartbeat-timeout", default=3.0, show_default=True, help="seconds without a heartbeat after which an engine gets no new requests (its running ones keep waiting; only a closed connection fails them)"),
     click.option("--tool-format", default="auto", type=click.Choice(TOOL_FORMATS), show_default=True, help="how the model writes tool calls (auto: from its chat template)"),
+    click.option("--cors-origin", "cors_origins", multiple=True, help="browser origin allowed to call the API, e.g. https://app.example (repeatable; * for any) [default: none]"),
+    click.option("--write-timeout", default=30.0, show_default=True, help="seconds a streaming client may take no bytes before its stream is closed and its requests aborted"),
+    click.option("--request-timeout", default=0.0, show_default=True, help="seconds a completion may run before it ends with finish_reason length (0: no limit; a request's own 'timeout' may be shorter)"),
 ]
 
 
@@ -92,13 +96,12 @@ def _setup_logging(level: str) -> None:
     )
 
 
-def _run_async(coro) -> None:
+def _run_async(coro):
     try:
         import uvloop
     except ImportError:  # pragma: no cover - not on Windows
-        asyncio.run(coro)
-    else:
-        uvloop.run(coro)
+        return asyncio.run(coro)
+    return uvloop.run(coro)
 
 
 # -- engine --------------------------------------------------------------------------------
@@ -112,13 +115,13 @@ def run_engine(config: EngineConfig, log_level: str = "info") -> None:
     _setup_logging(log_level)
     try:
         serve_engine(config)
-    except ModelLoadError as exc:
+    except (ModelLoadError, ConfigError) as exc:
         _fail(str(exc))
 
 
 @click.command("engine")
 @_apply(ENGINE_OPTIONS)
-@click.option("--listen", default=default_engine_endpoint, show_default="ipc://$XDG_RUNTIME_DIR/demesne-engine.sock", help="ZeroMQ endpoint to bind")
+@click.option("--listen", default=default_engine_endpoint, show_default="ipc://$XDG_RUNTIME_DIR/demesne/engine.sock, else /tmp/demesne-$UID/engine.sock", help="ZeroMQ endpoint to bind")
 @LOG_LEVEL
 def engine_cmd(model, listen, log_level, **kw):
     """Run one engine: the model on one accelerator, behind a ZeroMQ socket."""
@@ -158,64 +161,29 @@ def gateway_cmd(log_level, **kw):
 @click.command("serve")
 @_apply(ENGINE_OPTIONS + GATEWAY_OPTIONS)
 @LOG_LEVEL
-def serve_cmd(log_level, host, port, api_keys, chat_template, heartbeat_timeout, tool_format, model, **engine_kw):
-    """Run an engine and a gateway together on this machine (the bundled model by default)."""
+def serve_cmd(log_level, host, port, api_keys, chat_template, heartbeat_timeout, tool_format, cors_origins, write_timeout, request_timeout, model, **engine_kw):
+    """Run an engine and a gateway together on this machine (the bundled model by default).
+
+    The engine runs as a child process and is restarted if it dies; SIGTERM drains it."""
+    from .serve import private_endpoint, remove_dir, serve
+
     _setup_logging(log_level)
-    run_dir = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
-    endpoint = f"ipc://{run_dir}/demesne-{os.getpid()}.sock"
+    endpoint, directory = private_endpoint()
     try:
         engine_config = _engine_config(model, endpoint, **engine_kw)
         gateway_config = GatewayConfig(
             engines=(endpoint,), host=host, port=port, api_keys=tuple(api_keys), chat_template=chat_template, tool_format=tool_format,
-            heartbeat_timeout=heartbeat_timeout,
+            heartbeat_timeout=heartbeat_timeout, cors_origins=tuple(cors_origins), write_timeout=write_timeout, request_timeout=request_timeout,
         )
     except (ConfigError, ModelNotFound) as exc:
+        remove_dir(directory)
         _fail(str(exc))
-    engine = multiprocessing.get_context("spawn").Process(
-        target=run_engine, args=(engine_config, log_level), name="demesne-engine"
-    )
-    engine.start()
+    code = 0
     try:
-        _run_async(_serve_with_engine(gateway_config, engine))
+        code = _run_async(serve(engine_config, gateway_config, log_level))
     finally:
-        _stop_process(engine)
-        _remove_socket(endpoint)
-    if engine.exitcode not in (0, None, -15):
-        sys.exit(engine.exitcode if engine.exitcode > 0 else 1)
-
-
-async def _serve_with_engine(config: GatewayConfig, engine: multiprocessing.Process) -> None:
-    """The gateway, until a signal or until the engine process dies."""
-    from .gateway.app import serve_gateway
-
-    gateway = asyncio.ensure_future(serve_gateway(config))
-    while not gateway.done():
-        if not engine.is_alive():
-            log.error("the engine process exited (code %s); stopping", engine.exitcode)
-            gateway.cancel()
-            break
-        await asyncio.sleep(0.5)
-    try:
-        await gateway
-    except asyncio.CancelledError:
-        pass
-
-
-def _remove_socket(endpoint: str) -> None:
-    """The IPC socket file our engine bound (ZeroMQ leaves it behind)."""
-    try:
-        os.unlink(endpoint.removeprefix("ipc://"))
-    except OSError:
-        pass
-
-
-def _stop_process(proc: multiprocessing.Process) -> None:
-    if proc.is_alive():
-        proc.terminate()
-        proc.join(30)
-    if proc.is_alive():
-        proc.kill()
-        proc.join()
+        remove_dir(directory)
+    sys.exit(code)
 
 
 # -- entry points --------------------------------------------------------------------------

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from dataclasses import dataclass, field
 
 CACHE_TYPES = ("f16", "q8_0", "q4_0")
@@ -11,9 +12,14 @@ FLASH_ATTN = ("auto", "on", "off")
 TOOL_FORMATS = ("auto", "hermes", "llama3", "mistral", "mistral-v11", "generic")  # gateway/tool_formats.py
 
 
+def default_dir() -> str:
+    """Where engine sockets go by default: a directory only this user may enter (sockets.py)."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(base, "demesne") if base else os.path.join(tempfile.gettempdir(), f"demesne-{os.getuid()}")
+
+
 def default_engine_endpoint() -> str:
-    run_dir = os.environ.get("XDG_RUNTIME_DIR") or "/tmp"
-    return f"ipc://{run_dir}/demesne-engine.sock"
+    return f"ipc://{default_dir()}/engine.sock"
 
 
 class ConfigError(ValueError):
@@ -47,6 +53,9 @@ class EngineConfig:
     seed: int | None = None  # engine-wide seed for requests that bring none
     prefix_cache: bool = True  # share and keep KV of common prefixes (the radix trie)
     prefix_keep: float = 0.25  # the share of the KV cache finished sequences' prefixes may keep
+    step_target: float = 0.5  # seconds a step aims at while streams decode (prompt chunks shrink)
+    drain_timeout: float = 60.0  # on SIGTERM: seconds to finish running requests before exiting
+    gateway_timeout: float = 30.0  # a gateway silent this long is gone: its requests are failed
 
     def __post_init__(self) -> None:
         _require(self.ctx_size >= 256, f"--ctx-size must be at least 256, got {self.ctx_size}")
@@ -66,6 +75,9 @@ class EngineConfig:
         _require(all(x >= 0 for x in self.tensor_split), "--tensor-split takes non-negative numbers")
         _require(self.max_waiting >= 1, "--max-waiting must be positive")
         _require(0.0 <= self.prefix_keep <= 1.0, f"--prefix-keep must be in [0, 1], got {self.prefix_keep}")
+        _require(self.step_target >= 0, "--step-target must be >= 0 (0: no time budget)")
+        _require(self.drain_timeout >= 0, "--drain-timeout must be >= 0")
+        _require(self.gateway_timeout >= 2, "--gateway-timeout must be at least 2 s (gateways ping every 0.5 s)")
 
     @property
     def model_id(self) -> str:
@@ -82,9 +94,14 @@ class GatewayConfig:
     chat_template: str | None = None  # a Jinja file overriding the model's template
     tool_format: str = "auto"  # how the model writes tool calls; auto: detected from the template
     max_body_bytes: int = 8 * 1024 * 1024
-    heartbeat_interval: float = 1.0
-    heartbeat_timeout: float = 5.0  # an engine silent this long is taken as dead
+    heartbeat_interval: float = 0.5
+    # An engine silent this long gets no new requests (its running ones keep waiting: only a
+    # closed connection fails them). Engines answer heartbeats mid-step, so this is short.
+    heartbeat_timeout: float = 3.0
     route_slack: int = 4  # a prefix match may send a request to an engine this much busier
+    cors_origins: tuple[str, ...] = ()  # browser origins allowed to call (CORS); "*" for any
+    write_timeout: float = 30.0  # a streaming client that takes no bytes this long is cut off
+    request_timeout: float = 0.0  # longest a completion may run, then it ends as "length" (0: no limit)
 
     def __post_init__(self) -> None:
         _require(len(self.engines) > 0, "at least one --engine endpoint is needed")
@@ -95,6 +112,9 @@ class GatewayConfig:
             f"--heartbeat-timeout must exceed the heartbeat interval ({self.heartbeat_interval} s)",
         )
         _require(self.route_slack >= 0, "--route-slack must be >= 0")
+        _require(self.write_timeout > 0, "--write-timeout must be positive")
+        _require(self.request_timeout >= 0, "--request-timeout must be >= 0 (0: no limit)")
+        _require(all(self.cors_origins), "a --cors-origin may not be empty")
         _require(self.tool_format in TOOL_FORMATS, f"--tool-format must be one of {TOOL_FORMATS}")
         if self.chat_template is not None:
             _require(os.path.isfile(self.chat_template), f"--chat-template {self.chat_template}: no such file")

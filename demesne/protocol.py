@@ -4,18 +4,32 @@ A gateway's DEALER socket connects to an engine's ROUTER socket. Each ZeroMQ mes
 one orjson-encoded frame: a dict whose ``"t"`` key names the message type. Both processes
 import this module and nothing else defines the wire format.
 
-Gateway -> engine: ``Ping`` (heartbeat; answered with ``Pong``), ``Generate``, ``Abort``.
-Engine -> gateway: ``Pong`` (model info and counters), ``Deltas`` (new tokens for many
-requests at once, one frame per gateway per step), ``Error`` (a request the engine refused).
+Gateway -> engine: ``Ping`` (heartbeat; answered with ``Pong`` at once, even mid-step),
+``Generate``, ``Abort``.
+Engine -> gateway: ``Pong`` (version, model info, counters, draining), ``Deltas`` (new tokens
+for many requests at once, one frame per gateway per step), ``Error`` (a request the engine
+refused or failed).
+
+Every frame is checked against the field types declared here before it becomes a message:
+a frame from a buggy or hostile peer is a :class:`ProtocolError`, never an exception deep in
+the engine. ``Ping`` and ``Pong`` are the handshake: they decode whatever fields a peer of
+another version adds, so the versions can always be compared and refused with a clear
+message. The ranges of sampling parameters are checked by :func:`check_params` (the engine
+calls it; the gateway has its own OpenAI-facing checks).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
+import types
+import typing
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, Callable, ClassVar
 
 import orjson
+
+PROTOCOL_VERSION = 2  # bump on any change of message shapes; peers of another version refuse
 
 # Why a request stopped: "stop" (end-of-generation token or stop string), "length"
 # (max_tokens or the context), "abort" (the gateway asked).
@@ -54,6 +68,48 @@ class SamplingParams:
         return self.temperature < 1e-5 or self.top_k == 1
 
 
+# The limits both processes hold requests to (the gateway words them for OpenAI clients).
+MAX_TEMPERATURE = 100.0
+MAX_LOGPROBS = 20
+MAX_PENALTY = 2.0
+MAX_REPETITION_PENALTY = 10.0
+MAX_BIAS = 100.0
+MAX_GRAMMAR_BYTES = 1 << 20
+MAX_TRIGGERS = 64
+INT64 = 1 << 63
+
+
+def check_params(params: SamplingParams, n_vocab: int) -> tuple[str, str] | None:
+    """The first sampling parameter out of range, as (field, message); None when all are in."""
+    p = params
+    checks = (
+        ("temperature", 0.0 <= p.temperature <= MAX_TEMPERATURE, f"must be in [0, {MAX_TEMPERATURE:g}]"),
+        ("top_p", 0.0 < p.top_p <= 1.0, "must be in (0, 1]"),
+        ("top_k", 0 <= p.top_k <= n_vocab, f"must be in [0, {n_vocab}] (the vocabulary size)"),
+        ("seed", p.seed is None or -INT64 <= p.seed < INT64, "must fit in 64 bits"),
+        ("logprobs", -1 <= p.logprobs <= MAX_LOGPROBS, f"must be in [-1, {MAX_LOGPROBS}]"),
+        ("min_p", 0.0 <= p.min_p <= 1.0, "must be in [0, 1]"),
+        ("presence_penalty", abs(p.presence_penalty) <= MAX_PENALTY, f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]"),
+        ("frequency_penalty", abs(p.frequency_penalty) <= MAX_PENALTY, f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]"),
+        ("repetition_penalty", 0.0 < p.repetition_penalty <= MAX_REPETITION_PENALTY, f"must be in (0, {MAX_REPETITION_PENALTY:g}]"),
+        ("logit_bias", _bias_ok(p.logit_bias, n_vocab), f"must map token ids in [0, {n_vocab}) to biases in [-100, 100]"),
+        ("grammar", p.grammar is None or len(p.grammar) <= MAX_GRAMMAR_BYTES, "is too long"),
+        ("grammar_triggers", len(p.grammar_triggers or ()) + len(p.grammar_trigger_tokens or ()) <= MAX_TRIGGERS, "too many triggers"),
+        ("grammar_trigger_tokens", all(0 <= t < n_vocab for t in p.grammar_trigger_tokens or ()), "names tokens outside the vocabulary"),
+    )
+    for name, ok, message in checks:
+        if not ok:
+            return name, f"'{name}' {message}"
+    return None
+
+
+def _bias_ok(bias: list[list[float]] | None, n_vocab: int) -> bool:
+    return all(
+        len(pair) == 2 and float(pair[0]).is_integer() and 0 <= pair[0] < n_vocab and abs(pair[1]) <= MAX_BIAS
+        for pair in bias or ()
+    )
+
+
 @dataclass(slots=True)
 class ModelInfo:
     """What a gateway learns about an engine's model from its Pong."""
@@ -70,21 +126,30 @@ class ModelInfo:
 @dataclass(slots=True)
 class Message:
     TAG: ClassVar[str] = ""
+    HANDSHAKE: ClassVar[bool] = False  # decodes fields of other versions, to compare versions
 
 
 @dataclass(slots=True)
 class Ping(Message):
     TAG: ClassVar[str] = "ping"
+    HANDSHAKE: ClassVar[bool] = True
     sent: float = 0.0  # sender's clock, echoed back for round-trip time
+    version: int = PROTOCOL_VERSION
 
 
 @dataclass(slots=True)
 class Pong(Message):
+    """Answered by the engine's I/O thread, so it comes even while a step runs."""
+
     TAG: ClassVar[str] = "pong"
+    HANDSHAKE: ClassVar[bool] = True
     sent: float
     engine_id: str
     model: ModelInfo
     stats: dict[str, float]
+    version: int = PROTOCOL_VERSION
+    draining: bool = False  # shutting down: finishing what it has, taking nothing new
+    step_seconds: float = 0.0  # how long the step now running has taken so far
 
 
 @dataclass(slots=True)
@@ -136,13 +201,6 @@ class Error(Message):
 _TYPES: dict[str, type[Message]] = {
     cls.TAG: cls for cls in (Ping, Pong, Generate, Abort, Deltas, Error)
 }
-# Nested structs rebuilt on decode: (message type, field name) -> struct type, and whether
-# the field holds a list of them.
-_NESTED: dict[tuple[str, str], tuple[type, bool]] = {
-    ("pong", "model"): (ModelInfo, False),
-    ("gen", "params"): (SamplingParams, False),
-    ("deltas", "items"): (Delta, True),
-}
 
 
 class ProtocolError(ValueError):
@@ -150,26 +208,118 @@ class ProtocolError(ValueError):
 
 
 def encode(msg: Message) -> bytes:
-    body = _as_dict(msg)
+    body = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
     body["t"] = msg.TAG
-    return orjson.dumps(body)
-
-
-def _as_dict(msg: Message) -> dict[str, Any]:
-    # orjson serialises nested dataclasses natively; only the top level needs the tag.
-    return {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
+    return orjson.dumps(body)  # nested dataclasses serialise natively
 
 
 def decode(frame: bytes) -> Message:
     try:
         body = orjson.loads(frame)
-        tag = body.pop("t")
-        cls = _TYPES[tag]
-        for name, value in body.items():
-            nested = _NESTED.get((tag, name))
-            if nested is not None:
-                struct, many = nested
-                body[name] = [struct(**v) for v in value] if many else struct(**value)
-        return cls(**body)
-    except (orjson.JSONDecodeError, KeyError, TypeError, AttributeError) as exc:
-        raise ProtocolError(f"bad frame: {exc}") from exc
+    except orjson.JSONDecodeError as exc:
+        raise ProtocolError(f"bad frame: {exc}") from None
+    if not isinstance(body, dict):
+        raise ProtocolError("bad frame: not an object")
+    cls = _TYPES.get(body.pop("t", None)) if isinstance(body.get("t"), str) else None
+    if cls is None:
+        raise ProtocolError(f"bad frame: unknown message type {body.get('t')!r}")
+    if cls.HANDSHAKE:
+        body.setdefault("version", 1)  # the first protocol had no version field
+    return _build(cls, body, "")
+
+
+def request_id(frame: bytes) -> str | None:
+    """The request a frame that did not decode names, if it names one (to answer it)."""
+    try:
+        rid = orjson.loads(frame).get("rid")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    return rid if isinstance(rid, str) else None
+
+
+# -- checking frames against the declared field types -----------------------------------------
+
+_Check = Callable[[Any, str], Any]  # returns the value, rebuilt where it is a struct
+
+
+def _build(cls: type, body: Any, where: str) -> Any:
+    if not isinstance(body, dict):
+        raise ProtocolError(f"bad frame: {where or cls.__name__} must be an object")
+    fields = _fields(cls)
+    unknown = body.keys() - fields.keys()
+    if unknown and not getattr(cls, "HANDSHAKE", False):
+        raise ProtocolError(f"bad frame: unknown fields {sorted(unknown)} in {cls.__name__}")
+    values = {}
+    for name, (check, required) in fields.items():
+        if name in body:
+            values[name] = check(body[name], f"{where}{name}")
+        elif required:
+            raise ProtocolError(f"bad frame: {cls.__name__} needs '{name}'")
+    return cls(**values)
+
+
+_FIELDS: dict[type, dict[str, tuple[_Check, bool]]] = {}
+
+
+def _fields(cls: type) -> dict[str, tuple[_Check, bool]]:
+    if cls not in _FIELDS:
+        hints = typing.get_type_hints(cls)
+        _FIELDS[cls] = {
+            f.name: (
+                _checker(hints[f.name]),
+                f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING,
+            )
+            for f in dataclasses.fields(cls)
+        }
+    return _FIELDS[cls]
+
+
+def _checker(hint: Any) -> _Check:
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (types.UnionType, typing.Union):
+        options = [_checker(a) for a in args if a is not type(None)]
+        nullable = type(None) in args
+
+        def check_union(value, where):
+            if value is None and nullable:
+                return None
+            return options[0](value, where)
+
+        return check_union
+    if origin is list:
+        item = _checker(args[0]) if args else (lambda v, _w: v)
+
+        def check_list(value, where):
+            if not isinstance(value, list):
+                raise ProtocolError(f"bad frame: {where} must be a list")
+            return [item(v, where) for v in value]
+
+        return check_list
+    if origin is dict:
+        return _scalar(dict, "an object")
+    if hint is list:  # free-form (logprobs entries): only the engine sends these
+        return _scalar(list, "a list")
+    if dataclasses.is_dataclass(hint):
+        return lambda value, where: _build(hint, value, f"{where}.")
+    return {int: _int, float: _float, str: _scalar(str, "a string"), bool: _scalar(bool, "a boolean")}[hint]
+
+
+def _scalar(kind: type, name: str) -> _Check:
+    def check(value, where):
+        if not isinstance(value, kind):
+            raise ProtocolError(f"bad frame: {where} must be {name}")
+        return value
+
+    return check
+
+
+def _int(value, where):
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise ProtocolError(f"bad frame: {where} must be an integer")
+    return value
+
+
+def _float(value, where):
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
+        raise ProtocolError(f"bad frame: {where} must be a finite number")
+    return float(value)

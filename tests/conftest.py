@@ -93,10 +93,11 @@ class Processes:
         self.dir = Path(tempfile.mkdtemp(prefix="demesne-test-"))
         self.procs: list[Proc] = []
 
-    def _spawn(self, name: str, args: list[str]) -> Proc:
+    def _spawn(self, name: str, args: list[str], env: dict[str, str] | None = None) -> Proc:
         log = self.dir / f"{name}-{len(self.procs)}.log"
         popen = subprocess.Popen(
-            [str(BIN / name), *args], stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+            [str(BIN / name), *args], stdout=log.open("wb"), stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+            env={**os.environ, **(env or {})},
         )
         proc = Proc(popen, log)
         self.procs.append(proc)
@@ -105,9 +106,10 @@ class Processes:
     def endpoint(self, name: str) -> str:
         return f"ipc://{self.dir}/{name}.sock"
 
-    def engine(self, endpoint: str, *extra: str) -> Proc:
+    def engine(self, endpoint: str, *extra: str, env: dict[str, str] | None = None) -> Proc:
+        """``env``: e.g. {"DEMESNE_TEST_FAULTS": "step_sleep=8"} (demesne/engine/faults.py)."""
         args = ["--model", self.model, "--listen", endpoint, "--ctx-size", "8192", "--max-seqs", "16", "--threads", "2"]
-        return self._spawn("demesne-engine", args + list(extra))
+        return self._spawn("demesne-engine", args + list(extra), env)
 
     def gateway(self, endpoints: list[str], *extra: str) -> tuple[Proc, str]:
         port = free_port()

@@ -90,11 +90,11 @@ def test_kv_cells_freed_on_finish_and_abort(engine, tokenizer):
         engine.step()
     assert engine.scheduler.cells_used() > 0
     for req in reqs[:4]:
-        engine.abort(req.rid)
+        engine.abort(b"test", req.rid)
     engine.step()
     assert {s.rid for s in engine.scheduler.running} == {r.rid for r in reqs[4:]}
     for req in reqs[4:]:
-        engine.abort(req.rid)
+        engine.abort(b"test", req.rid)
     assert_no_private_cells(engine)
 
 
@@ -157,3 +157,81 @@ def test_finish_reason_length_at_max_tokens(engine, tokenizer):
         for _c, d in engine.step():
             last = d
     assert last.finish == FINISH_LENGTH and last.prompt_tokens == len(req.prompt)
+
+
+# -- faults are contained to their step ----------------------------------------------------
+
+
+def _step_until_idle(engine) -> dict[str, object]:
+    """Step until idle; what each request ended with: a finish reason or an Error."""
+    from demesne.protocol import Error
+
+    ends: dict[str, object] = {}
+    while engine.has_work:
+        for _client, item in engine.step():
+            if isinstance(item, Error):
+                ends[item.rid] = item
+            elif item.finish:
+                ends[item.rid] = item.finish
+    return ends
+
+
+def test_an_exception_in_a_step_fails_that_steps_requests_only(engine, tokenizer, monkeypatch):
+    from demesne.protocol import Error
+
+    reqs = greedy_requests(tokenizer, max_tokens=6, tag="fault")
+    for req in reqs[:2]:
+        assert engine.submit(b"test", req) is None
+    engine.step()  # both prompts in, first tokens out
+    calls = {"n": 0}
+    real = engine.sampler.sample
+
+    def broken(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise FloatingPointError("sampler exploded")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(engine.sampler, "sample", broken)
+    failed = engine.step()
+    assert sorted(e.rid for _, e in failed) == ["fault0", "fault1"]
+    assert all(isinstance(e, Error) and e.status == 500 and "sampler exploded" in e.message for _, e in failed)
+    assert not engine.by_rid and not engine.scheduler.running
+    assert_no_private_cells(engine)
+    assert engine.submit(b"test", reqs[2]) is None  # the engine goes on
+    assert _step_until_idle(engine) == {"fault2": FINISH_LENGTH}
+    assert engine.counters.step_faults == 1
+
+
+def test_a_failing_decode_is_retried_smaller_then_fails_the_largest_request(engine, tokenizer, monkeypatch):
+    from demesne.engine.runner import DecodeError
+    from demesne.protocol import Error
+
+    long_prompt = tokenizer.encode(" ".join(PROMPTS * 6))
+    short, large = Generate("short", tokenizer.encode(PROMPTS[0]), 4, GREEDY), Generate("large", long_prompt, 4, GREEDY)
+    for req in (short, large):
+        assert engine.submit(b"test", req) is None
+    real, sizes = engine.runner.decode, []
+
+    def failing():  # llama.cpp failing on the big batches only (a compute-buffer allocation, say)
+        sizes.append(engine.runner.batch.n_tokens)
+        if engine.runner.batch.n_tokens > 20:
+            raise DecodeError(-3)
+        return real()
+
+    monkeypatch.setattr(engine.runner, "decode", failing)
+    ends = _step_until_idle(engine)
+    assert sizes[1] <= sizes[0] // 2  # retried with half the batch first
+    assert isinstance(ends["large"], Error) and ends["large"].status == 500 and "-3" in ends["large"].message
+    assert ends["short"] == FINISH_LENGTH
+    assert_no_private_cells(engine)
+
+
+def test_requests_are_keyed_by_gateway_and_id(engine, tokenizer):
+    req = greedy_requests(tokenizer, max_tokens=3, tag="same")[0]
+    assert engine.submit(b"gateway-1", req) is None
+    assert engine.submit(b"gateway-2", req) is None  # the same id from another gateway
+    assert engine.submit(b"gateway-1", req).code == "duplicate_id"
+    engine.abort(b"gateway-2", req.rid)
+    assert [s.client for s in engine.by_rid.values()] == [b"gateway-1"]
+    _step_until_idle(engine)

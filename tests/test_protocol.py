@@ -13,9 +13,12 @@ from demesne.protocol import (
     Ping,
     Pong,
     ProtocolError,
+    PROTOCOL_VERSION,
     SamplingParams,
+    check_params,
     decode,
     encode,
+    request_id,
 )
 
 MODEL = ModelInfo(
@@ -48,7 +51,7 @@ def test_frame_is_an_orjson_object_with_the_type_tag():
 
 def test_ping_roundtrip():
     back = roundtrip(Ping(sent=1234.5))
-    assert back.sent == 1234.5
+    assert back.sent == 1234.5 and back.version == PROTOCOL_VERSION
     assert roundtrip(Ping()).sent == 0.0
 
 
@@ -214,3 +217,69 @@ def test_malformed_nested_struct_is_a_protocol_error(body):
 
 def test_protocol_error_is_a_value_error():
     assert issubclass(ProtocolError, ValueError)
+
+
+# --- every field checked: frames from a buggy or hostile peer ---------------------------------
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"t": "abort", "rid": [1]},  # once killed the engine
+        {"t": "abort", "rid": None},
+        {"t": "gen", "rid": "r", "prompt": "hello", "max_tokens": 1},
+        {"t": "gen", "rid": "r", "prompt": [1, "2"], "max_tokens": 1},
+        {"t": "gen", "rid": "r", "prompt": [1], "max_tokens": 1.5},
+        {"t": "gen", "rid": "r", "prompt": [1], "max_tokens": True},
+        {"t": "gen", "rid": "r", "prompt": [1], "max_tokens": 1, "params": {"top_k": "40"}},
+        {"t": "gen", "rid": "r", "prompt": [1], "max_tokens": 1, "params": {"seed": 1.5}},
+        {"t": "gen", "rid": "r", "prompt": [1], "max_tokens": 1, "params": {"logit_bias": [[1, "x"]]}},
+        {"t": "gen", "rid": "r", "prompt": [1], "max_tokens": 1, "params": {"grammar_triggers": "x"}},
+        {"t": "deltas", "items": [{"rid": "a", "tokens": [1.5]}]},
+        {"t": "err", "rid": "r", "status": "500", "message": "m"},
+        {"t": "ping", "sent": "now"},
+    ],
+)
+def test_a_field_of_the_wrong_type_is_a_protocol_error(body):
+    with pytest.raises(ProtocolError):
+        decode(orjson.dumps(body))
+
+
+def test_a_bad_frame_that_names_a_request_can_be_answered():
+    assert request_id(b'{"t": "gen", "rid": "abc", "prompt": "x"}') == "abc"
+    assert request_id(b'{"t": "abort", "rid": [1]}') is None
+    assert request_id(b"garbage") is None and request_id(b"[1]") is None
+
+
+def test_handshake_messages_tolerate_another_versions_fields():
+    frame = orjson.dumps({"t": "ping", "sent": 1.0, "version": 7, "shiny": True})
+    assert decode(frame).version == 7
+    assert decode(b'{"t": "ping", "sent": 1.0}').version == 1  # the first protocol had none
+
+
+def test_huge_integers_reach_the_range_checks_not_numpy():
+    frame = orjson.dumps({"t": "gen", "rid": "r", "prompt": [1], "max_tokens": 1, "params": {"top_k": 2**63}})
+    params = decode(frame).params
+    assert check_params(params, 262144)[0] == "top_k"
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("temperature", -0.1), ("temperature", 1e308), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
+        ("top_k", 262145), ("seed", 2**64), ("seed", -(2**63) - 1), ("logprobs", 21), ("logprobs", -2),
+        ("min_p", 1.5), ("presence_penalty", 2.5), ("frequency_penalty", -3.0), ("repetition_penalty", 0.0),
+        ("repetition_penalty", 11.0), ("logit_bias", [[262144, 1.0]]), ("logit_bias", [[5, 101.0]]),
+        ("logit_bias", [[1.5, 1.0]]), ("grammar", "x" * (2**20 + 1)), ("grammar_trigger_tokens", [262144]),
+    ],
+)
+def test_out_of_range_parameters_are_named(field, value):
+    params = SamplingParams(**{field: value})
+    assert check_params(params, 262144)[0] == field
+
+
+def test_parameters_in_range_pass():
+    assert check_params(SamplingParams(), 262144) is None
+    edge = SamplingParams(temperature=100.0, top_p=1.0, top_k=262144, seed=-(2**63), logprobs=20, min_p=1.0,
+                          presence_penalty=-2.0, frequency_penalty=2.0, repetition_penalty=10.0, logit_bias=[[0, -100.0]])
+    assert check_params(edge, 262144) is None

@@ -2,6 +2,10 @@
 
 The process wrapper (proc.py) hands requests in with :meth:`Engine.submit` and
 :meth:`Engine.abort` between steps and sends out what :meth:`Engine.step` returns.
+
+A step contains its faults: an exception (or a llama.cpp error) fails the requests of that
+step with a 500 naming the cause, and the engine goes on. Requests are keyed by
+(gateway, request id), so two gateways may use the same ids.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..config import EngineConfig
-from ..protocol import FINISH_LENGTH, FINISH_STOP, Delta, Error, Generate, ModelInfo
+from ..protocol import FINISH_LENGTH, FINISH_STOP, Delta, Error, Generate, ModelInfo, check_params
+from .faults import Faults
 from .request import Sequence
 from .runner import DecodeError, ModelRunner
 from .grammar import GrammarError, Grammars
@@ -36,6 +41,9 @@ class Counters:
     steps: int = 0
     requests_finished: int = 0
     requests_refused: int = 0
+    requests_failed: int = 0  # failed by a fault in their step
+    step_faults: int = 0
+    longest_step_seconds: float = 0.0
 
 
 def token_logprobs(row: np.ndarray, token: int, top: int) -> list:
@@ -72,7 +80,10 @@ class Engine:
         self.sampler = Sampler(runner.n_vocab, config.max_seqs)  # at most one output row per sequence
         self.counters = Counters()
         self.grammars = Grammars(runner.vocab, runner.n_vocab)
-        self.by_rid: dict[str, Sequence] = {}
+        self.by_rid: dict[tuple[bytes, str], Sequence] = {}
+        self.faults = Faults.from_env()
+        self.step_budget = StepBudget(config.batch_size, config.step_target)
+        self._failed_decodes = 0  # consecutive llama_decode failures (other than no KV slot)
         self._seed_rng = np.random.default_rng(config.seed)
         bos, eos = runner.bos_eos_text()
         self.model_info = ModelInfo(
@@ -93,7 +104,7 @@ class Engine:
 
     def submit(self, client: bytes, req: Generate) -> Error | None:
         """Queue a request; an Error when it can never be served or the queue is full."""
-        error = self._check(req)
+        error = self._check(client, req)
         if error is None:
             seq = Sequence(
                 rid=req.rid,
@@ -114,24 +125,25 @@ class Engine:
                 pairs = np.asarray(req.params.logit_bias, np.float64).reshape(-1, 2)
                 seq.bias_ids, seq.bias_values = pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.float32)
             if self.scheduler.add(seq):
-                self.by_rid[req.rid] = seq
+                self.by_rid[client, req.rid] = seq
                 return None
             error = Error(req.rid, 429, "the engine's queue is full; retry later", "engine_overloaded")
         self.counters.requests_refused += 1
         return error
 
-    def _check(self, req: Generate) -> Error | None:
+    def _check(self, client: bytes, req: Generate) -> Error | None:
         n_prompt = len(req.prompt)
-        if req.rid in self.by_rid:
+        if (client, req.rid) in self.by_rid:
             return Error(req.rid, 400, f"request id {req.rid} is already in use", "duplicate_id")
+        bad = check_params(req.params, self.runner.n_vocab)
+        if bad is not None:
+            return Error(req.rid, 400, bad[1], "invalid_value", bad[0])
         if n_prompt == 0:
             return Error(req.rid, 400, "the prompt is empty", "empty_prompt", "prompt")
         if req.max_tokens < 1:
             return Error(req.rid, 400, "max_tokens must be at least 1", "invalid_value", "max_tokens")
         if any(t < 0 or t >= self.runner.n_vocab for t in req.prompt):
             return Error(req.rid, 400, "the prompt holds token ids outside the vocabulary", "invalid_value", "prompt")
-        if any(not 0 <= int(t) < self.runner.n_vocab for t, _ in req.params.logit_bias or ()):
-            return Error(req.rid, 400, "logit_bias names token ids outside the vocabulary", "invalid_value", "logit_bias")
         if n_prompt + req.max_tokens > self.n_ctx:
             return Error(
                 req.rid, 400,
@@ -147,38 +159,51 @@ class Engine:
         seed = req.params.seed if req.params.seed is not None else self._seed_rng.integers(2**63)
         return np.random.default_rng(int(seed) % 2**64)  # any integer, negative ones too
 
-    def abort(self, rid: str) -> None:
-        seq = self.by_rid.get(rid)
+    def abort(self, client: bytes, rid: str) -> None:
+        seq = self.by_rid.get((client, rid))
         if seq is not None:
             self._release(seq)
 
-    def abort_client(self, client: bytes) -> int:
-        """Abort every request of a gateway that went away; returns how many."""
-        gone = [s for s in self.by_rid.values() if s.client == client]
+    def abort_client(self, client: bytes | None = None) -> list[Sequence]:
+        """Abort every request of one gateway (or of all); returns them."""
+        gone = [s for s in self.by_rid.values() if client is None or s.client == client]
         for seq in gone:
             self._release(seq)
-        return len(gone)
+        return gone
 
     def _release(self, seq: Sequence) -> None:
         self.scheduler.finish(seq)
         if seq.grammar is not None:
             seq.grammar.close()
-        del self.by_rid[seq.rid]
+        del self.by_rid[seq.client, seq.rid]
 
     # -- the step ----------------------------------------------------------------------
 
-    def step(self) -> list[tuple[bytes, Delta]]:
-        """Run one decode over everything scheduled; return (gateway, delta) pairs to send."""
-        plan = self.scheduler.schedule()
-        if not plan:
-            return []
+    def step(self) -> list[tuple[bytes, Delta | Error]]:
+        """Run one decode over everything scheduled; return (gateway, delta or error) pairs
+        to send. Never raises: a fault fails the requests of this step and nothing else."""
+        plan = None
+        t0 = time.perf_counter()
+        try:
+            self.scheduler.token_budget = self.step_budget.tokens(self.scheduler)
+            plan = self.scheduler.schedule()
+            return self._run(plan) if plan else []
+        except Exception as exc:  # noqa: BLE001 - contained: this step's requests fail
+            return self._fail_step(plan, exc)
+        finally:
+            self.counters.longest_step_seconds = max(self.counters.longest_step_seconds, time.perf_counter() - t0)
+
+    def _run(self, plan: StepPlan) -> list[tuple[bytes, Delta | Error]]:
         outputs = self._fill_batch(plan)
+        self.faults.before_decode(self.counters.steps + self.counters.step_faults)
         t0 = time.perf_counter()
         try:
             logits = self.runner.decode()
         except DecodeError as exc:
             return self._on_decode_error(plan, exc)
+        self._failed_decodes = 0
         t1 = time.perf_counter()
+        self.step_budget.observe(plan.n_tokens - sum(n == 1 for _, n in plan.chunks), t1 - t0)
         for seq, n in plan.chunks:
             seq.n_computed += n
         for node, n, _ in plan.node_chunks:
@@ -273,17 +298,77 @@ class Engine:
         c.decode_seconds += decode_s
         c.sample_seconds += sample_s
 
-    def _on_decode_error(self, plan: StepPlan, exc: DecodeError) -> list[tuple[bytes, Delta]]:
-        # KV state is unchanged on code 1 (no slot); the scheduler's count of free cells was
-        # optimistic (fragmentation). Preempt the newest sequence and go on.
-        log.warning("%s with %d tokens; preempting the newest sequence", exc, plan.n_tokens)
-        if exc.code != 1 or len(self.scheduler.running) <= 1:
-            raise exc
+    def _on_decode_error(self, plan: StepPlan, exc: DecodeError) -> list[tuple[bytes, Delta | Error]]:
+        """No KV slot (code 1, KV unchanged: the count of free cells was optimistic because of
+        fragmentation): preempt the newest sequence. Any other failure (llama.cpp rolls the
+        batch's cells back): retry once with half the batch, then fail the largest request."""
+        if exc.code != 1:
+            self._roll_back(plan)
         for seq, _ in plan.chunks:  # attached in this step to cells that were not written
             if seq.attached and seq.n_private == 0:
                 self.scheduler.detach(seq)
-        self.scheduler.preempt(self.scheduler.running[-1])
-        return []
+        if exc.code == 1 and len(self.scheduler.running) > 1:
+            log.warning("%s with %d tokens; preempting the newest sequence", exc, plan.n_tokens)
+            self.scheduler.preempt(self.scheduler.running[-1])
+            return []
+        self._failed_decodes += 1
+        if self._failed_decodes == 1 and plan.n_tokens > 1:
+            log.warning("%s with %d tokens; retrying with half the batch", exc, plan.n_tokens)
+            self.step_budget.shrink_once(plan.n_tokens // 2)
+            return []
+        self._failed_decodes = 0
+        in_step = [s for s, _ in plan.chunks] + self._waiting_on(plan)
+        largest = max(in_step or self.scheduler.running, key=lambda s: len(s.tokens) - s.n_computed)
+        log.error("%s again; failing request %s (%d tokens)", exc, largest.rid, len(largest.tokens))
+        return self._fail([largest], f"the model failed on this request ({exc})")
+
+    def _roll_back(self, plan: StepPlan) -> None:
+        """Drop whatever the failed batch wrote: llama.cpp removes only the failed ubatch's
+        cells, and those of earlier ubatches would be written twice by the retry."""
+        kv = self.runner
+        for seq, _ in plan.chunks:
+            kv.remove(seq.seq_id, seq.n_computed, -1)
+        for node, _, seq_ids in plan.node_chunks:
+            for seq_id in seq_ids:
+                kv.remove(seq_id, node.start + node.n_cached, -1)
+
+    def _fail_step(self, plan: StepPlan | None, exc: Exception) -> list[tuple[bytes, Error]]:
+        """A fault in a step: fail its requests (all running ones if it failed before it had a
+        plan), so the state they leave behind is dropped with them."""
+        log.exception("a step failed; failing its requests")
+        self.counters.step_faults += 1
+        if plan is not None:
+            victims = list(dict.fromkeys([s for s, _ in plan.chunks] + self._waiting_on(plan)))
+        else:  # scheduling itself failed: what it was admitting may be the cause
+            victims = list(self.scheduler.running) + list(self.scheduler.waiting)[:1]
+        return self._fail(victims, f"internal error in the engine: {type(exc).__name__}: {exc}")
+
+    def _waiting_on(self, plan: StepPlan) -> list[Sequence]:
+        """Running sequences whose prompt path was being computed in ``plan``."""
+        nodes = {node for node, _, _ in plan.node_chunks}
+        return [s for s in self.scheduler.running if not s.attached and _on_path(s.node, nodes)]
+
+    def _fail(self, seqs: list[Sequence], message: str, status: int = 500, code: str = "engine_error") -> list[tuple[bytes, Error]]:
+        out = []
+        for seq in seqs:
+            if self.by_rid.get((seq.client, seq.rid)) is seq:
+                self._release_safely(seq)
+                self.counters.requests_failed += 1
+                out.append((seq.client, Error(seq.rid, status, message, code)))
+        return out
+
+    def fail_all(self, message: str, status: int = 503, code: str = "engine_unavailable") -> list[tuple[bytes, Error]]:
+        """Fail every request, running and waiting (shutting down)."""
+        return self._fail(list(self.by_rid.values()), message, status, code)
+
+    def _release_safely(self, seq: Sequence) -> None:
+        try:
+            self._release(seq)
+        except Exception:  # noqa: BLE001 - the state was already broken; forget the request
+            log.exception("releasing request %s failed", seq.rid)
+            self.by_rid.pop((seq.client, seq.rid), None)
+            if seq in self.scheduler.running:
+                self.scheduler.running.remove(seq)
 
     # -- reporting ---------------------------------------------------------------------
 
@@ -301,6 +386,9 @@ class Engine:
             "steps_total": c.steps,
             "requests_finished_total": c.requests_finished,
             "requests_refused_total": c.requests_refused,
+            "requests_failed_total": c.requests_failed,
+            "step_faults_total": c.step_faults,
+            "longest_step_seconds": c.longest_step_seconds,
             "preemptions_total": self.scheduler.n_preemptions,
             "kv_cells_used": self.scheduler.cells_used(),
             "prefix_cache_nodes": self.scheduler.trie.n_nodes,
@@ -309,3 +397,53 @@ class Engine:
             "grammar_masks_total": self.grammars.masks,
             "grammar_full_masks_total": self.grammars.full_masks,
         }
+
+
+def _on_path(node, nodes: set) -> bool:
+    while node is not None:
+        if node in nodes:
+            return True
+        node = node.parent
+    return False
+
+
+class StepBudget:
+    """Tokens for the next step, so that a step takes about ``target`` seconds while
+    sequences are decoding: a long prompt is fed in chunks that do not stall their streams.
+
+    A step costs about ``base`` (the decode rows: weights read once, attention over the
+    cache) plus ``per_token`` for each prompt token; both are learned from the steps
+    themselves as moving averages. With nobody decoding, a step takes the whole
+    ``--batch-size``: nothing waits on it.
+    """
+
+    MIN_CHUNK = 16  # prompt tokens a step always takes, so prompts always progress
+
+    def __init__(self, batch_size: int, target: float):
+        self.batch_size = batch_size
+        self.target = target
+        self.base = 0.0  # seconds of a step without prompt tokens
+        self.per_token = 0.0  # seconds per prompt token on top of that
+        self._cap: int | None = None  # once, after a failed decode
+
+    def observe(self, n_prompt: int, seconds: float) -> None:
+        if n_prompt == 0:
+            self.base = _ema(self.base, seconds)
+        elif n_prompt >= 32:  # small chunks say more about fixed costs than per-token ones
+            self.per_token = _ema(self.per_token, max(seconds - self.base, 0.0) / n_prompt)
+
+    def shrink_once(self, n_tokens: int) -> None:
+        self._cap = max(1, n_tokens)
+
+    def tokens(self, scheduler) -> int:
+        cap, self._cap = self._cap, None
+        budget = self.batch_size
+        decoding = sum(1 for s in scheduler.running if s.attached and s.n_remaining == 1)
+        if decoding and self.target > 0 and self.per_token > 0:
+            prompt = int((self.target - self.base) / self.per_token)
+            budget = min(budget, decoding + max(self.MIN_CHUNK, prompt))
+        return min(budget, cap) if cap is not None else budget
+
+
+def _ema(old: float, sample: float) -> float:
+    return sample if old == 0.0 else 0.8 * old + 0.2 * sample

@@ -1,121 +1,282 @@
-"""The engine process: a ROUTER socket in and out, and a short loop around Engine.step().
+"""The engine process: an I/O thread that owns the socket, and the step loop beside it.
 
-Loop: drain every waiting message without blocking (block briefly when idle), run one step,
-send each gateway one frame with all of its deltas. Gateways ping every second; one silent
-for ``CLIENT_TIMEOUT`` seconds is taken as gone and its requests are aborted.
+The I/O thread answers every Ping at once, mid-step too (``llama_decode`` releases the GIL),
+so a slow step is never taken for a dead engine. It checks every frame, hands requests to
+the step loop through a queue and sends out what the loop produces (an inproc socket wakes
+it). The step loop: take what arrived, run one step, hand its replies out, publish counters.
+
+SIGTERM (or SIGINT) drains: new requests are refused with 503 and gateways are told at once
+(they route elsewhere), running requests finish within ``--drain-timeout``, what is left is
+failed, and the process exits. A second signal ends the drain at once. A gateway silent for
+``--gateway-timeout`` seconds is taken as gone: its requests are aborted *and* failed, so a
+gateway that was only stalled ends those streams with an error instead of waiting forever.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import queue
 import signal
+import threading
 import time
 from collections import defaultdict
+from dataclasses import dataclass, field
 
 import zmq
 
 from .. import protocol as p
+from .. import sockets
 from ..config import EngineConfig
 from .core import Engine
 from .runner import ModelRunner
 
 log = logging.getLogger("demesne.engine")
 
-IDLE_POLL_MS = 100
-CLIENT_TIMEOUT = 15.0
+IDLE_WAIT = 0.1  # seconds the step loop blocks for new work when it has none
+SEND_HWM = 100_000  # frames queued for one slow gateway before ZeroMQ would drop them
+_STOP = b"stop"  # the step loop's last word to the I/O thread
+_GONE = object()  # in the inbox: a gateway went away
 
 
-class EngineProc:
-    def __init__(self, config: EngineConfig, engine: Engine):
-        self.config = config
-        self.engine = engine
-        # Unique per process: a gateway that sees it change knows the KV cache is new.
-        self.engine_id = f"{config.model_id}@{config.listen}#{os.getpid()}.{time.time_ns():x}"
-        self.zctx = zmq.Context()
-        self.sock = self.zctx.socket(zmq.ROUTER)
+@dataclass(slots=True)
+class Status:
+    """What the I/O thread reports about the step loop; written by the step loop only."""
+
+    stats: dict[str, float] = field(default_factory=dict)
+    draining: bool = False
+    step_started: float = 0.0  # monotonic time the running step began; 0 between steps
+
+
+class EngineIO(threading.Thread):
+    """Owns the ROUTER socket: pings answered at once, requests queued, replies sent."""
+
+    def __init__(self, zctx: zmq.Context, config: EngineConfig, engine_id: str, model: p.ModelInfo, status: Status):
+        super().__init__(name="engine-io", daemon=True)
+        self.engine_id, self.model, self.status = engine_id, model, status
+        self.client_timeout = config.gateway_timeout
+        self.inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self.sock = zctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
-        self.sock.bind(config.listen)
+        self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone gateway raises
+        self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a gateway that reconnects keeps its id
+        self.sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        sockets.bind(self.sock, config.listen)
+        self.outbox_endpoint = f"inproc://demesne-outbox-{id(self):x}"
+        self.outbox = zctx.socket(zmq.PULL)
+        self.outbox.setsockopt(zmq.LINGER, 0)
+        self.outbox.bind(self.outbox_endpoint)
         self.last_seen: dict[bytes, float] = {}
-        self.stopping = False
+        self.refused: set[bytes] = set()  # gateways of another protocol version
+        self.announced_drain = False
+
+    # -- the thread ----------------------------------------------------------------------
 
     def run(self) -> None:
-        log.info("engine ready: %s on %s", self.config.model_id, self.config.listen)
-        while not self.stopping:
-            self._drain(0 if self.engine.has_work else IDLE_POLL_MS)
-            if self.engine.has_work:
-                self._send(self.engine.step())
-            self._forget_silent_clients()
-        self.close()
+        poller = zmq.Poller()
+        poller.register(self.sock, zmq.POLLIN)
+        poller.register(self.outbox, zmq.POLLIN)
+        running = True
+        while running:
+            ready = dict(poller.poll(100))
+            if self.sock in ready:
+                self._receive()
+            if self.outbox in ready:
+                running = self._forward()
+            self._forget_silent()
+            self._announce_drain()
+        self.sock.close()
+        self.outbox.close()
 
-    def _drain(self, timeout_ms: int) -> None:
-        if not self.sock.poll(timeout_ms):
-            return
+    def _receive(self) -> None:
         while True:
             try:
-                client, frame = self.sock.recv_multipart(zmq.NOBLOCK)
+                parts = self.sock.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return
-            except ValueError:  # not two frames: not one of ours
-                continue
-            self.last_seen[client] = time.monotonic()
-            self._handle(client, frame)
+            if len(parts) == 2:  # else: not one of ours
+                self.last_seen[parts[0]] = time.monotonic()
+                self._handle(*parts)
 
     def _handle(self, client: bytes, frame: bytes) -> None:
         try:
             msg = p.decode(frame)
         except p.ProtocolError as exc:
-            log.warning("dropping a bad frame: %s", exc)
+            log.warning("bad frame from a gateway: %s", exc)
+            rid = p.request_id(frame)
+            if rid is not None:
+                self.send(client, p.Error(rid, 400, f"the engine could not read this request ({exc})", "invalid_frame"))
             return
         if isinstance(msg, p.Ping):
-            self._reply(client, p.Pong(msg.sent, self.engine_id, self.engine.model_info, self.engine.stats()))
-        elif isinstance(msg, p.Generate):
+            self._on_ping(client, msg)
+        elif client in self.refused:
+            rid = getattr(msg, "rid", None)
+            if isinstance(msg, p.Generate):
+                self.send(client, p.Error(rid, 503, f"engine speaks protocol v{p.PROTOCOL_VERSION}; upgrade the gateway", "protocol_mismatch"))
+        else:
+            self.inbox.put((client, msg))
+
+    def _on_ping(self, client: bytes, ping: p.Ping) -> None:
+        if ping.version != p.PROTOCOL_VERSION:
+            if client not in self.refused:
+                log.error(
+                    "refusing a gateway that speaks protocol v%s; this engine speaks v%d (upgrade one of them)",
+                    ping.version, p.PROTOCOL_VERSION,
+                )
+            self.refused.add(client)
+        else:
+            self.refused.discard(client)
+        self.send(client, self._pong(ping.sent))  # it carries our version: the gateway refuses too
+
+    def _pong(self, sent: float) -> p.Pong:
+        started = self.status.step_started
+        return p.Pong(
+            sent, self.engine_id, self.model, self.status.stats, p.PROTOCOL_VERSION,
+            self.status.draining, time.monotonic() - started if started else 0.0,
+        )
+
+    def _forward(self) -> bool:
+        """Send what the step loop queued; False once it said it is done."""
+        while True:
             try:
-                error = self.engine.submit(client, msg)
-            except Exception as exc:  # a request must never take the engine down
-                log.exception("refusing request %s", msg.rid)
-                error = p.Error(msg.rid, 400, f"invalid request: {exc}", "invalid_request")
-            if error is not None:
-                self._reply(client, error)
-        elif isinstance(msg, p.Abort):
-            self.engine.abort(msg.rid)
+                client, frame = self.outbox.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return True
+            if frame == _STOP and not client:
+                return False
+            self._send_frame(client, frame)
 
-    def _reply(self, client: bytes, msg: p.Message) -> None:
-        self.sock.send_multipart([client, p.encode(msg)])
+    def send(self, client: bytes, msg: p.Message) -> None:
+        self._send_frame(client, p.encode(msg))
 
-    def _send(self, deltas: list[tuple[bytes, p.Delta]]) -> None:
-        by_client: dict[bytes, list[p.Delta]] = defaultdict(list)
-        for client, delta in deltas:
-            by_client[client].append(delta)
-        for client, items in by_client.items():
-            self._reply(client, p.Deltas(items))
+    def _send_frame(self, client: bytes, frame: bytes) -> None:
+        try:
+            self.sock.send_multipart([client, frame], zmq.NOBLOCK)
+        except zmq.ZMQError as exc:  # EHOSTUNREACH: it disconnected; EAGAIN: it stopped reading
+            if client in self.last_seen:
+                log.warning("a gateway cannot be reached (%s); aborting its requests", exc.strerror)
+                del self.last_seen[client]
+                self.inbox.put((client, _GONE))
+            elif exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
+                raise
 
-    def _forget_silent_clients(self) -> None:
+    def _forget_silent(self) -> None:
         now = time.monotonic()
         for client, seen in list(self.last_seen.items()):
-            if now - seen > CLIENT_TIMEOUT:
+            if now - seen > self.client_timeout:
                 del self.last_seen[client]
-                n = self.engine.abort_client(client)
-                if n:
-                    log.warning("a gateway went silent; aborted its %d requests", n)
+                self.inbox.put((client, _GONE))
+
+    def _announce_drain(self) -> None:
+        if self.status.draining and not self.announced_drain:
+            self.announced_drain = True
+            for client in list(self.last_seen):
+                self.send(client, self._pong(0.0))
+
+
+class EngineProc:
+    """The step loop, in the main thread; the socket belongs to :class:`EngineIO`."""
+
+    def __init__(self, config: EngineConfig, engine: Engine):
+        self.config = config
+        self.engine = engine
+        # Unique per process: a gateway that sees it change knows the KV cache is new.
+        engine_id = f"{config.model_id}@{config.listen}#{os.getpid()}.{time.time_ns():x}"
+        self.zctx = zmq.Context()
+        self.status = Status(stats=engine.stats())
+        self.io = EngineIO(self.zctx, config, engine_id, engine.model_info, self.status)
+        self.outbox = self.zctx.socket(zmq.PUSH)
+        self.outbox.setsockopt(zmq.LINGER, -1)
+        self.outbox.setsockopt(zmq.SNDHWM, 0)
+        self.outbox.connect(self.io.outbox_endpoint)
+        self.drain_deadline: float | None = None
+        self.stop_now = False
+
+    def drain(self) -> None:
+        """Stop taking requests; exit once the running ones finish (or the grace runs out)."""
+        if self.drain_deadline is None:
+            log.info("draining: finishing %d requests within %.0f s", len(self.engine.by_rid), self.config.drain_timeout)
+            self.drain_deadline = time.monotonic() + self.config.drain_timeout
+            self.status.draining = True
+        else:
+            self.stop_now = True
+
+    def run(self) -> None:
+        self.io.start()
+        log.info("engine ready: %s on %s", self.config.model_id, self.config.listen)
+        while not self._done():
+            self._take(block=not self.engine.has_work)
+            if self.engine.has_work:
+                self.status.step_started = time.monotonic()
+                replies = self.engine.step()
+                self.status.step_started = 0.0
+                self._send(replies)
+            self.status.stats = self.engine.stats()
+        self._send(self.engine.fail_all("the engine shut down before this request finished"))
+        self.close()
+
+    def _done(self) -> bool:
+        if self.drain_deadline is None:
+            return False
+        return self.stop_now or not self.engine.has_work or time.monotonic() > self.drain_deadline
+
+    def _take(self, block: bool) -> None:
+        """Everything that arrived; waits briefly for the first item when idle."""
+        try:
+            item = self.io.inbox.get(timeout=IDLE_WAIT) if block else self.io.inbox.get_nowait()
+            while True:
+                self._on_message(*item)
+                item = self.io.inbox.get_nowait()
+        except queue.Empty:
+            pass
+
+    def _on_message(self, client: bytes, msg) -> None:
+        if msg is _GONE:
+            gone = self.engine.abort_client(client)
+            if gone:
+                log.warning("a gateway went away; aborted its %d requests", len(gone))
+            self._send([(client, p.Error(s.rid, 503, "the engine lost contact with this gateway", "gateway_gone")) for s in gone])
+        elif isinstance(msg, p.Generate):
+            self._send([(client, e) for e in [self._submit(client, msg)] if e is not None])
+        elif isinstance(msg, p.Abort):
+            self.engine.abort(client, msg.rid)
+
+    def _submit(self, client: bytes, msg: p.Generate) -> p.Error | None:
+        if self.drain_deadline is not None:
+            return p.Error(msg.rid, 503, "the engine is shutting down; retry", "engine_draining")
+        try:
+            return self.engine.submit(client, msg)
+        except Exception as exc:  # noqa: BLE001 - a request must never take the engine down
+            log.exception("refusing request %s", msg.rid)
+            return p.Error(msg.rid, 400, f"invalid request: {exc}", "invalid_request")
+
+    def _send(self, replies: list[tuple[bytes, p.Delta | p.Error]]) -> None:
+        """One frame per gateway with all of its deltas; errors one frame each."""
+        deltas: dict[bytes, list[p.Delta]] = defaultdict(list)
+        for client, item in replies:
+            if isinstance(item, p.Delta):
+                deltas[client].append(item)
+            else:
+                self.outbox.send_multipart([client, p.encode(item)])
+        for client, items in deltas.items():
+            self.outbox.send_multipart([client, p.encode(p.Deltas(items))])
 
     def close(self) -> None:
-        self.sock.close()
-        self.zctx.term()
+        self.outbox.send_multipart([b"", _STOP])
+        self.io.join(10)
+        self.outbox.close()
+        if not self.io.is_alive():  # else term() would wait on its socket; the process ends anyway
+            self.zctx.term()
 
 
 def serve_engine(config: EngineConfig) -> None:
     runner = ModelRunner(config)
-    engine = Engine(config, runner)
-    proc = EngineProc(config, engine)
-
-    def stop(signum, _frame):
-        log.info("engine stopping (signal %d)", signum)
-        proc.stopping = True
-
-    signal.signal(signal.SIGTERM, stop)
-    signal.signal(signal.SIGINT, stop)
     try:
+        proc = EngineProc(config, Engine(config, runner))
+        signal.signal(signal.SIGTERM, lambda *_: proc.drain())
+        signal.signal(signal.SIGINT, lambda *_: proc.drain())
         proc.run()
     finally:
         runner.close()
+        sockets.remove(config.listen)

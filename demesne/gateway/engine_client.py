@@ -1,24 +1,33 @@
 """The gateway's side of the engines: one DEALER socket and listener task per engine, a queue
 per request, heartbeats, and the choice of engine for each request.
 
-A reply from an engine is sorted by request id into that request's queue. An engine silent
-for ``heartbeat_timeout`` seconds is marked down and its in-flight requests fail with
-:class:`EngineUnavailable` (the gateway answers 503); ZeroMQ reconnects by itself, and the
-first Pong after that marks the engine up again.
+A reply from an engine is sorted by request id into that request's queue. Whether an engine
+can take *new* requests and whether its *running* requests are lost are different questions:
+
+- an engine that has not answered a heartbeat for ``heartbeat_timeout`` seconds (its I/O
+  thread answers even mid-step, so it is stopped or the host is starved) gets no new
+  requests, but its requests keep waiting: no timeout fails a request still being served;
+- an engine whose connection closed (the process exited; ZeroMQ's socket monitor says so at
+  once, TCP keepalive for a vanished host) or that restarted (a new engine id) has lost its
+  requests: they fail at once with :class:`EngineUnavailable` (the gateway answers 503);
+- an engine that is draining (SIGTERM) finishes its requests and gets no new ones;
+- an engine of another protocol version is refused, with one log line and a clear 503.
+
+ZeroMQ reconnects by itself; the first compatible Pong after that makes the engine usable.
 """
 
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
-import os
 import time
+import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
+from zmq.utils.monitor import parse_monitor_message
 
 from .. import protocol as p
 from ..config import GatewayConfig
@@ -45,7 +54,10 @@ class EngineConn:
     sock: zmq.asyncio.Socket
     info: p.ModelInfo | None = None
     stats: dict[str, float] = field(default_factory=dict)
-    alive: bool = False
+    connected: bool = False  # the socket monitor's view of the connection
+    responsive: bool = False  # answered a heartbeat within heartbeat_timeout
+    draining: bool = False
+    refused: str | None = None  # why this gateway will not use it (protocol version)
     last_seen: float = 0.0
     inflight: set[str] = field(default_factory=set)
     ponged: asyncio.Event = field(default_factory=asyncio.Event)
@@ -53,6 +65,15 @@ class EngineConn:
     prefix: PrefixIndex = field(default_factory=PrefixIndex)  # what we think it holds
     routed: int = 0  # requests sent here
     routed_cached: int = 0  # prompt tokens the routing expected it to hold
+
+    @property
+    def alive(self) -> bool:
+        """Connected, answering and compatible: it serves (maybe draining)."""
+        return self.connected and self.responsive and self.refused is None and self.info is not None
+
+    @property
+    def routable(self) -> bool:
+        return self.alive and not self.draining
 
     @property
     def load(self) -> int:
@@ -64,12 +85,11 @@ class EngineClient:
         self.config = config
         self.on_model = on_model  # called once per model id, when an engine first reports it
         self._zctx = zmq.asyncio.Context()
-        self.engines = [self._connect(ep) for ep in config.engines]
+        self.identity = uuid.uuid4().bytes  # engines key our requests by it, with their ids
+        self.engines, self._monitors = map(list, zip(*(self._connect(ep) for ep in config.engines)))
         self._queues: dict[str, asyncio.Queue] = {}
         self._owner: dict[str, EngineConn] = {}
         self._known_models: set[str] = set()
-        self._ids = itertools.count()
-        self._prefix = f"{os.getpid():x}-{int(time.time()):x}"
         self._tasks: list[asyncio.Task] = []
 
     def _connect(self, endpoint: str) -> EngineConn:
@@ -78,26 +98,37 @@ class EngineClient:
         # Queue nothing for an engine that is not connected: a request sent then would run
         # later on a restarted engine for a client that was already told 503.
         sock.setsockopt(zmq.IMMEDIATE, 1)
+        sock.setsockopt(zmq.ROUTING_ID, self.identity)
+        # A host that vanishes without closing the connection is noticed in ~25 s.
+        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 10)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 5)
+        sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
+        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sock.connect(endpoint)
-        return EngineConn(endpoint, sock)
+        return EngineConn(endpoint, sock), monitor
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._listen(e)) for e in self.engines]
+        self._tasks += [loop.create_task(self._watch(e, m)) for e, m in zip(self.engines, self._monitors)]
         self._tasks.append(loop.create_task(self._heartbeat()))
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for e in self.engines:
+        for e, monitor in zip(self.engines, self._monitors):
+            e.sock.disable_monitor()
+            monitor.close()
             e.sock.close()
         self._zctx.term()
 
     # -- what the routes use ------------------------------------------------------------
 
     def models(self) -> dict[str, p.ModelInfo]:
-        return {e.info.id: e.info for e in self.engines if e.info is not None and e.alive}
+        # Connected is enough: a model does not vanish from the list while its engine is busy.
+        return {e.info.id: e.info for e in self.engines if e.info is not None and e.connected and e.refused is None}
 
     async def refresh_stats(self, timeout: float = 2.0) -> None:
         """Ask every live engine for its counters now, and wait (briefly) for the answers."""
@@ -111,17 +142,19 @@ class EngineClient:
             await asyncio.wait([asyncio.ensure_future(w) for w in waiting], timeout=timeout)
 
     def any_alive(self) -> bool:
-        return any(e.alive for e in self.engines)
+        return any(e.routable for e in self.engines)
 
-    def new_request_id(self) -> str:
-        return f"{self._prefix}-{next(self._ids)}"
+    @staticmethod
+    def new_request_id() -> str:
+        """Unique across gateways and hosts; the engine logs and keys requests by it."""
+        return uuid.uuid4().hex
 
     def pick(self, model_id: str, prompt: list[int]) -> EngineConn:
         """The live engine serving ``model_id`` most likely to hold the prompt's prefix, unless
         it is ``--route-slack`` requests busier than the least loaded (routing.py)."""
-        candidates = [e for e in self.engines if e.alive and e.info is not None and e.info.id == model_id]
+        candidates = [e for e in self.engines if e.routable and e.info.id == model_id]
         if not candidates:
-            raise EngineUnavailable(f"no engine serving {model_id} is reachable")
+            raise EngineUnavailable(self.why_unavailable(model_id))
         engine, matched = choose(candidates, block_hashes(prompt), self.config.route_slack)
         engine.routed += 1
         engine.routed_cached += matched * BLOCK
@@ -154,8 +187,20 @@ class EngineClient:
                     raise item
         finally:
             self._forget(req.rid)
-            if not finished and engine.alive:
+            if not finished:  # whatever the engine's state: it may still be decoding it
                 self._try_send(engine, p.Abort(req.rid))
+
+    def why_unavailable(self, model_id: str) -> str:
+        """Why no engine can take a request for ``model_id``, in words for the client."""
+        refused = [e.refused for e in self.engines if e.refused]
+        if refused:
+            return refused[0]
+        serving = [e for e in self.engines if e.info is not None and e.info.id == model_id and e.connected]
+        if any(e.draining for e in serving):
+            return f"the engine serving {model_id} is shutting down; retry shortly"
+        if serving:
+            return f"the engine serving {model_id} is not answering (overloaded or stopped); retry shortly"
+        return f"no engine serving {model_id} is reachable"
 
     def _send(self, engine: EngineConn, msg: p.Message) -> None:
         if not self._try_send(engine, msg):
@@ -199,33 +244,67 @@ class EngineClient:
             queue.put_nowait(item)
 
     def _on_pong(self, engine: EngineConn, pong: p.Pong) -> None:
+        if pong.version != p.PROTOCOL_VERSION:
+            self._refuse(engine, pong.version)
+            return
+        engine.refused = None
         if engine.engine_id != pong.engine_id:  # a new process: its cache starts empty
+            if engine.engine_id is not None:
+                self._fail_inflight(engine, f"engine {engine.endpoint} restarted")
             engine.engine_id = pong.engine_id
             engine.prefix.clear()
         engine.stats = pong.stats
         engine.ponged.set()
         engine.info = pong.model
+        engine.connected = True  # a pong can beat the monitor's event
+        if pong.draining and not engine.draining:
+            log.warning("engine %s is draining; new requests go elsewhere", engine.endpoint)
+        engine.draining = pong.draining
         if pong.model.id not in self._known_models:
             self._known_models.add(pong.model.id)
             if self.on_model is not None:
                 self.on_model(pong.model)
-        if not engine.alive:
-            engine.alive = True
+        if not engine.responsive:
+            engine.responsive = True
             log.info("engine %s is up (%s)", engine.endpoint, pong.model.id)
+
+    def _refuse(self, engine: EngineConn, version: int) -> None:
+        if engine.refused is None:
+            engine.refused = (
+                f"engine {engine.endpoint} speaks protocol v{version}; this gateway speaks"
+                f" v{p.PROTOCOL_VERSION} (upgrade one of them)"
+            )
+            log.error("%s; not using it", engine.refused)
+
+    async def _watch(self, engine: EngineConn, monitor: zmq.asyncio.Socket) -> None:
+        """Connection events: a closed connection means the engine's requests are lost."""
+        while True:
+            event = parse_monitor_message(await monitor.recv_multipart())["event"]
+            if event == zmq.EVENT_CONNECTED:
+                engine.connected = True
+                self._try_send(engine, p.Ping(time.time()))
+            elif event == zmq.EVENT_DISCONNECTED and engine.connected:
+                engine.connected = engine.responsive = engine.draining = False
+                engine.prefix.clear()
+                log.warning("engine %s closed the connection", engine.endpoint)
+                self._fail_inflight(engine, f"engine {engine.endpoint} went away")
 
     async def _heartbeat(self) -> None:
         while True:
             now = time.monotonic()
             for engine in self.engines:
-                if engine.alive and now - engine.last_seen > self.config.heartbeat_timeout:
-                    self._mark_down(engine)
+                if engine.responsive and now - engine.last_seen > self.config.heartbeat_timeout:
+                    engine.responsive = False
+                    log.warning(
+                        "engine %s has not answered for %.1f s; no new requests go to it, its %d"
+                        " requests keep waiting", engine.endpoint, now - engine.last_seen, len(engine.inflight),
+                    )
                 self._try_send(engine, p.Ping(time.time()))
             await asyncio.sleep(self.config.heartbeat_interval)
 
-    def _mark_down(self, engine: EngineConn) -> None:
-        engine.alive = False
-        engine.prefix.clear()
-        log.warning("engine %s stopped answering; failing its %d requests", engine.endpoint, len(engine.inflight))
-        gone = EngineUnavailable(f"engine {engine.endpoint} stopped answering")
+    def _fail_inflight(self, engine: EngineConn, why: str) -> None:
+        if engine.inflight:
+            log.warning("%s; failing its %d requests", why, len(engine.inflight))
+        gone = EngineUnavailable(why)
         for rid in list(engine.inflight):
             self._deliver(rid, gone)

@@ -1,0 +1,48 @@
+"""StepBudget: prompt chunks sized by time while streams decode (no model needed)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+from demesne.engine.core import StepBudget
+
+
+def scheduler(decoding: int, prefilling: int = 1):
+    rows = [SimpleNamespace(attached=True, n_remaining=1) for _ in range(decoding)]
+    rows += [SimpleNamespace(attached=False, n_remaining=500) for _ in range(prefilling)]
+    return SimpleNamespace(running=rows)
+
+
+def test_nobody_decoding_takes_the_whole_batch():
+    budget = StepBudget(2048, target=0.5)
+    budget.observe(0, 0.1)
+    budget.observe(1000, 1.1)
+    assert budget.tokens(scheduler(decoding=0)) == 2048
+
+
+def test_decoding_streams_cap_the_prompt_chunk_by_time():
+    budget = StepBudget(2048, target=0.5)
+    for _ in range(5):
+        budget.observe(0, 0.1)  # a decode-only step: 0.1 s
+        budget.observe(1000, 1.1)  # + 1 ms per prompt token
+    # 0.5 s target: 0.1 s of decode rows leaves 0.4 s, i.e. ~400 prompt tokens, plus 8 rows
+    assert 390 <= budget.tokens(scheduler(decoding=8)) - 8 <= 410
+
+
+def test_a_slow_machine_still_feeds_a_minimum_chunk():
+    budget = StepBudget(512, target=0.5)
+    budget.observe(0, 2.0)  # decode rows alone take longer than the target
+    budget.observe(100, 3.0)
+    assert budget.tokens(scheduler(decoding=4)) == 4 + StepBudget.MIN_CHUNK
+
+
+def test_no_target_and_no_measurements_mean_no_cap():
+    assert StepBudget(512, target=0.0).tokens(scheduler(decoding=4)) == 512
+    assert StepBudget(512, target=0.5).tokens(scheduler(decoding=4)) == 512  # nothing learned yet
+
+
+def test_shrink_once_caps_only_the_next_step():
+    budget = StepBudget(512, target=0.5)
+    budget.shrink_once(100)
+    assert budget.tokens(scheduler(decoding=0)) == 100
+    assert budget.tokens(scheduler(decoding=0)) == 512
