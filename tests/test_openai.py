@@ -437,3 +437,171 @@ def test_response_format_becomes_a_grammar():
     nested_not = {"type": "object", "properties": {"a": {"not": {"type": "string"}}}}
     err = refused(parse_chat, chat(response_format={"type": "json_schema", "json_schema": {"schema": nested_not}}), "response_format.json_schema.schema")
     assert "not" in err.message
+
+
+# --- bounds on every input (issue 9) -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "field, value, code",
+    [
+        ("top_k", 2**63, "invalid_value"),
+        ("top_k", 2**31, "invalid_value"),
+        ("top_k", True, "invalid_type"),
+        ("seed", 2**63, "invalid_value"),
+        ("seed", -(2**63) - 1, "invalid_value"),
+        ("seed", 10**4000, "invalid_value"),
+        ("seed", False, "invalid_type"),
+        ("max_tokens", 2**31, "invalid_value"),
+        ("max_completion_tokens", 2**64, "invalid_value"),
+        ("n", 10**30, "invalid_value"),
+        ("temperature", 1e308, "invalid_value"),
+        ("temperature", 10**400, "invalid_value"),  # too big for a float
+        ("top_p", -1e308, "invalid_value"),
+        ("min_p", 10**400, "invalid_value"),
+        ("presence_penalty", 2.0001, "invalid_value"),
+        ("frequency_penalty", -(10**400), "invalid_value"),
+        ("repetition_penalty", 10.5, "invalid_value"),
+        ("repetition_penalty", -1, "invalid_value"),
+        ("repetition_penalty", True, "invalid_type"),
+        ("logit_bias", {"5": 10**400}, "invalid_value"),
+        ("logit_bias", {"5": True}, "invalid_type"),
+    ],
+)
+def test_numbers_out_of_range(field, value, code):
+    for parse, body in ((parse_chat, chat), (parse_completion, completion)):
+        err = refused(parse, body(**{field: value}), field, code)
+        assert len(err.message) < 200
+
+
+def test_numbers_at_their_bounds_are_taken():
+    req = parse_chat(chat(top_k=2**31 - 1, seed=2**63 - 1, max_tokens=2**31 - 1, n=16, temperature=2, repetition_penalty=10))
+    assert (req.params.top_k, req.params.seed, req.max_tokens, req.n) == (2**31 - 1, 2**63 - 1, 2**31 - 1, 16)
+    assert parse_chat(chat(seed=-(2**63))).params.seed == -(2**63)
+    assert parse_chat(chat(logit_bias={"0": -100, "262143": 100})).params.logit_bias == [[0, -100.0], [262143, 100.0]]
+
+
+@pytest.mark.parametrize("key", ["²", "--5", "٣", " 5", "5 ", "+5", "0x5", "1" * 11, "", "5.0"])
+def test_logit_bias_keys_are_decimal_token_ids(key):
+    """int() takes unicode digits and spaces; "²" passed isdigit() and then failed int()."""
+    refused(parse_chat, chat(logit_bias={key: 1}), "logit_bias", "invalid_type")
+
+
+def test_stop_strings_are_bounded():
+    assert parse_chat(chat(stop="x" * 1024)).stop == ["x" * 1024]
+    refused(parse_chat, chat(stop="x" * 1025), "stop")
+    refused(parse_completion, completion(stop=["a", "y" * 5000]), "stop")
+
+
+def schema_format(schema) -> dict:
+    return {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}
+
+
+SCHEMA = "response_format.json_schema.schema"
+
+
+def deep(levels: int) -> dict:
+    schema: dict = {"type": "string"}
+    for _ in range(levels):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+@pytest.mark.parametrize(
+    "schema",
+    [
+        {"type": "string", "maxLength": 20000},  # segfaulted the gateway (20,000 nested groups)
+        {"type": "string", "minLength": 5000},
+        {"type": "string", "maxLength": 10**20},
+        {"type": "string", "maxLength": "9"},
+        {"type": "string", "maxLength": True},
+        {"type": "string", "maxLength": -1},
+        {"type": "string", "pattern": "^a{0,100000}$"},
+        {"type": "string", "pattern": "^(ab){20000}$"},
+        {"type": "string", "pattern": "^" + "a" * 2000 + "$"},
+        {"type": "array", "items": {"type": "integer"}, "maxItems": 5000},
+        {"type": "array", "minItems": 1001},
+        {"enum": [f"v{i}" for i in range(20000)]},  # stalled the engine 30 s a token
+        {"anyOf": [{"const": i} for i in range(600)]},
+        {"type": "object", "properties": {f"p{i}": {"type": "integer"} for i in range(300)}},
+        deep(70),
+        deep(600),  # a RecursionError (500) before
+    ],
+)
+def test_schemas_too_big_for_the_grammar_engine(schema):
+    err = refused(parse_chat, chat(response_format=schema_format(schema)), SCHEMA)
+    assert err.code == "schema_too_complex"
+
+
+def test_alternatives_are_counted_through_refs():
+    """Pairs of unions of $refs: each level doubles the paths llama.cpp's left-recursion check
+    walks (26 levels blocked the gateway 11 s) and the stacks a token may advance."""
+    defs = {f"d{i}": {"anyOf": [{"$ref": f"#/$defs/d{i + 1}"}, {"$ref": f"#/$defs/d{i + 1}"}]} for i in range(30)}
+    defs["d30"] = {"type": "string"}
+    err = refused(parse_chat, chat(response_format=schema_format({"$defs": defs, "anyOf": [{"$ref": "#/$defs/d0"}]})), SCHEMA)
+    assert "alternatives" in err.message
+    shared = {"$defs": {"e": {"enum": [f"v{i}" for i in range(300)]}}, "anyOf": [{"$ref": "#/$defs/e"}, {"$ref": "#/$defs/e"}]}
+    refused(parse_chat, chat(response_format=schema_format(shared)), SCHEMA)
+
+
+def test_schemas_within_the_bounds_are_enforced():
+    tree = {  # a recursive schema: the $ref counts once
+        "$defs": {"node": {"type": "object", "properties": {"v": {"type": "integer"}, "kids": {"type": "array", "items": {"$ref": "#/$defs/node"}}}}},
+        "type": "object",
+        "properties": {"root": {"$ref": "#/$defs/node"}},
+    }
+    for schema in (
+        {"type": "string", "maxLength": 1000},
+        {"type": "string", "pattern": "^[a-z]{1,1000}$"},
+        {"enum": [f"v{i}" for i in range(512)]},
+        {"type": "object", "properties": {f"p{i}": {"enum": [f"v{j}" for j in range(400)]} for i in range(3)}},
+        deep(30),
+        {"type": "object", "properties": {"x": {"const": {"not": 1, "if": [[[[1]]]]}}}},  # data, not keywords
+        tree,
+    ):
+        assert parse_chat(chat(response_format=schema_format(schema))).params.grammar
+
+
+def test_tool_parameter_schemas_are_bounded():
+    def tools(params):
+        return [{"type": "function", "function": {"name": "f", "parameters": params}}]
+
+    huge = {"type": "object", "properties": {"a": {"type": "string", "maxLength": 10**6}}}
+    err = refused(parse_chat, chat(tools=tools(huge)), "tools[0].function.parameters")
+    assert err.code == "schema_too_complex"
+    refused(parse_chat, chat(functions=[{"name": "f", "parameters": huge}]), "functions[0].function.parameters")
+    many = {"type": "object", "properties": {"a": {"enum": list(range(20000))}}}
+    refused(parse_chat, chat(tools=tools(many), tool_choice="required"), "tools[0].function.parameters")
+    deep_params = {"type": "object", "properties": {"a": deep(100)}}
+    refused(parse_chat, chat(tools=tools(deep_params)), "tools[0].function.parameters")
+
+
+def test_grammar_text_is_checked_after_conversion():
+    from demesne.gateway.openai import schema_grammar
+
+    with pytest.raises(ApiError) as info:
+        schema_grammar({"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 1000} for i in range(200)}}, "tools")
+    assert info.value.status == 400 and info.value.param == "tools" and info.value.code == "schema_too_complex"
+
+
+@pytest.mark.parametrize(
+    "messages, param",
+    [
+        (
+            [{"role": "user", "content": "x"}, {"role": "assistant", "content": None, "function_call": {"name": ["f"], "arguments": "{}"}}],
+            "messages[1].function_call.name",
+        ),
+        ([{"role": "user", "content": "x"}, {"role": "function", "name": {"a": 1}, "content": "1"}], "messages[1].name"),
+        (
+            [
+                {"role": "user", "content": "x"},
+                {"role": "assistant", "content": None, "tool_calls": [{"id": "a", "type": "function", "function": {"name": "f", "arguments": "{}"}}]},
+                {"role": "tool", "tool_call_id": ["a"], "content": "1"},
+            ],
+            "messages[2].tool_call_id",
+        ),
+    ],
+)
+def test_names_and_ids_given_as_lists(messages, param):
+    """Each was a TypeError (unhashable list) and a 500."""
+    refused(parse_chat, chat(messages=messages, functions=[{"name": "f"}]), param)

@@ -405,3 +405,65 @@ def test_a_forced_call_cut_inside_its_opener_leaves_no_content():
     assert parse_calls(' {"tool_ca', forced, GENERIC) == (None, [])
     assert parse_calls(' {"tool_ca', spec(), GENERIC) == (' {"tool_ca', [])  # auto: it may be text
     assert stream(GENERIC, list(' {"tool_ca'), forced) == ("", {}, [])
+
+
+# --- hostile input (issue 9) -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "body, param",
+    [
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": ["get_weather"]}}}, "tool_choice.function.name"),
+        ({"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": {"a": 1}}}}, "tool_choice.function.name"),
+        ({"functions": [WEATHER["function"]], "function_call": {"name": ["get_weather"]}}, "tool_choice.function.name"),
+        ({"tools": [{**WEATHER, "function": {**WEATHER["function"], "name": f"f{i}"}} for i in range(129)]}, "tools"),
+        ({"functions": [{"name": f"f{i}"} for i in range(129)]}, "functions"),
+    ],
+)
+def test_hostile_tools(body, param):
+    """Names given as lists were a TypeError (unhashable) and a 500."""
+    with pytest.raises(ToolError) as info:
+        parse_tools(body)
+    assert info.value.param == param
+
+
+def test_only_the_function_fields_openai_defines_reach_the_template():
+    nested: list = []
+    for _ in range(900):  # would be a RecursionError in the template's tojson
+        nested = [nested]
+    tool = {"type": "function", "function": {**WEATHER["function"], "description": "d", "x-extra": nested}}
+    got = parse_tools({"tools": [tool]}).tools[0]["function"]
+    assert set(got) == {"name", "description", "parameters"}
+
+
+def call_with(arguments):
+    call = {"id": "a", "type": "function", "function": {"name": "w", "arguments": arguments}}
+    return assistant_calls({"tool_calls": [call]}, "messages[1]")[0]["function"]["arguments"]
+
+
+def test_deep_argument_text_is_passed_through_as_text():
+    """'[' * 100000 as a history call's arguments was a RecursionError in json.loads (a 500)."""
+    for text in ("[" * 100_000, "[" * 65 + "]" * 65, '{"a": ' * 5000 + "1" + "}" * 5000):
+        assert call_with(text) == text
+    shallow = "[" * 60 + "]" * 60
+    assert call_with(shallow) == json.loads(shallow)
+    assert call_with('{"s": "' + "[" * 1000 + '"}') == {"s": "[" * 1000}  # brackets in strings do not count
+
+
+def test_deep_argument_objects_are_refused():
+    deep_args: dict = {}
+    for _ in range(100):
+        deep_args = {"a": deep_args}
+    with pytest.raises(ToolError) as info:
+        call_with(deep_args)
+    assert info.value.param == "messages[1].tool_calls[0].function.arguments"
+
+
+def test_deep_json_from_the_model_is_no_call():
+    """The model can write brackets as deep as it likes: parsing its call must not recurse away."""
+    spec_ = parse_tools({"tools": [WEATHER]})
+    text = '{"tool_calls": [{"name": "get_weather", "arguments": ' + "[" * 3000 + "]" * 3000 + "}]}"
+    content, calls = parse_calls(text, spec_, GENERIC)
+    assert calls == []
+    args = '{"name": "get_weather", "arguments": "' + "[" * 3000 + "]" * 3000 + '"}'
+    assert parse_calls('{"tool_calls": [' + args + "]}", spec_, GENERIC)[1] == []

@@ -15,6 +15,8 @@ likeliest 512 (or 16,384), a cut far below what top-p or min-p would keep.
 from __future__ import annotations
 
 import ctypes
+import re
+from itertools import accumulate
 
 import llama_cpp
 import numpy as np
@@ -24,8 +26,35 @@ STAGES = (512, 16384)  # candidates checked, likeliest first, before the whole v
 TOP = STAGES[0]
 
 
+# What llama.cpp's grammar parser is handed at most. It recurses once per nested group, and
+# past about 20,000 levels overflows its stack (the process dies, nothing to catch; it refuses
+# more than about 1,000 itself, but only after parsing); its check for left recursion
+# recurses along chains of rules (a chain of 200,000 overflows, 10,000 take 2 s).
+MAX_GRAMMAR_CHARS = 1 << 20
+MAX_GRAMMAR_NESTING = 2048  # groups inside one another
+MAX_GRAMMAR_RULES = 10_000  # named rules
+
+# Text whose brackets are not grammar structure: string literals, character classes, comments.
+_OPAQUE = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"|\[[^\]\\]*(?:\\.[^\]\\]*)*\]|#[^\n]*')
+_GROUP = re.compile(r"[()]")
+
+
 class GrammarError(ValueError):
-    """The grammar does not compile."""
+    """The grammar does not compile, or is too big to hand to llama.cpp."""
+
+
+def grammar_problem(text: str) -> str | None:
+    """Why ``text`` must not reach llama.cpp's grammar parser (too long, too deep, too many
+    rules), or None. Cheap: a regex pass and a count, no parsing."""
+    if len(text) > MAX_GRAMMAR_CHARS:
+        return f"the grammar is longer than {MAX_GRAMMAR_CHARS} characters"
+    bare = _OPAQUE.sub(" ", text)
+    groups = _GROUP.findall(bare)
+    if bare.count("::=") > MAX_GRAMMAR_RULES:
+        return f"the grammar has more than {MAX_GRAMMAR_RULES} rules"
+    if max(accumulate(1 if g == "(" else -1 for g in groups), default=0) > MAX_GRAMMAR_NESTING:
+        return f"the grammar nests groups deeper than {MAX_GRAMMAR_NESTING} levels"
+    return None
 
 
 class Grammars:
@@ -48,6 +77,9 @@ class Grammars:
         """A grammar sampler; with ``triggers`` (regexes whose first group marks where the
         grammar starts) or trigger ``tokens``, a lazy one that lets anything through until the
         output matches a pattern or one of the tokens is sampled."""
+        problem = grammar_problem(text)
+        if problem:
+            raise GrammarError(problem)
         triggers, tokens = triggers or [], tokens or []
         if not triggers and not tokens:
             sampler = llama_cpp.llama_sampler_init_grammar(self.vocab, text.encode("utf-8"), b"root")

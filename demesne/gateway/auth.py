@@ -1,4 +1,5 @@
-"""API-key middleware: ``Authorization: Bearer KEY`` checked in constant time."""
+"""API-key middleware: ``Authorization: Bearer KEY`` or ``X-Api-Key: KEY`` (as llama-server
+and Anthropic-style clients send it), checked in constant time."""
 
 from __future__ import annotations
 
@@ -16,19 +17,28 @@ def api_key_middleware(keys: tuple[str, ...]):
 
     @web.middleware
     async def check_key(request: web.Request, handler):
-        if request.path not in OPEN_PATHS:
-            header = request.headers.get("Authorization", "")
-            scheme, _, token = header.partition(" ")
-            if scheme.lower() != "bearer" or not _matches(token.strip().encode(), encoded):
-                raise ApiError(
-                    401,
-                    "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>'.",
-                    None,
-                    "invalid_api_key",
-                )
+        if request.path not in OPEN_PATHS and not any(_matches(token, encoded) for token in _offered(request)):
+            raise ApiError(
+                401,
+                "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>' or 'X-Api-Key: <key>'.",
+                None,
+                "invalid_api_key",
+            )
         return await handler(request)
 
     return check_key
+
+
+def _offered(request: web.Request) -> list[bytes]:
+    """The keys a request offers, as bytes: a bearer token, an X-Api-Key header."""
+    offered = []
+    scheme, _, bearer = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() == "bearer":
+        offered.append(bearer)
+    offered += request.headers.getall("X-Api-Key", [])
+    # Header bytes that are not UTF-8 arrive as surrogate escapes: give them back as the bytes
+    # they were (which then match no key) rather than fail to encode them.
+    return [token.strip().encode("utf-8", "surrogateescape") for token in offered]
 
 
 def _matches(token: bytes, keys: list[bytes]) -> bool:

@@ -15,10 +15,14 @@ from typing import Any
 
 from llama_cpp.llama_grammar import json_schema_to_gbnf
 
+from ..engine.grammar import grammar_problem
 from ..protocol import SamplingParams
 from .tools import ToolError, ToolSpec, assistant_calls, check_tool_messages, legacy_call, legacy_history, parse_tools
 
 MAX_STOP_STRINGS = 4
+MAX_STOP_CHARS = 1024  # each stop string; the stop matcher holds back this much text
+MAX_INT = 2**31 - 1  # top_k, max_tokens: more than any vocabulary or context
+INT64 = 2**63  # seed: any signed 64-bit integer, as OpenAI
 MAX_CHOICES = 16
 MAX_LOGIT_BIAS = 1024
 MAX_TOP_LOGPROBS = 20  # chat, as OpenAI
@@ -84,19 +88,31 @@ def _type_name(types) -> str:
 
 
 def _number(body: dict, name: str, default: float, lo: float, hi: float, lo_open: bool = False) -> float:
-    value = float(_typed(body, name, (int, float), default))
+    value = _typed(body, name, (int, float), default)
+    # Compared before float(): an integer too big for a float is out of range, not an error.
     if value != value or value > hi or value < lo or (lo_open and value == lo):
         bracket = "(" if lo_open else "["
-        raise bad(f"'{name}' must be in {bracket}{lo}, {hi}], got {value}", name)
+        raise bad(f"'{name}' must be in {bracket}{lo:g}, {hi:g}], got {_shown(value)}", name)
+    return float(value)
+
+
+def _integer(body: dict, name: str, default: int | None, lo: int, hi: int) -> int | None:
+    value = _typed(body, name, int, default)
+    if value is not None and not lo <= value <= hi:
+        raise bad(f"'{name}' must be in [{lo}, {hi}], got {_shown(value)}", name)
     return value
+
+
+def _shown(value: int | float) -> str:
+    """A number for an error message; a huge integer by its size (str() refuses past 4,300 digits)."""
+    if isinstance(value, int) and abs(value) >= 10**20:
+        return f"an integer of {value.bit_length()} bits"
+    return repr(value)
 
 
 def _max_tokens(body: dict) -> int | None:
     name = "max_completion_tokens" if body.get("max_completion_tokens") is not None else "max_tokens"
-    value = _typed(body, name, int)
-    if value is not None and value < 1:
-        raise bad(f"'{name}' must be at least 1, got {value}", name)
-    return value
+    return _integer(body, name, None, 1, MAX_INT)
 
 
 def _stop(body: dict) -> list[str]:
@@ -109,19 +125,17 @@ def _stop(body: dict) -> list[str]:
         raise bad("'stop' must be a string or an array of strings", "stop", "invalid_type")
     if len(stop) > MAX_STOP_STRINGS:
         raise bad(f"'stop' takes at most {MAX_STOP_STRINGS} strings, got {len(stop)}", "stop")
+    if any(len(s) > MAX_STOP_CHARS for s in stop):
+        raise bad(f"each 'stop' string may be at most {MAX_STOP_CHARS} characters long", "stop")
     return [s for s in stop if s]
 
 
 def _sampling(body: dict) -> SamplingParams:
-    seed = _typed(body, "seed", int)
-    top_k = _typed(body, "top_k", int, 0)
-    if top_k < 0:
-        raise bad(f"'top_k' must be >= 0, got {top_k}", "top_k")
     return SamplingParams(
         temperature=_number(body, "temperature", 1.0, 0.0, 2.0),
         top_p=_number(body, "top_p", 1.0, 0.0, 1.0, lo_open=True),
-        top_k=top_k,
-        seed=seed,
+        top_k=_integer(body, "top_k", 0, 0, MAX_INT),  # and at most the vocabulary, once the model is known
+        seed=_integer(body, "seed", None, -INT64, INT64 - 1),
         min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
@@ -140,21 +154,23 @@ def _logit_bias(body: dict) -> list[list[float]] | None:
         raise bad(f"'logit_bias' takes at most {MAX_LOGIT_BIAS} tokens, got {len(bias)}", "logit_bias")
     pairs = []
     for key, value in bias.items():
-        if not (isinstance(key, str) and key.lstrip("-").isdigit()) or isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise bad("'logit_bias' maps token ids (as strings) to numbers", "logit_bias", "invalid_type")
+        # ASCII digits only: int() would also take "²" (and fail on it) or "٣", and " 5".
+        if not _TOKEN_ID.fullmatch(key) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise bad("'logit_bias' maps token ids (as decimal strings) to numbers", "logit_bias", "invalid_type")
         if not -100 <= value <= 100:
-            raise bad(f"'logit_bias' values must be in [-100, 100], got {value} for token {key}", "logit_bias")
+            raise bad(f"'logit_bias' values must be in [-100, 100], got {_shown(value)} for token {key}", "logit_bias")
         pairs.append([int(key), float(value)])
     return pairs
+
+
+_TOKEN_ID = re.compile(r"-?[0-9]{1,10}")
 
 
 def _common(body: dict, chat: bool) -> dict[str, Any]:
     model = _typed(body, "model", str)
     if not model:
         raise bad("'model' is required", "model", "missing_required_parameter")
-    n = _typed(body, "n", int, 1)
-    if not 1 <= n <= MAX_CHOICES:
-        raise bad(f"'n' must be in [1, {MAX_CHOICES}], got {n}", "n")
+    n = _integer(body, "n", 1, 1, MAX_CHOICES)
     stream = _typed(body, "stream", bool, False)
     options = _typed(body, "stream_options", dict, {})
     include_usage = bool(_typed(options, "include_usage", bool, False)) if options else False
@@ -182,7 +198,10 @@ def parse_chat(body: Any) -> CompletionRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("'messages' must be a non-empty array", "messages", "invalid_type" if messages else "missing_required_parameter")
-    messages = legacy_history(messages)
+    try:
+        messages = legacy_history(messages)
+    except ToolError as exc:
+        raise bad(str(exc), exc.param) from None
     clean = [_message(m, i) for i, m in enumerate(messages)]
     req = CompletionRequest(messages=clean, prompt=None, **_common(body, chat=True))
     try:
@@ -190,13 +209,16 @@ def parse_chat(body: Any) -> CompletionRequest:
         check_tool_messages(clean, messages)
     except ToolError as exc:
         raise bad(str(exc), exc.param) from None
+    for i, tool in enumerate(req.tools.tools if req.tools else ()):
+        where = "functions" if req.tools.legacy else "tools"
+        check_schema(tool["function"]["parameters"], f"{where}[{i}].function.parameters")
     if req.tools is not None and req.tools.forced and req.params.grammar:
         raise bad("a forced tool call and response_format cannot be combined", "response_format")
     top = _typed(body, "top_logprobs", int)
     if _typed(body, "logprobs", bool, False):
         top = 0 if top is None else top
         if not 0 <= top <= MAX_TOP_LOGPROBS:
-            raise bad(f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {top}", "top_logprobs")
+            raise bad(f"'top_logprobs' must be in [0, {MAX_TOP_LOGPROBS}], got {_shown(top)}", "top_logprobs")
         req.params.logprobs = top
     elif top is not None:
         raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
@@ -261,7 +283,7 @@ def parse_completion(body: Any) -> CompletionRequest:
     logprobs = _typed(body, "logprobs", int)
     if logprobs is not None:
         if not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS:
-            raise bad(f"'logprobs' must be in [0, {MAX_COMPLETION_LOGPROBS}], got {logprobs}", "logprobs")
+            raise bad(f"'logprobs' must be in [0, {MAX_COMPLETION_LOGPROBS}], got {_shown(logprobs)}", "logprobs")
         req.params.logprobs = logprobs
     return req
 
@@ -282,18 +304,29 @@ def response_grammar(body: dict) -> str | None:
     schema = spec.get("schema") if isinstance(spec, dict) else None
     if not isinstance(schema, dict):
         raise bad("response_format.json_schema.schema must be a JSON schema object", "response_format.json_schema.schema", "invalid_type")
-    unsupported = sorted(_UNSUPPORTED_SCHEMA & set(_schema_keys(schema)))
+    param = "response_format.json_schema.schema"
+    unsupported = check_schema(schema, param)
     if unsupported:
-        raise bad(f"unsupported JSON schema features: {', '.join(unsupported)}", "response_format.json_schema.schema", "unsupported_schema")
-    return schema_grammar(schema, "response_format.json_schema.schema")
+        raise bad(f"unsupported JSON schema features: {', '.join(unsupported)}", param, "unsupported_schema")
+    return schema_grammar(schema, param)
 
 
 def schema_grammar(schema: dict, param: str) -> str:
-    """GBNF for a JSON schema; a schema the converter refuses is a 400 on ``param``."""
+    """GBNF for a JSON schema (within :func:`check_schema`'s bounds); a schema the converter
+    refuses, or a grammar too big to hand to llama.cpp, is a 400 on ``param``."""
     try:
-        return _strict_strings(json_schema_to_gbnf(json.dumps(schema)))
+        grammar = _strict_strings(json_schema_to_gbnf(json.dumps(schema)))
     except Exception as exc:  # the converter's own refusals (remote $ref, bad patterns, ...)
-        raise bad(f"cannot enforce this JSON schema: {exc}", param, "unsupported_schema") from None
+        raise bad(f"cannot enforce this JSON schema: {_clipped(exc)}", param, "unsupported_schema") from None
+    problem = grammar_problem(grammar)
+    if problem:
+        raise bad(f"this JSON schema makes a grammar too big to enforce: {problem}", param, "schema_too_complex")
+    return grammar
+
+
+def _clipped(exc: Exception, most: int = 300) -> str:
+    text = str(exc)
+    return text if len(text) <= most else text[:most] + "..."
 
 
 _STRICT_CHAR = r'char ::= [^"\\\x7F\x00-\x1F]'
@@ -310,19 +343,138 @@ def _strict_strings(grammar: str) -> str:
 _UNSUPPORTED_SCHEMA = frozenset({"not", "if", "then", "else", "dependentSchemas", "dependentRequired", "patternProperties", "uniqueItems", "contains", "multipleOf", "unevaluatedProperties"})
 
 
-def _schema_keys(node) -> list[str]:
-    if isinstance(node, dict):
-        keys = list(node)
-        for key, value in node.items():
-            if key not in ("properties", "$defs", "definitions"):
-                keys += _schema_keys(value)
-            else:
-                for sub in value.values() if isinstance(value, dict) else ():
-                    keys += _schema_keys(sub)
-        return keys
-    if isinstance(node, list):
-        return [k for item in node for k in _schema_keys(item)]
-    return []
+# Bounds on a JSON schema, so that neither the converter nor llama.cpp is asked for more than
+# it can take. The converter writes x{0,n} as n nested groups; llama.cpp's grammar parser
+# recurses once per group (20,000 overflow its stack: a segfault, not an error) and refuses
+# more than about 1,000. Every alternative that can be open at once (an enum's entries, the
+# branches of anyOf, and so on through $refs) is a grammar stack llama.cpp advances for every
+# candidate token (an enum of 20,000 costs 30 s a token; 4,096 take 34 s to mask a row over
+# the vocabulary, 512 take 2.5 s), and llama.cpp's check for left recursion walks every
+# path through unions of $refs (26 nested pairs of them took 11 s). The converter itself
+# recurses per level and per optional property.
+MAX_SCHEMA_DEPTH = 64  # objects and arrays inside one another, the schema's own JSON
+MAX_SCHEMA_NODES = 10_000  # values in the whole schema
+MAX_SCHEMA_REPEAT = 1000  # minLength, maxLength, minItems, maxItems, {m,n} in a pattern
+MAX_SCHEMA_ALTERNATIVES = 512  # open at once: enum entries, anyOf/oneOf branches, through $refs
+MAX_SCHEMA_PROPERTIES = 256  # properties of one object
+MAX_PATTERN_CHARS = 1000
+
+_REPEATS = (("minLength", "maxLength"), ("minItems", "maxItems"))
+_SUBSCHEMAS = ("items", "prefixItems", "additionalProperties", "allOf")
+_CHOICES = ("enum", "oneOf", "anyOf", "allOf")
+_DATA = frozenset({"enum", "const", "default", "examples"})  # values, not schemas
+_NAMED = frozenset({"properties", "$defs", "definitions", "patternProperties", "dependentSchemas"})  # name -> schema
+_QUANTIFIER = re.compile(r"\{([0-9\s,]*)\}")
+
+
+def check_schema(schema: Any, param: str) -> list[str]:
+    """Hold a JSON schema to the bounds above (a 400 on ``param`` past one), walking it
+    without recursion; the keywords it uses that the converter does not enforce, sorted."""
+    unsupported: set[str] = set()
+    stack: list[tuple[Any, int, str]] = [(schema, 1, "schema")]
+    nodes = 0
+    while stack:
+        node, depth, kind = stack.pop()
+        nodes += 1
+        if nodes > MAX_SCHEMA_NODES:
+            raise bad(f"the JSON schema holds more than {MAX_SCHEMA_NODES} values", param, "schema_too_complex")
+        if depth > MAX_SCHEMA_DEPTH and isinstance(node, (dict, list)):
+            raise bad(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels", param, "schema_too_complex")
+        if isinstance(node, list):
+            stack.extend((item, depth + 1, kind) for item in node)
+        elif isinstance(node, dict):
+            if kind == "schema":
+                _check_keywords(node, param)
+                unsupported.update(_UNSUPPORTED_SCHEMA.intersection(node))
+            for key, value in node.items():
+                child = "schema" if kind == "names" else kind if kind == "data" else "data" if key in _DATA else "names" if key in _NAMED else "schema"
+                stack.append((value, depth + 1, child))
+    if isinstance(schema, dict):
+        _Alternatives(schema, param).count(schema, 0)
+    return sorted(unsupported)
+
+
+def _check_keywords(node: dict, param: str) -> None:
+    """One schema object's sizes: repetitions, alternatives, properties, its pattern."""
+    for low, high in _REPEATS:
+        for key in (low, high):
+            value = node.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SCHEMA_REPEAT):
+                raise bad(f"'{key}' in a JSON schema must be an integer in [0, {MAX_SCHEMA_REPEAT}]", param, "schema_too_complex")
+        if isinstance(node.get(low), int) and isinstance(node.get(high), int) and node[low] > node[high]:
+            raise bad(f"'{low}' exceeds '{high}' in the JSON schema", param)
+    for key in _CHOICES:
+        if isinstance(node.get(key), list) and len(node[key]) > MAX_SCHEMA_ALTERNATIVES:
+            raise bad(f"'{key}' in a JSON schema takes at most {MAX_SCHEMA_ALTERNATIVES} entries, got {len(node[key])}", param, "schema_too_complex")
+    if isinstance(node.get("properties"), dict) and len(node["properties"]) > MAX_SCHEMA_PROPERTIES:
+        raise bad(f"an object in the JSON schema has more than {MAX_SCHEMA_PROPERTIES} properties", param, "schema_too_complex")
+    pattern = node.get("pattern")
+    if isinstance(pattern, str):
+        if len(pattern) > MAX_PATTERN_CHARS:
+            raise bad(f"a 'pattern' in the JSON schema may be at most {MAX_PATTERN_CHARS} characters long", param, "schema_too_complex")
+        for bounds in _QUANTIFIER.findall(pattern):
+            if any(int(n) > MAX_SCHEMA_REPEAT for n in re.findall(r"[0-9]+", bounds)):
+                raise bad(f"a 'pattern' in the JSON schema repeats more than {MAX_SCHEMA_REPEAT} times", param, "schema_too_complex")
+
+
+class _Alternatives:
+    """Counts how many alternatives of a schema can be open at once, following local $refs
+    (each counted once, however often it is used), as the converter reads the schema: branches
+    of a union add up, parts of an object or array do not (one is open at a time)."""
+
+    def __init__(self, root: dict, param: str):
+        self.root, self.param = root, param
+        self.refs: dict[str, int] = {}
+
+    def count(self, node: Any, depth: int) -> int:
+        if depth > 2 * MAX_SCHEMA_DEPTH:
+            raise bad(f"the JSON schema nests deeper than {MAX_SCHEMA_DEPTH} levels through its $refs", self.param, "schema_too_complex")
+        if not isinstance(node, dict):
+            return 1
+        ref = node.get("$ref")
+        if ref is not None:  # the converter's order: $ref, unions, type lists, const, enum, ...
+            return self._ref(ref, depth) if isinstance(ref, str) else 1
+        for key in ("oneOf", "anyOf"):
+            if isinstance(node.get(key), list):
+                return self._within(sum(self.count(branch, depth + 1) for branch in node[key]))
+        if isinstance(node.get("type"), list):
+            return len(node["type"])
+        if "const" not in node and isinstance(node.get("enum"), list):
+            return self._within(len(node["enum"]))
+        parts = list(node["properties"].values()) if isinstance(node.get("properties"), dict) else []
+        for key in _SUBSCHEMAS:
+            part = node.get(key)
+            parts += part if isinstance(part, list) else [part] if isinstance(part, dict) else []
+        return max((self.count(part, depth + 1) for part in parts), default=1)
+
+    def _ref(self, ref: str, depth: int) -> int:
+        if ref not in self.refs:
+            self.refs[ref] = 1  # a schema that refers to itself counts once inside itself
+            self.refs[ref] = self.count(self._resolve(ref), depth + 1)
+        return self.refs[ref]
+
+    def _resolve(self, ref: str) -> Any:
+        """A local ``#/...`` reference's target; None where there is none (the converter
+        then refuses the schema)."""
+        if not ref.startswith("#"):
+            return None
+        target: Any = self.root
+        for part in ref[1:].split("/")[1:]:
+            part = part.replace("~1", "/").replace("~0", "~")
+            if not isinstance(target, dict) or part not in target:
+                return None
+            target = target[part]
+        return target
+
+    def _within(self, n: int) -> int:
+        if n > MAX_SCHEMA_ALTERNATIVES:
+            raise bad(
+                f"the JSON schema lets more than {MAX_SCHEMA_ALTERNATIVES} alternatives (enum entries,"
+                " anyOf/oneOf branches, counted through $refs) be open at once",
+                self.param,
+                "schema_too_complex",
+            )
+        return n
 
 
 # -- responses -------------------------------------------------------------------------------

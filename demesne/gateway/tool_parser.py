@@ -373,15 +373,15 @@ def _whole_call(raw: str, names: set[str], args_key: str) -> tuple[str, str] | N
     """(name, arguments JSON) of a complete call object in any key order, or None."""
     try:
         value = json.loads(raw)
-    except ValueError:
+    except (ValueError, RecursionError):  # the model's text may nest as deep as it likes
         return None
-    if not isinstance(value, dict) or value.get("name") not in names:
+    if not isinstance(value, dict) or not isinstance(value.get("name"), str) or value["name"] not in names:
         return None
     args = value.get(args_key, value.get("arguments", value.get("parameters", {})))
     if isinstance(args, str):  # some models write the arguments as a JSON string
         try:
             args = json.loads(args)
-        except ValueError:
+        except (ValueError, RecursionError):
             return None
     if not isinstance(args, dict):
         return None

@@ -18,6 +18,8 @@ from .tool_formats import ToolFormat, grammar, short_id, token_openers, triggers
 from .tool_parser import Call, CallParser, Events
 
 MAX_PARALLEL = 4  # calls one forced turn may hold
+MAX_TOOLS = 128  # as OpenAI
+MAX_ARGUMENTS_DEPTH = 64  # deeper call arguments in history stay text: nothing recurses that deep
 
 
 class ToolError(ValueError):
@@ -47,14 +49,14 @@ def parse_tools(body: dict) -> ToolSpec | None:
     tools, choice = body.get("tools"), body.get("tool_choice")
     legacy = tools is None and body.get("functions") is not None
     if legacy:
-        tools = [{"type": "function", "function": f} for f in _list(body["functions"], "functions")]
+        tools = [{"type": "function", "function": f} for f in _list(body["functions"], "functions", MAX_TOOLS)]
         asked = body.get("function_call")
         choice = {"type": "function", "function": asked} if isinstance(asked, dict) else asked
     if tools is None:
         if choice not in (None, "none"):
             raise ToolError("'tool_choice' needs 'tools'", "tool_choice")
         return None
-    tools = [_tool(t, i) for i, t in enumerate(_list(tools, "tools"))]
+    tools = [_tool(t, i) for i, t in enumerate(_list(tools, "tools", MAX_TOOLS))]
     names: set[str] = set()
     for i, t in enumerate(tools):
         if t["function"]["name"] in names:
@@ -68,6 +70,8 @@ def parse_tools(body: dict) -> ToolSpec | None:
         spec.choice = choice or "auto"
     elif isinstance(choice, dict) and isinstance(choice.get("function"), dict):
         name = choice["function"].get("name")
+        if not isinstance(name, str):
+            raise ToolError("'tool_choice.function.name' must be a string", "tool_choice.function.name")
         if name not in names:
             raise ToolError(f"'tool_choice' names {name!r}, which is not among the tools", "tool_choice")
         spec.choice, spec.named = "named", name
@@ -76,9 +80,11 @@ def parse_tools(body: dict) -> ToolSpec | None:
     return spec
 
 
-def _list(value: Any, param: str) -> list:
+def _list(value: Any, param: str, most: int) -> list:
     if not isinstance(value, list) or not value:
         raise ToolError(f"'{param}' must be a non-empty array", param)
+    if len(value) > most:
+        raise ToolError(f"'{param}' takes at most {most} entries, got {len(value)}", param)
     return value
 
 
@@ -96,7 +102,9 @@ def _tool(tool: Any, i: int) -> dict:
     params = fn.get("parameters", {"type": "object", "properties": {}})
     if not isinstance(params, dict) or params.get("type", "object") != "object" or not isinstance(params.get("properties", {}), dict):
         raise ToolError(f"'{where}.function.parameters' must be a JSON schema of type object", f"{where}.function.parameters")
-    return {"type": "function", "function": {**fn, "parameters": params}}
+    # Only the fields OpenAI defines go on to the template: nothing else a client sends is rendered.
+    known = {key: fn[key] for key in ("name", "description", "strict") if fn.get(key) is not None}
+    return {"type": "function", "function": {**known, "parameters": params}}
 
 
 def legacy_history(messages: list) -> list:
@@ -107,12 +115,19 @@ def legacy_history(messages: list) -> list:
     for i, m in enumerate(messages):
         if isinstance(m, dict) and m.get("role") == "assistant" and isinstance(m.get("function_call"), dict) and not m.get("tool_calls"):
             call_id = f"call_fn{i}"
-            open_calls[m["function_call"].get("name")] = call_id
+            open_calls[_name(m["function_call"].get("name"), f"messages[{i}].function_call.name")] = call_id
             m = {**m, "tool_calls": [{"id": call_id, "type": "function", "function": m["function_call"]}]}
         elif isinstance(m, dict) and m.get("role") == "function":
-            m = {"role": "tool", "content": m.get("content"), "tool_call_id": open_calls.pop(m.get("name"), None)}
+            call_id = open_calls.pop(_name(m.get("name"), f"messages[{i}].name"), None)
+            m = {"role": "tool", "content": m.get("content"), "tool_call_id": call_id}
         out.append(m)
     return out
+
+
+def _name(value: Any, param: str) -> str:
+    if not isinstance(value, str):
+        raise ToolError(f"'{param}' must be a string", param)
+    return value
 
 
 def legacy_call(delta: dict) -> dict:
@@ -131,6 +146,8 @@ def check_tool_messages(messages: list[dict], raw: list[dict]) -> None:
                     seen.add(call["id"])
         elif m.get("role") == "tool":
             call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str):
+                raise ToolError(f"'messages[{i}].tool_call_id' must be a string", f"messages[{i}].tool_call_id")
             if call_id not in seen:
                 raise ToolError(f"'messages[{i}].tool_call_id' {call_id!r} answers no earlier tool call", f"messages[{i}].tool_call_id")
             messages[i]["tool_call_id"] = call_id
@@ -155,12 +172,54 @@ def assistant_calls(raw: dict, where: str) -> list[dict] | None:
             raise ToolError(f"'{at}.function.name' must be a non-empty string", f"{at}.function.name")
         args = fn.get("arguments", "{}")
         if isinstance(args, str):  # OpenAI's shape: JSON text; templates want the object
-            try:
-                args = json.loads(args) if args.strip() else {}
-            except ValueError:
-                pass  # a call cut short earlier: the template gets the text as it was
+            args = _arguments(args)
+        elif json_depth(args) > MAX_ARGUMENTS_DEPTH:
+            raise ToolError(f"'{at}.function.arguments' nests deeper than {MAX_ARGUMENTS_DEPTH} levels", f"{at}.function.arguments")
         calls.append({"id": call["id"], "type": "function", "function": {"name": fn["name"], "arguments": args}})
     return calls or None
+
+
+def _arguments(text: str) -> Any:
+    """Call arguments as the template wants them: the object the JSON text holds, or the text
+    as it was when it is no JSON (a call cut short) or nests too deep to render safely."""
+    if not text.strip():
+        return {}
+    if _nests_too_deep(text):
+        return text
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"')
+
+
+def _nests_too_deep(text: str) -> bool:
+    """Whether the brackets of JSON text nest deeper than MAX_ARGUMENTS_DEPTH (strings
+    skipped), found without recursing."""
+    if text.count("[") + text.count("{") <= MAX_ARGUMENTS_DEPTH:
+        return False  # the common case, at no cost
+    depth = 0
+    for ch in re.findall(r"[\[\]{}]", _JSON_STRING.sub("", text)):
+        depth = depth + 1 if ch in "[{" else depth - 1
+        if depth > MAX_ARGUMENTS_DEPTH:
+            return True
+    return False
+
+
+def json_depth(value: Any) -> int:
+    """How deep a parsed JSON value nests (a scalar is 0), without recursing."""
+    most, stack = 0, [(value, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, dict):
+            node = node.values()
+        elif not isinstance(node, list):
+            continue
+        most = max(most, depth)
+        stack.extend((child, depth + 1) for child in node)
+    return most
 
 
 # -- rendering for the chat template --------------------------------------------------------
