@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import dataclasses
 import importlib.resources
 import logging
@@ -84,6 +85,15 @@ def _prompt_tokens(model: ModelContext, req: CompletionRequest) -> tuple[list[in
     return list(req.prompt), "prompt"
 
 
+# Rendering and tokenizing a long prompt takes seconds (7 s for 7.8 MB): it runs off the event
+# loop, so other streams go on meanwhile (llama.cpp's tokenizer releases the GIL).
+_PROMPT_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="demesne-prompt")
+
+
+async def _off_loop(work):
+    return await asyncio.get_running_loop().run_in_executor(_PROMPT_POOL, work)
+
+
 def _calling(req: CompletionRequest) -> bool:
     """Whether this request may call tools (``tool_choice: none`` renders no tools either)."""
     return req.tools is not None and req.tools.choice != "none"
@@ -129,7 +139,7 @@ async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamR
     model = _model(request, req.model)
     client = request.app[CLIENT]
     try:
-        prompt, field = _prompt_tokens(model, req)
+        prompt, field = await _off_loop(lambda: _prompt_tokens(model, req))
     except ValueError as exc:  # the chat template refused the conversation
         raise bad(str(exc), "messages") from None
     max_tokens = _budget(model.info.n_ctx, len(prompt), req, field)
@@ -138,6 +148,8 @@ async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamR
     _constrain_calls(model, req)
     if any(not 0 <= t < model.info.n_vocab for t, _ in req.params.logit_bias or ()):
         raise bad(f"'logit_bias' names token ids outside the vocabulary [0, {model.info.n_vocab})", "logit_bias")
+    if req.params.top_k > model.info.n_vocab:
+        raise bad(f"'top_k' must be at most the vocabulary size, {model.info.n_vocab}", "top_k")
     try:
         engine = client.pick(req.model, prompt)
     except EngineUnavailable as exc:
@@ -164,7 +176,7 @@ def _choice_params(req: CompletionRequest, index: int) -> p.SamplingParams:
     """Each choice samples on its own: a given seed is offset by the choice's index."""
     if index == 0 or req.params.seed is None:
         return req.params
-    return dataclasses.replace(req.params, seed=req.params.seed + index)
+    return dataclasses.replace(req.params, seed=(req.params.seed + index + 2**63) % 2**64 - 2**63)  # stays in int64
 
 
 async def _merge(streams: list) -> AsyncIterator[tuple[int, Piece]]:
