@@ -209,6 +209,34 @@ async def test_16_concurrent_greedy_equal_one_at_a_time(server, model_id):
     assert exact >= len(PROMPTS) // 2, f"only {exact} of {len(PROMPTS)} identical"
 
 
+async def test_completion_prompt_batch_gets_n_choices_per_prompt(server, http, model_id, tokenizer):
+    """OpenAI's batch form: choice index = prompt index * n + i; usage counts every prompt."""
+    prompts = ["1, 2, 3, 4,", tokenizer.encode("a, b, c, d,"), "Monday, Tuesday,"]
+    starts = [" 5", " e", " Wednesday"]  # what each prompt's greedy continuation begins with
+    body = {"model": model_id, "prompt": prompts, "n": 2, "max_tokens": 4, "temperature": 0}
+    async with http.post(f"{server.v1}/completions", json=body) as r:
+        assert r.status == 200, await r.text()
+        out = await r.json()
+    assert [c["index"] for c in out["choices"]] == list(range(6))
+    for c in out["choices"]:
+        assert c["text"].startswith(starts[c["index"] // 2]), c
+    single = []
+    for prompt in prompts:
+        async with http.post(f"{server.v1}/completions", json={**body, "prompt": prompt, "n": 1}) as r:
+            single.append((await r.json())["usage"])
+    assert out["usage"]["prompt_tokens"] == sum(u["prompt_tokens"] for u in single)
+    assert out["usage"]["completion_tokens"] == 6 * 4
+    async with http.post(f"{server.v1}/completions", json={**body, "stream": True}) as r:
+        events = await sse_events(r)
+    texts: dict[int, str] = {}
+    for event in events:
+        for choice in event["choices"]:
+            texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    assert sorted(texts) == list(range(6))
+    for index, text in texts.items():
+        assert text.startswith(starts[index // 2]), (index, text)
+
+
 # -- errors a client can cause -------------------------------------------------------------------
 
 

@@ -25,8 +25,8 @@ async def test_chat_logprobs_shape(server, model_id):
     )
     content = out.choices[0].logprobs.content
     assert len(content) == out.usage.completion_tokens
-    # (the fallback template's reply drops the space the model writes first; its token keeps it)
-    assert "".join(c.token for c in content).lstrip() == out.choices[0].message.content
+    # exactly, though the fallback template's reply drops the space the model writes first
+    assert "".join(c.token for c in content) == out.choices[0].message.content
     for item in content:
         assert item.logprob <= 0 and bytes(item.bytes).decode("utf-8", "replace") == item.token
         assert len(item.top_logprobs) == 3
@@ -45,6 +45,24 @@ async def test_chat_logprobs_streamed(server, model_id):
                 tokens += [c.token for c in choice.logprobs.content]
                 assert all(c.top_logprobs == [] for c in choice.logprobs.content)
     assert len(tokens) == 5
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_chat_logprobs_spell_exactly_the_content(server, model_id, stream):
+    contents = ["Name three colours.", "Write a haiku about rain.", "What is 2+2?", "List two fruits, one per line."]
+    for content in contents:
+        kw = dict(model=model_id, messages=[{"role": "user", "content": content}], max_tokens=12, logprobs=True, seed=7)
+        if not stream:
+            out = await client(server).chat.completions.create(**kw)
+            text, tokens = out.choices[0].message.content, out.choices[0].logprobs.content
+        else:
+            text, tokens = "", []
+            async for chunk in await client(server).chat.completions.create(**kw, stream=True):
+                for choice in chunk.choices:
+                    text += choice.delta.content or ""
+                    tokens += choice.logprobs.content if choice.logprobs and choice.logprobs.content else []
+        assert "".join(t.token for t in tokens) == text, content
+        assert b"".join(bytes(t.bytes) for t in tokens) == text.encode(), content
 
 
 async def test_every_sampling_field_is_accepted(server, model_id):

@@ -115,6 +115,13 @@ def test_parse_completion_prompt_as_a_batch_of_one(prompt, expected):
     assert parse_completion(completion(prompt=prompt)).prompt == expected
 
 
+def test_parse_completion_prompt_batch():
+    req = parse_completion(completion(prompt=["a", [2, 818], "b"], n=2))
+    assert req.prompts == ["a", [2, 818], "b"] and req.prompt == "a" and req.n == 2
+    refused(parse_completion, completion(prompt=["a"] * 33, n=2), "n")
+    refused(parse_completion, completion(prompt=["a"] * 65), "prompt")
+
+
 def test_parse_completion_logprobs():
     assert parse_completion(completion(logprobs=2)).params.logprobs == 2
     assert parse_completion(completion(logprobs=0)).params.logprobs == 0
@@ -240,7 +247,7 @@ def test_completion_only_fields(field, value):
     refused(parse_completion, completion(**{field: value}), field)
 
 
-@pytest.mark.parametrize("prompt", [None, 5, [], ["a", "b"], [1, "a"], [1, True], [[1, 2], [3]], {"text": "a"}])
+@pytest.mark.parametrize("prompt", [None, 5, [], [1, "a"], [1, True], ["a", 5], ["a", []], [[1, True]], {"text": "a"}])
 def test_bad_prompt(prompt):
     body = completion(prompt=prompt)
     if prompt is None:

@@ -62,6 +62,29 @@ def test_special_token_text_becomes_one_token(tok):
     assert tok.piece(ids[1]) == b"user"
 
 
+def test_control_token_text_without_special_parsing_is_spelled_out(tok):
+    ids = tok.encode("<start_of_turn>user", add_special=False, parse_special=False)
+    assert 105 not in ids and len(ids) > 2
+    assert tok.decode(ids) == "<start_of_turn>user"
+
+
+def test_control_pattern_finds_control_tokens_only(tok):
+    pattern = tok.control_pattern
+    for text in ("<start_of_turn>", "<end_of_turn>", "<bos>", "<eos>", "<pad>", "<unused5>", "</s>"):
+        assert pattern.fullmatch(text), text
+    # plain words, and user-defined tokens (which parse the same with special parsing off)
+    for text in ("hello", "<start_of_turm>", "<table>", "<start_of_image>"):
+        assert not pattern.fullmatch(text), text
+    assert [m.group(0) for m in pattern.finditer("a<bos>b<start_of_turn><start_of_turm><unused12>")] == ["<bos>", "<start_of_turn>", "<unused12>"]
+
+
+def test_encode_segments_parses_special_tokens_in_markup_only(tok):
+    ids = tok.encode_segments([("<start_of_turn>user\n", True), ("<start_of_turn>", False), ("hi<end_of_turn>", True)])
+    assert ids[0] == 2 and ids[1] == 105 and ids.count(105) == 1 and ids[-1] == 106
+    assert tok.decode(ids) == "user\n<start_of_turn>hi"
+    assert tok.encode_segments([("a<bos>", True)], add_special=False) == tok.encode("a<bos>", add_special=False)
+
+
 def test_empty_text(tok):
     assert tok.encode("", add_special=False) == []
     assert tok.decode([]) == ""

@@ -6,17 +6,19 @@ import asyncio
 import logging
 import signal
 import time
+from collections.abc import Awaitable
 
 from aiohttp import web
 
 from .. import __version__
 from .. import protocol as p
 from ..config import GatewayConfig
-from .app_keys import CLIENT, CONFIG, FINGERPRINT, MODELS, STARTED
+from .app_keys import CLIENT, CONFIG, FINGERPRINT, MODELS, OBSERVABILITY, STARTED
 from .auth import api_key_middleware
 from .chat_template import ChatTemplate, TemplateError
 from .engine_client import EngineClient
 from .generation import ModelContext
+from .observability import STATS, Observability
 from .openai import ApiError
 from .routes import setup_routes
 from .tokenizer import Tokenizer
@@ -31,7 +33,9 @@ async def error_middleware(request: web.Request, handler):
     try:
         return await handler(request)
     except ApiError as exc:
-        return web.json_response(exc.body(), status=exc.status)
+        # 503 is always temporary here (an engine restarting, draining or busy): say when to retry.
+        headers = {"Retry-After": "2"} if exc.status == 503 else None
+        return web.json_response(exc.body(), status=exc.status, headers=headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -43,6 +47,84 @@ async def error_middleware(request: web.Request, handler):
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
         return web.json_response(ApiError(500, "internal server error", None, "internal_error").body(), status=500)
+
+
+def observe_middleware(observability: Observability):
+    """Times every request, counts its status, and has its access-log line written."""
+
+    @web.middleware
+    async def observe(request: web.Request, handler):
+        started = time.monotonic()
+        status = 499  # the client went away before the response was done (nginx's number)
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        except Exception:
+            status = 500
+            raise
+        finally:
+            observability.finished(request, status, started)
+
+    return observe
+
+
+CORS_ALLOW_HEADERS = ("Authorization", "Content-Type", "X-Api-Key")
+CORS_EXPOSE_HEADERS = "X-Request-Id, Retry-After"
+
+
+class Cors:
+    """CORS for the browser origins given with ``--cors-origin`` (``*``: any): preflight
+    ``OPTIONS`` requests are answered here, before the API key is checked (browsers send
+    them without one), and every response to an allowed origin carries its headers."""
+
+    def __init__(self, origins: tuple[str, ...]):
+        self.origins = frozenset(origins)
+
+    def allowed(self, request: web.Request) -> str | None:
+        """The Access-Control-Allow-Origin value for this request, if its origin may call."""
+        origin = request.headers.get("Origin")
+        if origin is None:
+            return None
+        return "*" if "*" in self.origins else origin if origin in self.origins else None
+
+    @web.middleware
+    async def preflight(self, request: web.Request, handler):
+        if request.method != "OPTIONS" or "Access-Control-Request-Method" not in request.headers:
+            return await handler(request)
+        origin = self.allowed(request)
+        if origin is None:
+            raise ApiError(403, f"the origin {request.headers.get('Origin')!r} may not call this server (--cors-origin)", None, "origin_not_allowed")
+        asked = [h.strip() for h in request.headers.get("Access-Control-Request-Headers", "").split(",")]
+        allow = dict.fromkeys([*CORS_ALLOW_HEADERS, *(h for h in asked if h and h.replace("-", "").isalnum())])
+        return web.Response(
+            status=204,
+            headers={
+                "Access-Control-Allow-Origin": origin,
+                "Access-Control-Allow-Methods": "GET, POST, OPTIONS",
+                "Access-Control-Allow-Headers": ", ".join(allow),
+                "Access-Control-Max-Age": "600",
+                "Vary": "Origin",
+            },
+        )
+
+    async def on_response_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
+        origin = self.allowed(request)
+        if origin is not None:
+            response.headers["Access-Control-Allow-Origin"] = origin
+            response.headers["Access-Control-Expose-Headers"] = CORS_EXPOSE_HEADERS
+            if origin != "*":
+                response.headers["Vary"] = "Origin"
+
+
+async def _request_id_header(request: web.Request, response: web.StreamResponse) -> None:
+    """The engine request ids of a completion, as in the access log."""
+    stats = request.get(STATS)
+    if stats is not None and stats.rids:
+        response.headers["X-Request-Id"] = ",".join(stats.rids)
 
 
 def _model_loader(app: web.Application):
@@ -61,6 +143,7 @@ def _model_loader(app: web.Application):
             template = ChatTemplate.select(None, None, info.bos_token, info.eos_token)
         fmt = FORMATS[config.tool_format] if config.tool_format != "auto" else detect(template.source)
         tokenizer.render_special(fmt.special)  # Llama's <|python_tag|>, Mistral's [TOOL_CALLS]
+        tokenizer.control_pattern  # built now (a pass over the vocabulary), not on the first chat request
         app[MODELS][info.id] = ModelContext(info, tokenizer, template, fmt)
         log.info("serving model %s (context %d tokens, tool calls in the %s format)", info.id, info.n_ctx, fmt.name)
 
@@ -76,7 +159,11 @@ async def _engine_client_ctx(app: web.Application):
 
 
 def init_app(config: GatewayConfig) -> web.Application:
-    middlewares = [error_middleware]
+    observability = Observability()
+    cors = Cors(config.cors_origins) if config.cors_origins else None
+    middlewares = [observe_middleware(observability), error_middleware]
+    if cors is not None:
+        middlewares.append(cors.preflight)  # before the key check: preflights carry no key
     if config.api_keys:
         middlewares.append(api_key_middleware(config.api_keys))
     else:
@@ -86,24 +173,34 @@ def init_app(config: GatewayConfig) -> web.Application:
     app[MODELS] = {}
     app[FINGERPRINT] = f"demesne-{__version__}"
     app[STARTED] = time.time()
+    app[OBSERVABILITY] = observability
+    app.on_response_prepare.append(_request_id_header)
+    if cors is not None:
+        app.on_response_prepare.append(cors.on_response_prepare)
     app.cleanup_ctx.append(_engine_client_ctx)
     setup_routes(app)
     return app
 
 
-async def serve_gateway(config: GatewayConfig) -> None:
-    """Serve until SIGINT or SIGTERM. Handlers are cancelled when their client disconnects."""
+async def serve_gateway(config: GatewayConfig, until: Awaitable | None = None) -> None:
+    """Serve until ``until`` completes (by default: SIGINT or SIGTERM). Handlers are
+    cancelled when their client disconnects."""
     runner = web.AppRunner(init_app(config), handler_cancellation=True, access_log=None)
     await runner.setup()
     site = web.TCPSite(runner, config.host, config.port)
     await site.start()
     log.info("gateway listening on http://%s:%d/v1", config.host, config.port)
+    try:
+        await (until if until is not None else stop_signal())
+    finally:
+        log.info("gateway stopping")
+        await runner.cleanup()
+
+
+async def stop_signal() -> None:
+    """Returns on the first SIGINT or SIGTERM."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    try:
-        await stop.wait()
-    finally:
-        log.info("gateway stopping")
-        await runner.cleanup()
+    await stop.wait()

@@ -7,9 +7,11 @@ from aiohttp import web
 from ..config import GatewayConfig
 from .engine_client import EngineClient
 from .generation import ModelContext
+from .observability import Observability
 
 CONFIG = web.AppKey("config", GatewayConfig)
 CLIENT = web.AppKey("engine_client", EngineClient)
 MODELS = web.AppKey("models", dict[str, ModelContext])
 FINGERPRINT = web.AppKey("fingerprint", str)
 STARTED = web.AppKey("started", float)
+OBSERVABILITY = web.AppKey("observability", Observability)

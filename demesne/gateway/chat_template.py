@@ -1,5 +1,9 @@
 """The model's Jinja chat template, rendered in a sandbox; the built-in fallback; overrides.
 
+Client text stays text: :class:`ClientText` marks control-token text that a client wrote
+(``<start_of_turn>`` in a message) so that it is tokenized as plain text, and only the
+template's own markup becomes control tokens.
+
 Precedence: ``--chat-template FILE``, then the GGUF's ``tokenizer.chat_template``, then
 :data:`FALLBACK_TEMPLATE` for base models that have none (the bundled Gemma 3 270M). The
 template sees what Hugging Face passes: ``messages``, ``add_generation_prompt``,
@@ -11,6 +15,9 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import re
+import secrets
+from typing import Any
 
 import jinja2
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -106,3 +113,56 @@ class ChatTemplate:
             raise
         except Exception as exc:  # the template is code from the model file: any failure is its own
             raise TemplateError(f"the chat template failed: {exc}") from exc
+
+
+class ClientText:
+    """Keeps control-token text that a client wrote from becoming control tokens.
+
+    :meth:`shield` replaces every control-token text inside client strings (message
+    content, names, tool arguments, tool schemas: any string, keys too) with a sentinel of
+    lowercase letters and digits, which the template renders like any word (trim, tojson
+    and escape leave it alone). :meth:`segments` cuts the rendered prompt at the sentinels:
+    the template's text is tokenized with special-token parsing on, the client's control-token
+    text with it off (``Tokenizer.encode_segments``). A conversation without such text is one
+    markup segment, tokenized exactly as before.
+
+    Each segment is tokenized on its own: tokens never merge across a sentinel's edges, and a
+    vocabulary that adds a space prefix (older SentencePiece ones) adds it to each segment.
+    Control-token text that only appears by joining two client strings the template writes
+    side by side, with nothing between, is not caught.
+    """
+
+    def __init__(self, control: re.Pattern | None):
+        self._control = control
+        self._nonce = secrets.token_hex(8)
+        self._sentinel = re.compile(f"dmsn{self._nonce}n(\\d+)z")
+        self.literals: list[str] = []
+
+    def shield(self, value: Any) -> Any:
+        """``value`` (a string, or lists and dicts of them) with control-token text replaced."""
+        if self._control is None:
+            return value
+        if isinstance(value, str):
+            return self._control.sub(self._mark, value)
+        if isinstance(value, dict):
+            return {self.shield(k): self.shield(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [self.shield(v) for v in value]
+        return value
+
+    def _mark(self, match: re.Match) -> str:
+        self.literals.append(match.group(0))
+        return f"dmsn{self._nonce}n{len(self.literals) - 1}z"
+
+    def segments(self, rendered: str) -> list[tuple[str, bool]]:
+        """``rendered`` as ``(text, markup)`` segments: client control-token text is not markup."""
+        if not self.literals:
+            return [(rendered, True)]
+        out: list[tuple[str, bool]] = []
+        at = 0
+        for match in self._sentinel.finditer(rendered):
+            out.append((rendered[at : match.start()], True))
+            out.append((self.literals[int(match.group(1))], False))
+            at = match.end()
+        out.append((rendered[at:], True))
+        return [(text, markup) for text, markup in out if text]

@@ -1,17 +1,20 @@
 """One request's token stream turned into text pieces: detokenize, stop strings, usage.
 
-Leaving the iteration early (a stop string matched, the client went away) closes the
-engine stream, which aborts the request in the engine.
+Leaving the iteration early (a stop string matched, the client went away, the request's
+deadline passed) closes the engine stream, which aborts the request in the engine.
 """
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from .. import protocol as p
 from .chat_template import ChatTemplate
 from .engine_client import EngineClient, EngineConn
+from .observability import RequestStats
 from .tool_formats import ToolFormat
 from .tokenizer import IncrementalDetokenizer, StopMatcher, Tokenizer
 
@@ -36,6 +39,38 @@ class Piece:
     tokens: list[int] | None = None  # with logprobs only: the tokens behind this piece
     logprobs: list | None = None
     released: int = 0  # bytes of the output let through so far (a stop string and what follows are not)
+    lead: int | None = 0  # bytes of leading whitespace stripped; None while that may still grow
+
+
+class _Output:
+    """One choice's text as it is let out: detokenized, cut at a stop string, its leading
+    whitespace stripped if asked."""
+
+    def __init__(self, tokenizer: Tokenizer, stops: list[str], strip_leading: bool):
+        self._detok = IncrementalDetokenizer(tokenizer)
+        self._matcher = StopMatcher(stops)
+        self._stripping = strip_leading
+        self.released = 0  # bytes of output let through, stripped whitespace included
+        self.lead = 0  # bytes of leading whitespace stripped
+
+    @property
+    def stopped(self) -> bool:
+        return self._matcher.stopped
+
+    def add(self, tokens: list[int], final: bool) -> str:
+        text = self._matcher.feed(self._detok.add(tokens))
+        if final and not self._matcher.stopped:
+            text += self._matcher.feed(self._detok.flush()) + self._matcher.flush()
+        self.released += len(text.encode())
+        if self._stripping and text:
+            kept = text.lstrip()
+            self.lead += len(text.encode()) - len(kept.encode())
+            text = kept
+            self._stripping = not text
+        return text
+
+    def settled_lead(self, final: bool) -> int | None:
+        return None if self._stripping and not final else self.lead
 
 
 async def generate_text(
@@ -45,34 +80,47 @@ async def generate_text(
     request: p.Generate,
     stops: list[str],
     strip_leading: bool = False,
+    deadline: float | None = None,
+    stats: RequestStats | None = None,
 ) -> AsyncIterator[Piece]:
-    """``strip_leading``: drop whitespace before the first visible character."""
-    detok = IncrementalDetokenizer(model.tokenizer)
-    matcher = StopMatcher(stops)
-    n_out = 0
-    released = 0
-    prompt_tokens = len(request.prompt)
-    cached = 0
+    """``strip_leading``: drop whitespace before the first visible character. ``deadline``
+    (``loop.time()``): past it the request is aborted and ends as if cut by ``max_tokens``."""
+    out = _Output(model.tokenizer, stops, strip_leading)
+    n_prompt, n_out, cached = len(request.prompt), 0, 0
+    last: float | None = None
     stream = client.generate(engine, request)
+    if stats is not None:
+        stats.on_send(request.rid)
     try:
-        async for delta in stream:
+        while True:
+            try:
+                delta = await _next_delta(stream, deadline)
+            except StopAsyncIteration:
+                return
+            except TimeoutError:  # past the deadline: the engine request was aborted
+                text = out.add([], final=True)
+                yield Piece(text, p.FINISH_LENGTH, n_prompt, n_out, cached, None, None, out.released, out.lead)
+                return
+            now = time.monotonic()
+            if stats is not None:
+                stats.on_tokens(len(delta.tokens), None if last is None else now - last)
+            last = now if delta.tokens else last
             n_out += len(delta.tokens)
             cached = max(cached, delta.cached_tokens)
-            text = matcher.feed(detok.add(delta.tokens))
-            finish = delta.finish
-            if finish is not None and not matcher.stopped:
-                text += matcher.feed(detok.flush())
-                text += matcher.flush()
-            released += len(text.encode())
-            if strip_leading and text:
-                text = text.lstrip()
-                strip_leading = not text
-            extra = (delta.tokens, delta.logprobs, released) if delta.logprobs is not None else (None, None, released)
-            if matcher.stopped:
-                yield Piece(text, p.FINISH_STOP, prompt_tokens, n_out, cached, *extra)
-                return
-            yield Piece(text, finish, prompt_tokens, n_out, cached, *extra)
+            text = out.add(delta.tokens, delta.finish is not None)
+            finish = p.FINISH_STOP if out.stopped else delta.finish
+            extra = (delta.tokens, delta.logprobs) if delta.logprobs is not None else (None, None)
+            yield Piece(text, finish, n_prompt, n_out, cached, *extra, out.released, out.settled_lead(finish is not None))
             if finish is not None:
                 return
     finally:
         await stream.aclose()
+
+
+async def _next_delta(stream: AsyncIterator[p.Delta], deadline: float | None) -> p.Delta:
+    if deadline is None:
+        return await stream.__anext__()
+    remaining = deadline - asyncio.get_running_loop().time()
+    if remaining <= 0:
+        raise TimeoutError
+    return await asyncio.wait_for(stream.__anext__(), remaining)

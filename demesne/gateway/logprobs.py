@@ -43,7 +43,8 @@ class LogprobShaper:
 
     A token's entry goes out with the text it stands for: entries wait while the stop-string
     matcher holds their text back, and those of a stop string (and anything after it) are
-    dropped, as OpenAI leaves them out."""
+    dropped, as OpenAI leaves them out. Whitespace stripped from the start of a reply is taken
+    off its tokens too: the tokens spell exactly the content."""
 
     def __init__(self, tokenizer: Tokenizer, chat: bool):
         self._tokenizer = tokenizer
@@ -51,12 +52,26 @@ class LogprobShaper:
         self._offset = 0  # characters of token text so far (completions' text_offset)
         self._end = 0  # bytes of token text so far
         self._starts: list[int] = []  # byte offset of each waiting entry
+        self._lead = 0  # leading bytes stripped from the content, and so from the tokens
         if chat:
             self.total: dict = {"content": [], "refusal": None}
             self._waiting: dict = {"content": []}
         else:
             self.total = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
             self._waiting = {key: [] for key in self.total}
+
+    def _strip(self, n: int) -> None:
+        """Take the whitespace the reply lost off its first tokens, so that the tokens spell
+        the content exactly (a token that was only that whitespace keeps its entry, empty).
+        Entries wait while the stripping may go on, so these are all still waiting."""
+        self._lead += n
+        for entry in self._waiting["content"] if self._chat else ():
+            if not n:
+                break
+            cut = min(n, len(entry["bytes"]))
+            entry["bytes"] = entry["bytes"][cut:]
+            entry["token"] = bytes(entry["bytes"]).decode("utf-8", "replace")
+            n -= cut
 
     def _text(self, token: int) -> str:
         return self._tokenizer.piece(token).decode("utf-8", "replace")
@@ -76,6 +91,10 @@ class LogprobShaper:
             for b in raw:
                 self._starts.append(self._end)
                 self._end += len(b)
+        if piece.lead is None:  # leading whitespace, maybe more to come: no content yet
+            return None
+        if piece.lead > self._lead:
+            self._strip(piece.lead - self._lead)
         ready = sum(1 for start in self._starts if start < piece.released)
         if piece.finish is not None:  # what is still waiting belongs to a stop string
             self._starts = self._starts[:ready]

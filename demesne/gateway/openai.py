@@ -24,6 +24,7 @@ MAX_STOP_CHARS = 1024  # each stop string; the stop matcher holds back this much
 MAX_INT = 2**31 - 1  # top_k, max_tokens: more than any vocabulary or context
 INT64 = 2**63  # seed: any signed 64-bit integer, as OpenAI
 MAX_CHOICES = 16
+MAX_BATCH_CHOICES = 64  # completions: prompts times n
 MAX_LOGIT_BIAS = 1024
 MAX_TOP_LOGPROBS = 20  # chat, as OpenAI
 MAX_COMPLETION_LOGPROBS = 20  # OpenAI allows 5 here; demesne as many as chat
@@ -56,7 +57,7 @@ class CompletionRequest:
     chat: bool
     model: str
     messages: list[dict] | None  # chat
-    prompt: str | list[int] | None  # completions: text or token ids
+    prompt: str | list[int] | None  # completions: text or token ids (the first of a batch)
     max_tokens: int | None
     params: SamplingParams
     stop: list[str] = field(default_factory=list)
@@ -64,6 +65,7 @@ class CompletionRequest:
     include_usage: bool = False
     n: int = 1
     tools: ToolSpec | None = None
+    prompts: list | None = None  # completions: every prompt of a batch; each gets n choices
 
 
 # -- field checks ------------------------------------------------------------------------
@@ -268,24 +270,33 @@ def _content(content: Any, where: str, allow_null: bool) -> str:
 def parse_completion(body: Any) -> CompletionRequest:
     if not isinstance(body, dict):
         raise bad("the request body must be a JSON object", None, "invalid_type")
-    prompt = body.get("prompt")
-    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]  # a batch of one
-    if isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        pass  # token ids
-    elif not isinstance(prompt, str):
-        raise bad("'prompt' must be a string or an array of token ids (one prompt per request)", "prompt", "invalid_type")
+    prompts = _prompts(body.get("prompt"))
     if body.get("echo"):
         raise bad("'echo' is not supported", "echo", "unsupported_value")
     if body.get("suffix"):
         raise bad("'suffix' is not supported", "suffix", "unsupported_value")
-    req = CompletionRequest(messages=None, prompt=prompt, **_common(body, chat=False))
+    req = CompletionRequest(messages=None, prompt=prompts[0], prompts=prompts, **_common(body, chat=False))
+    if len(prompts) * req.n > MAX_BATCH_CHOICES:
+        raise bad(f"'n' times the number of prompts may be at most {MAX_BATCH_CHOICES}, got {len(prompts) * req.n}", "n")
     logprobs = _typed(body, "logprobs", int)
     if logprobs is not None:
         if not 0 <= logprobs <= MAX_COMPLETION_LOGPROBS:
             raise bad(f"'logprobs' must be in [0, {MAX_COMPLETION_LOGPROBS}], got {_shown(logprobs)}", "logprobs")
         req.params.logprobs = logprobs
     return req
+
+
+def _prompts(prompt: Any) -> list:
+    """Every prompt of a request: a string, token ids, or (the batch form) an array of either."""
+    batch = prompt if isinstance(prompt, list) and prompt and all(isinstance(x, (str, list)) for x in prompt) else [prompt]
+    if len(batch) > MAX_BATCH_CHOICES:
+        raise bad(f"'prompt' holds at most {MAX_BATCH_CHOICES} prompts, got {len(batch)}", "prompt")
+    for one in batch:
+        if isinstance(one, list) and one and all(isinstance(t, int) and not isinstance(t, bool) for t in one):
+            continue  # token ids
+        if not isinstance(one, str):
+            raise bad("'prompt' must be a string, an array of token ids, or an array of either", "prompt", "invalid_type")
+    return batch
 
 
 def response_grammar(body: dict) -> str | None:

@@ -7,16 +7,21 @@ import concurrent.futures
 import dataclasses
 import importlib.resources
 import logging
+import math
+import socket
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import orjson
 from aiohttp import web
 
 from .. import protocol as p
-from .app_keys import CLIENT, FINGERPRINT, MODELS, STARTED
+from .app_keys import CLIENT, CONFIG, FINGERPRINT, MODELS, OBSERVABILITY, STARTED
+from .chat_template import ClientText
 from .engine_client import EngineRefused, EngineUnavailable
 from .generation import ModelContext, Piece, generate_text
 from .logprobs import LogprobShaper
+from .observability import STATS, RequestStats
 from .tools import ToolStream, call_constraint, parse_calls, template_messages
 from .openai import (
     ApiError,
@@ -51,11 +56,26 @@ async def _json_body(request: web.Request):
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    return await _complete(request, parse_chat(await _json_body(request)))
+    body = await _json_body(request)
+    return await _complete(request, parse_chat(body), _deadline(request, body))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    return await _complete(request, parse_completion(await _json_body(request)))
+    body = await _json_body(request)
+    return await _complete(request, parse_completion(body), _deadline(request, body))
+
+
+def _deadline(request: web.Request, body: dict) -> float | None:
+    """When the request must end (``loop.time()``): ``--request-timeout``, or sooner the
+    request's own ``timeout`` (seconds); None for no deadline."""
+    limits = [request.app[CONFIG].request_timeout]
+    asked = body.get("timeout")
+    if asked is not None:
+        if isinstance(asked, bool) or not isinstance(asked, (int, float)) or not 0 < asked < math.inf:
+            raise bad("'timeout' must be a positive number of seconds", "timeout")
+        limits.append(float(asked))
+    limits = [t for t in limits if t]
+    return asyncio.get_running_loop().time() + min(limits) if limits else None
 
 
 # -- a completion, either endpoint ----------------------------------------------------------
@@ -65,7 +85,7 @@ def _model(request: web.Request, model_id: str) -> ModelContext:
     models = request.app[MODELS]
     if model_id not in models:
         if not request.app[CLIENT].any_alive():
-            raise ApiError(503, "no engine is reachable", None, "engine_unavailable")
+            raise ApiError(503, request.app[CLIENT].why_unavailable(model_id), None, "engine_unavailable")
         raise ApiError(404, f"The model '{model_id}' does not exist", "model", "model_not_found")
     return models[model_id]
 
@@ -74,10 +94,13 @@ def _prompt_tokens(model: ModelContext, req: CompletionRequest) -> tuple[list[in
     """Token ids of the prompt, and the name of the field they came from."""
     if req.chat:
         template = model.template
-        tools = req.tools.tools if _calling(req) else None
-        messages = template_messages(req.messages, tools, model.tool_format, template.supports_tools)
+        # What the client wrote is text, even where it spells a control token (ClientText).
+        client = ClientText(model.tokenizer.control_pattern)
+        tools = client.shield(req.tools.tools) if _calling(req) else None
+        messages = template_messages(client.shield(req.messages), tools, model.tool_format, template.supports_tools)
         text = template.render(messages, tools=tools if template.supports_tools else None)
-        return model.tokenizer.encode(text, add_special=not text.startswith(model.template.bos_token)), "messages"
+        bos = not text.startswith(model.template.bos_token)
+        return model.tokenizer.encode_segments(client.segments(text), add_special=bos), "messages"
     if isinstance(req.prompt, str):
         return model.tokenizer.encode(req.prompt), "prompt"
     if any(t < 0 or t >= model.info.n_vocab for t in req.prompt):
@@ -135,14 +158,21 @@ def _budget(n_ctx: int, n_prompt: int, req: CompletionRequest, field: str) -> in
     return req.max_tokens
 
 
-async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamResponse:
+def _each_prompt(req: CompletionRequest) -> list[CompletionRequest]:
+    """The request once per prompt of a completions batch (``prompt`` an array of prompts)."""
+    if req.chat or not req.prompts or len(req.prompts) == 1:
+        return [req]
+    return [dataclasses.replace(req, prompt=one) for one in req.prompts]
+
+
+async def _complete(request: web.Request, req: CompletionRequest, deadline: float | None = None) -> web.StreamResponse:
     model = _model(request, req.model)
     client = request.app[CLIENT]
     try:
-        prompt, field = await _off_loop(lambda: _prompt_tokens(model, req))
+        tokenized = await _off_loop(lambda: [_prompt_tokens(model, one) for one in _each_prompt(req)])
     except ValueError as exc:  # the chat template refused the conversation
         raise bad(str(exc), "messages") from None
-    max_tokens = _budget(model.info.n_ctx, len(prompt), req, field)
+    budgets = [_budget(model.info.n_ctx, len(prompt), req, field) for prompt, field in tokenized]
     if req.params.grammar and not model.tokenizer.grammar_compiles(req.params.grammar):
         raise bad("the grammar for response_format does not compile", "response_format", "invalid_grammar")
     _constrain_calls(model, req)
@@ -151,25 +181,52 @@ async def _complete(request: web.Request, req: CompletionRequest) -> web.StreamR
     if req.params.top_k > model.info.n_vocab:
         raise bad(f"'top_k' must be at most the vocabulary size, {model.info.n_vocab}", "top_k")
     try:
-        engine = client.pick(req.model, prompt)
+        engines = [client.pick(req.model, prompt) for prompt, _ in tokenized]
     except EngineUnavailable as exc:
         raise ApiError(503, str(exc), None, "engine_unavailable") from None
     stops = req.stop + (list(model.template.stops) if req.chat else [])
     strip = req.chat and model.template.strip_reply
+    stats = RequestStats(request.app[OBSERVABILITY], prompt_tokens=sum(len(prompt) for prompt, _ in tokenized))
+    request[STATS] = stats
     # n choices are n requests with one prompt: the engine's prefix trie decodes it once.
+    # Choice index = prompt index * n + i, as OpenAI numbers a batch's choices.
     streams = [
-        generate_text(client, engine, model, p.Generate(client.new_request_id(), prompt, max_tokens, _choice_params(req, i)), stops, strip)
+        generate_text(
+            client, engine, model, p.Generate(client.new_request_id(), prompt, max_tokens, _choice_params(req, i)),
+            stops, strip, deadline, stats,
+        )
+        for (prompt, _), max_tokens, engine in zip(tokenized, budgets, engines)
         for i in range(req.n)
     ]
     shaper = Shaper(req.chat, model.info.id, request.app[FINGERPRINT], legacy=bool(req.tools and req.tools.legacy))
     logprobs = [LogprobShaper(model.tokenizer, req.chat) for _ in streams] if req.params.logprobs >= 0 else None
-    pieces = _merge(streams)
+    reply = _Reply(req, model, shaper, _merge(streams), logprobs, len(streams), stats)
     try:
         if req.stream:
-            return await _stream(request, req, model, shaper, pieces, logprobs)
-        return await _collect(req, model, shaper, pieces, logprobs)
+            return await _stream(request, reply)
+        return await _collect(reply)
     finally:
-        await pieces.aclose()
+        await reply.pieces.aclose()
+
+
+@dataclass(slots=True)
+class _Reply:
+    """What answering one request takes, whole or streamed."""
+
+    req: CompletionRequest
+    model: ModelContext
+    shaper: Shaper
+    pieces: AsyncIterator[tuple[int, Piece]]  # of every choice, tagged with its index
+    logprobs: list[LogprobShaper] | None
+    choices: int  # prompts times n
+    stats: RequestStats
+
+    def finished(self, finals: dict[int, Piece]) -> dict:
+        """The usage object; the request's figures for the access log."""
+        use = _usage(finals, self.req.n)
+        self.stats.cached_tokens = use["prompt_tokens_details"]["cached_tokens"]
+        self.stats.finish = [finals[i].finish for i in sorted(finals)]
+        return use
 
 
 def _choice_params(req: CompletionRequest, index: int) -> p.SamplingParams:
@@ -224,34 +281,33 @@ async def _next_piece(pieces) -> tuple[int, Piece]:
         raise ApiError(503, str(exc), None, "engine_unavailable") from None
 
 
-def _usage(finals: dict[int, Piece]) -> dict:
-    """One prompt, however many choices; completion tokens add up."""
-    first = finals[0]
+def _usage(finals: dict[int, Piece], n: int) -> dict:
+    """Each prompt counted once, however many choices it has; completion tokens add up."""
+    firsts = [finals[i] for i in range(0, len(finals), n)]
     completion = sum(piece.completion_tokens for piece in finals.values())
-    return usage(first.prompt_tokens, completion, first.cached_tokens)
+    return usage(sum(f.prompt_tokens for f in firsts), completion, sum(f.cached_tokens for f in firsts))
 
 
-async def _collect(req: CompletionRequest, model: ModelContext, shaper: Shaper, pieces, logprobs) -> web.Response:
-    texts: list[list[str]] = [[] for _ in range(req.n)]
+async def _collect(reply: _Reply) -> web.Response:
+    texts: list[list[str]] = [[] for _ in range(reply.choices)]
     finals: dict[int, Piece] = {}
-    while len(finals) < req.n:
-        index, piece = await _next_piece(pieces)
+    while len(finals) < reply.choices:
+        index, piece = await _next_piece(reply.pieces)
         texts[index].append(piece.text)
-        if logprobs is not None:
-            logprobs[index].add(piece)
+        if reply.logprobs is not None:
+            reply.logprobs[index].add(piece)
         if piece.finish is not None:
             finals[index] = piece
-    fmt = model.tool_format
-    choices = [_final_choice(req, shaper, fmt, i, "".join(texts[i]), finals[i], logprobs) for i in range(req.n)]
-    return _json(shaper.response(choices, _usage(finals)))
+    choices = [_final_choice(reply, i, "".join(texts[i]), finals[i]) for i in range(reply.choices)]
+    return _json(reply.shaper.response(choices, reply.finished(finals)))
 
 
-def _final_choice(req: CompletionRequest, shaper: Shaper, fmt, i: int, text: str, final: Piece, logprobs) -> dict:
-    lp = logprobs[i].total if logprobs else None
-    if not _calling(req):
-        return shaper.choice(i, text, final.finish, lp)
-    content, calls = parse_calls(text, req.tools, fmt)
-    return shaper.choice(i, content, _finish(final.finish, bool(calls)), lp, calls)
+def _final_choice(reply: _Reply, i: int, text: str, final: Piece) -> dict:
+    lp = reply.logprobs[i].total if reply.logprobs else None
+    if not _calling(reply.req):
+        return reply.shaper.choice(i, text, final.finish, lp)
+    content, calls = parse_calls(text, reply.req.tools, reply.model.tool_format)
+    return reply.shaper.choice(i, content, _finish(final.finish, bool(calls)), lp, calls)
 
 
 def _finish(finish: str, called: bool) -> str:
@@ -259,57 +315,109 @@ def _finish(finish: str, called: bool) -> str:
     return "tool_calls" if called and finish != p.FINISH_LENGTH else finish
 
 
-async def _stream(request: web.Request, req: CompletionRequest, model: ModelContext, shaper: Shaper, pieces, logprobs) -> web.StreamResponse:
+async def _stream(request: web.Request, reply: _Reply) -> web.StreamResponse:
     # The first piece comes before the headers, so a refused request still gets its status.
-    item = await _next_piece(pieces)
-    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-    await response.prepare(request)
+    item = await _next_piece(reply.pieces)
+    sse = EventStream(request, request.app[CONFIG].write_timeout)
+    await sse.open()
+    try:
+        await _stream_choices(sse, reply, item)
+        await sse.close()
+    except SlowReader:  # closing the connection ends the handler; the engine requests are aborted
+        log.warning("%s stopped reading its stream for %g s: closed", request.remote, sse.timeout)
+        reply.stats.finish.append("write_timeout")
+        if request.transport is not None:
+            request.transport.abort()
+    return sse.response
+
+
+async def _stream_choices(sse: EventStream, reply: _Reply, item: tuple[int, Piece]) -> None:
+    req, shaper = reply.req, reply.shaper
     started: set[int] = set()
     finals: dict[int, Piece] = {}
     with_usage = req.include_usage
-    calls = [ToolStream(req.tools, model.tool_format) for _ in range(req.n)] if _calling(req) else None
+    calls = [ToolStream(req.tools, reply.model.tool_format) for _ in range(reply.choices)] if _calling(req) else None
     while True:
         index, piece = item
         if req.chat and index not in started:
-            await _send(response, shaper.chunk(index, "", first=True, with_usage=with_usage))
+            await sse.send(shaper.chunk(index, "", first=True, with_usage=with_usage))
         started.add(index)
-        part = logprobs[index].add(piece) if logprobs is not None else None
+        part = reply.logprobs[index].add(piece) if reply.logprobs is not None else None
         text, deltas = calls[index].feed(piece.text) if calls else (piece.text, [])
         if text or part:
-            await _send(response, shaper.chunk(index, text, with_usage=with_usage, logprobs=part))
-        await _send_calls(response, shaper, index, deltas, with_usage)
+            await sse.send(shaper.chunk(index, text, with_usage=with_usage, logprobs=part))
+        await _send_calls(sse, shaper, index, deltas, with_usage)
         if piece.finish is not None:
             finals[index] = piece
             finish = piece.finish
             if calls:
                 text, deltas = calls[index].finish()
                 if text:
-                    await _send(response, shaper.chunk(index, text, with_usage=with_usage))
-                await _send_calls(response, shaper, index, deltas, with_usage)
+                    await sse.send(shaper.chunk(index, text, with_usage=with_usage))
+                await _send_calls(sse, shaper, index, deltas, with_usage)
                 finish = _finish(finish, calls[index].called)
-            await _send(response, shaper.chunk(index, None if req.chat else "", finish, with_usage=with_usage))
-            if len(finals) == req.n:
+            await sse.send(shaper.chunk(index, None if req.chat else "", finish, with_usage=with_usage))
+            if len(finals) == reply.choices:
+                use = reply.finished(finals)
                 if with_usage:
-                    await _send(response, shaper.usage_chunk(_usage(finals)))
-                break
+                    await sse.send(shaper.usage_chunk(use))
+                return
         try:
-            item = await _next_piece(pieces)
+            item = await _next_piece(reply.pieces)
         except ApiError as exc:  # headers are gone: report in the stream, as OpenAI does
-            await _send(response, exc.body())
-            break
-    await response.write(b"data: [DONE]\n\n")
-    await response.write_eof()
-    return response
+            await sse.send(exc.body())
+            return
 
 
-async def _send_calls(response, shaper: Shaper, index: int, deltas: list[dict], with_usage: bool) -> None:
+async def _send_calls(sse: EventStream, shaper: Shaper, index: int, deltas: list[dict], with_usage: bool) -> None:
     """``delta.tool_calls`` entries, one chunk each, as OpenAI streams them."""
     for delta in deltas:
-        await _send(response, shaper.chunk(index, None, with_usage=with_usage, tool_calls=[delta]))
+        await sse.send(shaper.chunk(index, None, with_usage=with_usage, tool_calls=[delta]))
 
 
-async def _send(response: web.StreamResponse, obj: dict) -> None:
-    await response.write(b"data: " + orjson.dumps(obj) + b"\n\n")
+class SlowReader(Exception):
+    """The client took none of the stream's bytes for the write timeout."""
+
+
+class EventStream:
+    """Server-sent events to one client. A client that stops reading is cut off after
+    ``timeout`` seconds without taking bytes, instead of holding its engine requests (and
+    their KV cells) forever; deltas wait in the request's queue meanwhile, so that queue is
+    bounded by the timeout times the decode rate."""
+
+    # The kernel's send buffer for a stream, fixed: Linux would grow it to megabytes (minutes
+    # of tokens) before a write waits. With the transport's own 64 KiB, a client that stops
+    # reading blocks the writer after some hundreds of kilobytes.
+    SEND_BUFFER = 64 * 1024
+
+    def __init__(self, request: web.Request, timeout: float):
+        self.request = request
+        self.timeout = timeout
+        self.response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+
+    async def open(self) -> None:
+        await self.response.prepare(self.request)
+        transport = self.request.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.SEND_BUFFER)
+            except OSError:  # not a TCP socket (tests, unix sockets): leave it
+                pass
+
+    async def send(self, obj: dict) -> None:
+        await self._within(self.response.write(b"data: " + orjson.dumps(obj) + b"\n\n"))
+
+    async def close(self) -> None:
+        await self._within(self.response.write(b"data: [DONE]\n\n"))
+        await self._within(self.response.write_eof())
+
+    async def _within(self, write) -> None:
+        try:
+            async with asyncio.timeout(self.timeout):
+                await write
+        except TimeoutError:
+            raise SlowReader from None
 
 
 def _json(obj, status: int = 200) -> web.Response:
@@ -361,6 +469,9 @@ _METRICS = {
     "steps_total": ("counter", "Engine steps (one llama_decode each)"),
     "requests_finished_total": ("counter", "Requests finished in the engines"),
     "requests_refused_total": ("counter", "Requests the engines refused"),
+    "requests_failed_total": ("counter", "Requests failed by a fault in their engine step"),
+    "step_faults_total": ("counter", "Engine steps that raised or whose decode failed for good"),
+    "longest_step_seconds": ("gauge", "The longest engine step so far"),
     "preemptions_total": ("counter", "Sequences preempted for lack of KV cells"),
     "kv_cells_used": ("gauge", "KV cells holding tokens"),
     "kv_cells_total": ("gauge", "KV cells in all"),
@@ -384,6 +495,7 @@ async def metrics(request: web.Request) -> web.Response:
         "# TYPE demesne_gateway_routed_prefix_tokens_total counter",
     ]
     lines += [f'demesne_gateway_routed_prefix_tokens_total{{engine="{e.endpoint}"}} {e.routed_cached}' for e in client.engines]
+    lines += request.app[OBSERVABILITY].lines()
     for name, (kind, help_text) in _METRICS.items():
         lines += [f"# HELP demesne_{name} {help_text}", f"# TYPE demesne_{name} {kind}"]
         for e in client.engines:

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import codecs
 import ctypes
+import functools
+import re
 
 import llama_cpp
 
@@ -28,16 +30,41 @@ class Tokenizer:
         self._pieces: list[bytes | None] = [None] * self.n_vocab
         self._buf = ctypes.create_string_buffer(256)
 
-    def encode(self, text: str, add_special: bool = True) -> list[int]:
-        """Token ids of ``text``; special-token text (``<bos>``…) becomes those tokens."""
+    def encode(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of ``text``. ``parse_special``: control-token text (``<bos>``,
+        ``<start_of_turn>``…) becomes those tokens; off, it is spelled as ordinary text."""
         raw = text.encode("utf-8")
         capacity = len(raw) + 8
         while True:
             out = (llama_cpp.llama_token * capacity)()
-            n = llama_cpp.llama_tokenize(self._vocab, raw, len(raw), out, capacity, add_special, True)
+            n = llama_cpp.llama_tokenize(self._vocab, raw, len(raw), out, capacity, add_special, parse_special)
             if n >= 0:
                 return out[:n]
             capacity = -n
+
+    def encode_segments(self, segments: list[tuple[str, bool]], add_special: bool = True) -> list[int]:
+        """Token ids of text in segments, each ``(text, markup)``: control-token text becomes
+        control tokens only in markup segments (the chat template's own). Each segment is
+        tokenized on its own, so no token spans a join between segments."""
+        ids: list[int] = []
+        for i, (text, markup) in enumerate(segments):
+            ids += self.encode(text, add_special=add_special and i == 0, parse_special=markup)
+        return ids
+
+    @functools.cached_property
+    def control_pattern(self) -> re.Pattern | None:
+        """A regex for the text of every token that only special-token parsing produces
+        (control and unknown tokens: ``<start_of_turn>``, ``<|im_start|>``, ``[INST]``…);
+        None if the vocabulary has none."""
+        attr = llama_cpp.llama_vocab_get_attr
+        hidden = llama_cpp.LLAMA_TOKEN_ATTR_CONTROL | llama_cpp.LLAMA_TOKEN_ATTR_UNKNOWN
+        texts = set()
+        for token in range(self.n_vocab):
+            if attr(self._vocab, token) & hidden:
+                text = llama_cpp.llama_vocab_get_text(self._vocab, token)
+                if text:
+                    texts.add(text.decode("utf-8", "replace"))
+        return re.compile(_trie_regex(texts)) if texts else None
 
     def grammar_compiles(self, grammar: str) -> bool:
         sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
@@ -73,6 +100,26 @@ class Tokenizer:
 
     def decode(self, tokens: list[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+
+
+def _trie_regex(words: set[str]) -> str:
+    """One regex for many literal words, their common prefixes factored out (a scan then
+    tries a few characters per position, not every word), longest match first."""
+    trie: dict = {}
+    for word in words:
+        node = trie
+        for ch in word:
+            node = node.setdefault(ch, {})
+        node[""] = {}
+
+    def emit(node: dict) -> str:
+        alts = [re.escape(ch) + emit(child) for ch, child in sorted(node.items()) if ch]
+        if not alts:
+            return ""
+        body = alts[0] if len(alts) == 1 else "(?:" + "|".join(alts) + ")"
+        return f"(?:{body})?" if "" in node else body  # a word ends here: the longer ones first
+
+    return emit(trie)
 
 
 class IncrementalDetokenizer:
