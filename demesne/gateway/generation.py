@@ -97,7 +97,7 @@ async def generate_text(
                 delta = await _next_delta(stream, deadline)
             except StopAsyncIteration:
                 return
-            except TimeoutError:  # past the deadline: the engine request was aborted
+            except asyncio.TimeoutError:  # past the deadline: the engine request was aborted
                 text = out.add([], final=True)
                 yield Piece(text, p.FINISH_LENGTH, n_prompt, n_out, cached, None, None, out.released, out.lead)
                 return
@@ -122,5 +122,5 @@ async def _next_delta(stream: AsyncIterator[p.Delta], deadline: float | None) ->
         return await stream.__anext__()
     remaining = deadline - asyncio.get_running_loop().time()
     if remaining <= 0:
-        raise TimeoutError
+        raise asyncio.TimeoutError
     return await asyncio.wait_for(stream.__anext__(), remaining)

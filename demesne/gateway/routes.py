@@ -8,7 +8,6 @@ import dataclasses
 import importlib.resources
 import logging
 import math
-import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -22,6 +21,7 @@ from .engine_client import EngineRefused, EngineUnavailable
 from .generation import ModelContext, Piece, generate_text
 from .logprobs import LogprobShaper
 from .observability import STATS, RequestStats
+from .sse import EventStream, SlowReader
 from .tools import ToolStream, call_constraint, parse_calls, template_messages
 from .openai import (
     ApiError,
@@ -373,51 +373,6 @@ async def _send_calls(sse: EventStream, shaper: Shaper, index: int, deltas: list
     """``delta.tool_calls`` entries, one chunk each, as OpenAI streams them."""
     for delta in deltas:
         await sse.send(shaper.chunk(index, None, with_usage=with_usage, tool_calls=[delta]))
-
-
-class SlowReader(Exception):
-    """The client took none of the stream's bytes for the write timeout."""
-
-
-class EventStream:
-    """Server-sent events to one client. A client that stops reading is cut off after
-    ``timeout`` seconds without taking bytes, instead of holding its engine requests (and
-    their KV cells) forever; deltas wait in the request's queue meanwhile, so that queue is
-    bounded by the timeout times the decode rate."""
-
-    # The kernel's send buffer for a stream, fixed: Linux would grow it to megabytes (minutes
-    # of tokens) before a write waits. With the transport's own 64 KiB, a client that stops
-    # reading blocks the writer after some hundreds of kilobytes.
-    SEND_BUFFER = 64 * 1024
-
-    def __init__(self, request: web.Request, timeout: float):
-        self.request = request
-        self.timeout = timeout
-        self.response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
-
-    async def open(self) -> None:
-        await self.response.prepare(self.request)
-        transport = self.request.transport
-        sock = transport.get_extra_info("socket") if transport is not None else None
-        if sock is not None:
-            try:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.SEND_BUFFER)
-            except OSError:  # not a TCP socket (tests, unix sockets): leave it
-                pass
-
-    async def send(self, obj: dict) -> None:
-        await self._within(self.response.write(b"data: " + orjson.dumps(obj) + b"\n\n"))
-
-    async def close(self) -> None:
-        await self._within(self.response.write(b"data: [DONE]\n\n"))
-        await self._within(self.response.write_eof())
-
-    async def _within(self, write) -> None:
-        try:
-            async with asyncio.timeout(self.timeout):
-                await write
-        except TimeoutError:
-            raise SlowReader from None
 
 
 def _json(obj, status: int = 200) -> web.Response:

@@ -1,0 +1,57 @@
+"""Server-sent events to one client, and what happens when the client stops reading.
+
+A client that takes none of the stream's bytes for the write timeout is cut off
+(:class:`SlowReader`), instead of holding its engine requests, and their KV cells, for as
+long as it likes. Meanwhile the engine's deltas wait in the request's queue in the gateway,
+so that queue is bounded by the write timeout times the decode rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import orjson
+from aiohttp import web
+
+
+class SlowReader(Exception):
+    """The client took none of the stream's bytes for the write timeout."""
+
+
+class EventStream:
+    """A ``text/event-stream`` response whose every write must finish within ``timeout``
+    seconds, or :class:`SlowReader` is raised."""
+
+    # The kernel's send buffer for a stream, fixed (Linux doubles it): left alone, Linux grows
+    # it to megabytes, minutes of tokens, before a write has to wait. With the 64 KiB aiohttp
+    # writes between drains, a client that stops reading blocks the writer within ~150 KiB.
+    SEND_BUFFER = 32 * 1024
+
+    def __init__(self, request: web.Request, timeout: float):
+        self.request = request
+        self.timeout = timeout
+        self.response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"})
+
+    async def open(self) -> None:
+        await self.response.prepare(self.request)
+        transport = self.request.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.SEND_BUFFER)
+            except OSError:  # not a TCP socket (tests, unix sockets): leave it
+                pass
+
+    async def send(self, obj: dict) -> None:
+        await self._within(self.response.write(b"data: " + orjson.dumps(obj) + b"\n\n"))
+
+    async def close(self) -> None:
+        await self._within(self.response.write(b"data: [DONE]\n\n"))
+        await self._within(self.response.write_eof())
+
+    async def _within(self, write) -> None:
+        try:
+            await asyncio.wait_for(write, self.timeout)
+        except asyncio.TimeoutError:  # (not the built-in TimeoutError before Python 3.11)
+            raise SlowReader from None
