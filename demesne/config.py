@@ -112,8 +112,8 @@ class GatewayConfig:
             f"--heartbeat-timeout must exceed the heartbeat interval ({self.heartbeat_interval} s)",
         )
         _require(self.route_slack >= 0, "--route-slack must be >= 0")
-        _require(self.write_timeout > 0, "--write-timeout must be positive")
-        _require(self.request_timeout >= 0, "--request-timeout must be >= 0 (0: no limit)")
+        _require(0 < self.write_timeout <= 1e6, "--write-timeout must be in (0, 1e6] seconds")
+        _require(0 <= self.request_timeout <= 1e6, "--request-timeout must be in [0, 1e6] seconds (0: no limit)")
         _require(all(self.cors_origins), "a --cors-origin may not be empty")
         _require(self.tool_format in TOOL_FORMATS, f"--tool-format must be one of {TOOL_FORMATS}")
         if self.chat_template is not None:

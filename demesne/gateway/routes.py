@@ -7,7 +7,6 @@ import concurrent.futures
 import dataclasses
 import importlib.resources
 import logging
-import math
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -65,14 +64,17 @@ async def completions(request: web.Request) -> web.StreamResponse:
     return await _complete(request, parse_completion(body), _deadline(request, body))
 
 
+MAX_TIMEOUT = 1e6  # seconds; event loops keep timers in bounded integers
+
+
 def _deadline(request: web.Request, body: dict) -> float | None:
     """When the request must end (``loop.time()``): ``--request-timeout``, or sooner the
     request's own ``timeout`` (seconds); None for no deadline."""
     limits = [request.app[CONFIG].request_timeout]
     asked = body.get("timeout")
     if asked is not None:
-        if isinstance(asked, bool) or not isinstance(asked, (int, float)) or not 0 < asked < math.inf:
-            raise bad("'timeout' must be a positive number of seconds", "timeout")
+        if isinstance(asked, bool) or not isinstance(asked, (int, float)) or not 0 < asked <= MAX_TIMEOUT:
+            raise bad(f"'timeout' must be a number of seconds in (0, {MAX_TIMEOUT:g}]", "timeout")
         limits.append(float(asked))
     limits = [t for t in limits if t]
     return asyncio.get_running_loop().time() + min(limits) if limits else None
