@@ -146,7 +146,7 @@ def check_tool_messages(messages: list[dict], raw: list[dict]) -> None:
                     seen.add(call["id"])
         elif m.get("role") == "tool":
             call_id = m.get("tool_call_id")
-            if not isinstance(call_id, str):
+            if call_id is not None and not isinstance(call_id, str):
                 raise ToolError(f"'messages[{i}].tool_call_id' must be a string", f"messages[{i}].tool_call_id")
             if call_id not in seen:
                 raise ToolError(f"'messages[{i}].tool_call_id' {call_id!r} answers no earlier tool call", f"messages[{i}].tool_call_id")
