@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
-from demesne.engine.core import StepBudget
+from demesne.engine.budget import StepBudget
 
 
 def scheduler(decoding: int, prefilling: int = 1):

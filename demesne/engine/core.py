@@ -18,6 +18,7 @@ import numpy as np
 
 from ..config import EngineConfig
 from ..protocol import FINISH_LENGTH, FINISH_STOP, Delta, Error, Generate, ModelInfo, check_params
+from .budget import StepBudget
 from .faults import Faults
 from .request import Sequence
 from .runner import DecodeError, ModelRunner
@@ -405,45 +406,3 @@ def _on_path(node, nodes: set) -> bool:
             return True
         node = node.parent
     return False
-
-
-class StepBudget:
-    """Tokens for the next step, so that a step takes about ``target`` seconds while
-    sequences are decoding: a long prompt is fed in chunks that do not stall their streams.
-
-    A step costs about ``base`` (the decode rows: weights read once, attention over the
-    cache) plus ``per_token`` for each prompt token; both are learned from the steps
-    themselves as moving averages. With nobody decoding, a step takes the whole
-    ``--batch-size``: nothing waits on it.
-    """
-
-    MIN_CHUNK = 16  # prompt tokens a step always takes, so prompts always progress
-
-    def __init__(self, batch_size: int, target: float):
-        self.batch_size = batch_size
-        self.target = target
-        self.base = 0.0  # seconds of a step without prompt tokens
-        self.per_token = 0.0  # seconds per prompt token on top of that
-        self._cap: int | None = None  # once, after a failed decode
-
-    def observe(self, n_prompt: int, seconds: float) -> None:
-        if n_prompt == 0:
-            self.base = _ema(self.base, seconds)
-        elif n_prompt >= 32:  # small chunks say more about fixed costs than per-token ones
-            self.per_token = _ema(self.per_token, max(seconds - self.base, 0.0) / n_prompt)
-
-    def shrink_once(self, n_tokens: int) -> None:
-        self._cap = max(1, n_tokens)
-
-    def tokens(self, scheduler) -> int:
-        cap, self._cap = self._cap, None
-        budget = self.batch_size
-        decoding = sum(1 for s in scheduler.running if s.attached and s.n_remaining == 1)
-        if decoding and self.target > 0 and self.per_token > 0:
-            prompt = int((self.target - self.base) / self.per_token)
-            budget = min(budget, decoding + max(self.MIN_CHUNK, prompt))
-        return min(budget, cap) if cap is not None else budget
-
-
-def _ema(old: float, sample: float) -> float:
-    return sample if old == 0.0 else 0.8 * old + 0.2 * sample
