@@ -1,0 +1,108 @@
+"""The endpoints about the service itself: /v1/models, /health, /metrics, /openapi.json."""
+
+from __future__ import annotations
+
+import importlib.resources
+
+import orjson
+from aiohttp import web
+
+from .. import protocol as p
+from .app_keys import CLIENT, MODELS, OBSERVABILITY, STARTED
+from .generation import ModelContext
+from .openai import ApiError
+
+
+def json_response(obj, status: int = 200) -> web.Response:
+    return web.Response(body=orjson.dumps(obj), status=status, content_type="application/json")
+
+
+def model_context(request: web.Request, model_id: str) -> ModelContext:
+    """The served model a request names: 404 if none is, 503 if no engine is up to say."""
+    models = request.app[MODELS]
+    if model_id not in models:
+        if not request.app[CLIENT].any_alive():
+            raise ApiError(503, request.app[CLIENT].why_unavailable(model_id), None, "engine_unavailable")
+        raise ApiError(404, f"The model '{model_id}' does not exist", "model", "model_not_found")
+    return models[model_id]
+
+
+def _model_card(info: p.ModelInfo, created: int) -> dict:
+    return {"id": info.id, "object": "model", "created": created, "owned_by": "demesne", "context_length": info.n_ctx}
+
+
+async def list_models(request: web.Request) -> web.Response:
+    created = int(request.app[STARTED])
+    cards = [_model_card(m.info, created) for m in request.app[MODELS].values()]
+    return json_response({"object": "list", "data": cards})
+
+
+async def get_model(request: web.Request) -> web.Response:
+    model = model_context(request, request.match_info["model"])
+    return json_response(_model_card(model.info, int(request.app[STARTED])))
+
+
+_OPENAPI = importlib.resources.files(__package__).joinpath("openapi.json").read_bytes()
+
+
+async def openapi(request: web.Request) -> web.Response:
+    """The API as demesne serves it (demesne/gateway/openapi.json)."""
+    return web.Response(body=_OPENAPI, content_type="application/json")
+
+
+async def health(request: web.Request) -> web.Response:
+    client = request.app[CLIENT]
+    engines = [
+        {"endpoint": e.endpoint, "up": e.alive, "draining": e.draining, "model": e.info.id if e.info else None}
+        for e in client.engines
+    ]
+    ok = client.any_alive() and bool(request.app[MODELS])
+    return json_response({"status": "ok" if ok else "unavailable", "engines": engines}, 200 if ok else 503)
+
+
+_METRICS = {
+    "requests_running": ("gauge", "Requests decoding in the engines"),
+    "requests_waiting": ("gauge", "Requests queued in the engines"),
+    "prompt_tokens_total": ("counter", "Prompt tokens of admitted requests"),
+    "prompt_tokens_cached_total": ("counter", "Prompt tokens served from the prefix trie"),
+    "prefill_tokens_total": ("counter", "Tokens decoded as prompt, recomputation included"),
+    "generation_tokens_total": ("counter", "Tokens generated"),
+    "decode_seconds_total": ("counter", "Seconds spent in llama_decode"),
+    "sample_seconds_total": ("counter", "Seconds spent sampling"),
+    "steps_total": ("counter", "Engine steps (one llama_decode each)"),
+    "requests_finished_total": ("counter", "Requests finished in the engines"),
+    "requests_refused_total": ("counter", "Requests the engines refused"),
+    "requests_failed_total": ("counter", "Requests failed by a fault in their engine step"),
+    "step_faults_total": ("counter", "Engine steps that raised or whose decode failed for good"),
+    "longest_step_seconds": ("gauge", "The longest engine step so far"),
+    "preemptions_total": ("counter", "Sequences preempted for lack of KV cells"),
+    "kv_cells_used": ("gauge", "KV cells holding tokens"),
+    "kv_cells_total": ("gauge", "KV cells in all"),
+    "prefix_cache_nodes": ("gauge", "Nodes in the prefix trie"),
+    "prefix_cache_cells": ("gauge", "KV cells the prefix trie holds"),
+    "grammar_masks_total": ("counter", "Grammar-constrained rows resampled after the grammar refused the sampled token"),
+    "grammar_full_masks_total": ("counter", "...of which the whole vocabulary had to be checked"),
+}
+
+
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text: each engine's counters, asked for now, by engine."""
+    client = request.app[CLIENT]
+    await client.refresh_stats()
+    lines = ["# HELP demesne_engine_up Whether the engine answers heartbeats", "# TYPE demesne_engine_up gauge"]
+    lines += [f'demesne_engine_up{{engine="{e.endpoint}"}} {int(e.alive)}' for e in client.engines]
+    lines += ["# HELP demesne_gateway_routed_total Requests this gateway sent to the engine", "# TYPE demesne_gateway_routed_total counter"]
+    lines += [f'demesne_gateway_routed_total{{engine="{e.endpoint}"}} {e.routed}' for e in client.engines]
+    lines += [
+        "# HELP demesne_gateway_routed_prefix_tokens_total Prompt tokens the routing expected the engine to hold",
+        "# TYPE demesne_gateway_routed_prefix_tokens_total counter",
+    ]
+    lines += [f'demesne_gateway_routed_prefix_tokens_total{{engine="{e.endpoint}"}} {e.routed_cached}' for e in client.engines]
+    lines += request.app[OBSERVABILITY].lines()
+    for name, (kind, help_text) in _METRICS.items():
+        lines += [f"# HELP demesne_{name} {help_text}", f"# TYPE demesne_{name} {kind}"]
+        for e in client.engines:
+            if name in e.stats:
+                lines.append(f'demesne_{name}{{engine="{e.endpoint}"}} {e.stats[name]}')
+    return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
+
