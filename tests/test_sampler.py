@@ -1,4 +1,8 @@
-"""demesne.engine.sampler on synthetic float32 logits over Gemma's 262,144-token vocabulary."""
+"""demesne.engine.sampler on synthetic float32 logits over Gemma's 262,144-token vocabulary.
+
+Frequencies are checked with a chi-square test against the true distribution, computed in
+float64 by a full sort: softmax at the temperature, then min-p, top-k and top-p.
+"""
 
 import numpy as np
 import pytest
@@ -38,10 +42,11 @@ def softmax(x, temperature=1.0):
 
 
 def assert_frequencies(tokens, ids, probs):
-    """Chi-square goodness of fit over the candidate tokens (p < 1e-6 fails)."""
+    """Chi-square goodness of fit over the candidate tokens (p < 1e-6 fails). An entry of
+    ``ids`` may be an array of ids: a group of tokens counted together."""
     probs = np.asarray(probs, np.float64)
     n = len(tokens)
-    observed = np.array([(tokens == i).sum() for i in ids])
+    observed = np.array([np.isin(tokens, i).sum() for i in ids])
     assert observed.sum() == n, "a token outside the candidates was drawn"
     keep = probs > 0
     assert (observed[~keep] == 0).all(), f"a cut token was drawn: {observed}"
@@ -247,14 +252,192 @@ def test_underflowing_temperature_is_greedy_and_harms_no_other_row():
     assert [int(o[1]) for o in outs] == alone
 
 
-@pytest.mark.parametrize("vocab", [262144, 1000, 511, 513])
-def test_blockwise_candidates_equal_a_plain_comparison(vocab):
-    from demesne.engine.sampler import _candidates
 
-    rng = np.random.default_rng(vocab)
-    logits = rng.normal(0, 3, size=(5, vocab)).astype(np.float32)
-    bar = np.array([4.0, np.inf, 6.5, 2.0, 9.0], np.float32)
-    r, c = _candidates(logits, bar)
-    got = sorted(zip(r.tolist(), c.tolist()))
-    want = sorted(zip(*[a.tolist() for a in np.nonzero(logits >= bar[:, None])]))
-    assert got == want
+
+# --- exactness against a full sort ------------------------------------------------------------
+
+
+def reference(row: np.ndarray, p: SamplingParams) -> np.ndarray:
+    """The true distribution of one row, in float64 with a full sort: softmax at the
+    temperature, then min-p, top-k and top-p (mass before a kept token < top_p)."""
+    z = row.astype(np.float64) / p.temperature
+    prob = np.exp(z - z.max())
+    prob[prob < p.min_p] = 0.0
+    order = np.argsort(-prob, kind="stable")
+    if p.top_k > 0:
+        prob[order[p.top_k :]] = 0.0
+    ranked = prob[order]
+    before = np.cumsum(ranked) - ranked
+    prob[order[before >= p.top_p * ranked.sum()]] = 0.0
+    return prob / prob.sum()
+
+
+def draw_row(params: SamplingParams, row: np.ndarray, n_draws: int = N, seed: int = 0, rows: int = 40) -> np.ndarray:
+    """n_draws tokens sampled from ``row``, ``rows`` copies of it at a time."""
+    sampler = Sampler(row.size, rows)
+    logits = np.tile(row.astype(np.float32), (rows, 1))
+    rng = np.random.default_rng(seed)
+    sampler.prepare([params] * rows)
+    out = [sampler.sample(logits, [rng] * rows) for _ in range(-(-n_draws // rows))]
+    np.testing.assert_array_equal(logits[0], row.astype(np.float32))  # read, never written
+    return np.concatenate(out)[:n_draws]
+
+
+def assert_true_distribution(tokens: np.ndarray, ref: np.ndarray, n_groups: int = 5) -> None:
+    """``tokens`` follow ``ref``: chi-square over groups of the likeliest tokens holding about
+    equal true mass; no token that ``ref`` gives 0 was drawn."""
+    kept = np.flatnonzero(ref)
+    kept = kept[np.argsort(-ref[kept], kind="stable")]
+    edges = np.searchsorted(np.cumsum(ref[kept]), np.arange(1, n_groups) / n_groups)
+    groups = [g for g in np.split(kept, edges) if g.size] + [np.flatnonzero(ref == 0)]
+    assert_frequencies(tokens, groups, [ref[g].sum() for g in groups])
+
+
+def heavy_tail_row(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Three likely tokens and 24,000 tokens each below 1e-4 of the best's probability at
+    temperature 2, holding ~30% of the mass there; the rest of the vocabulary far below.
+    A sampler that keeps only tokens within 1e-4 of the best never draws the tail."""
+    rng = np.random.default_rng(seed)
+    row = np.full(V, -60.0, np.float32)
+    ids = rng.permutation(V)
+    row[ids[:3]] = [0.0, -1.0, -2.0]
+    tail = ids[3:24003]
+    row[tail] = -20.0 - np.linspace(0.0, 1.0, tail.size)  # distinct: a top-p cut falls inside it
+    return row, tail
+
+
+def normal_row(seed: int, scale: float = 3.0) -> np.ndarray:
+    return normal_logits(1, seed, scale)[0]
+
+
+def test_heavy_tail_is_drawn_with_its_true_mass():
+    row, tail = heavy_tail_row()
+    params = SamplingParams(temperature=2.0)
+    ref = reference(row, params)
+    assert 0.29 < ref[tail].sum() < 0.32
+    assert ref[tail].max() < 1e-4 * ref.max()
+    tokens = draw_row(params, row)
+    assert_true_distribution(tokens, ref)
+    assert np.isin(tokens, tail).sum() > 600 and len(np.unique(tokens)) > 500
+
+
+@pytest.mark.parametrize("tries", [4, 0])  # 0: every row finds its nucleus outright
+@pytest.mark.parametrize("top_p", [0.5, 0.9])
+def test_top_p_on_a_heavy_tail_matches_a_full_sort(monkeypatch, top_p, tries):
+    import demesne.engine.sampler as sampler_module
+
+    monkeypatch.setattr(sampler_module, "_TRIES", tries)
+    row, tail = heavy_tail_row(seed=1)
+    params = SamplingParams(temperature=2.0, top_p=top_p)
+    ref = reference(row, params)
+    if top_p == 0.9:  # the cut falls inside the tail: part of it kept, part not
+        assert 0 < np.count_nonzero(ref[tail]) < tail.size
+    n_draws = N if tries else N // 2  # finding the nucleus outright costs a sort
+    assert_true_distribution(draw_row(params, row, n_draws, seed=int(top_p * 10) + tries), ref)
+
+
+@pytest.mark.parametrize("top_k", [3, 40, 300])  # 300: too many stripes to list, the open path
+def test_top_k_matches_a_full_sort(top_k):
+    row = normal_row(seed=30)
+    params = SamplingParams(temperature=2.0, top_k=top_k)
+    assert_true_distribution(draw_row(params, row, seed=top_k), reference(row, params))
+
+
+@pytest.mark.parametrize("min_p", [0.5, 0.05])  # 0.05 keeps ~1,000 tokens: the open path
+def test_min_p_matches_a_full_sort(min_p):
+    row = normal_row(seed=31)
+    params = SamplingParams(temperature=2.0, min_p=min_p)
+    assert_true_distribution(draw_row(params, row, seed=int(min_p * 100)), reference(row, params))
+
+
+def test_min_p_inside_a_heavy_tail_matches_a_full_sort():
+    row, tail = heavy_tail_row(seed=2)
+    params = SamplingParams(temperature=2.0, min_p=3.5e-5)  # cuts the tail in two
+    ref = reference(row, params)
+    assert 0 < np.count_nonzero(ref[tail]) < tail.size
+    assert_true_distribution(draw_row(params, row, seed=3), ref)
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(temperature=1.5, min_p=0.01, top_k=50, top_p=0.8),
+        SamplingParams(temperature=3.0, top_k=500, top_p=0.6),
+        SamplingParams(temperature=0.7, top_p=0.95),
+    ],
+)
+def test_cuts_together_match_a_full_sort(params):
+    row = normal_row(seed=32)
+    assert_true_distribution(draw_row(params, row, N // 2, seed=4), reference(row, params))
+
+
+@pytest.mark.parametrize("vocab", [7, 4100])  # smaller than one row of stripes; a ragged last row
+@pytest.mark.parametrize("params", [SamplingParams(1.0), SamplingParams(1.0, top_p=0.7), SamplingParams(1.0, top_k=3)])
+def test_small_vocabularies_match_a_full_sort(vocab, params):
+    row = np.random.default_rng(vocab).normal(0, 1.5, vocab).astype(np.float32)
+    assert_true_distribution(draw_row(params, row, seed=5), reference(row, params))
+
+
+@pytest.mark.parametrize(
+    "params",
+    [SamplingParams(5.0), SamplingParams(5.0, top_p=0.5), SamplingParams(5.0, top_k=300), SamplingParams(5.0, top_k=20), SamplingParams(5.0, min_p=0.9)],
+)
+def test_minus_infinity_is_never_drawn_on_any_path(params):
+    row = normal_row(seed=33, scale=0.5)  # flat at temperature 5: every finite token is likely
+    row[np.random.default_rng(34).random(V) < 0.5] = -np.inf
+    tokens = draw_row(params, row, n_draws=400)
+    assert np.isfinite(row[tokens]).all()
+    assert len(np.unique(tokens)) > (1 if params.top_k or params.min_p else 300)
+
+
+@pytest.mark.parametrize(
+    "mine",
+    [SamplingParams(temperature=2.0, top_p=0.7), SamplingParams(temperature=2.0, top_k=300), SamplingParams(temperature=1.5, min_p=0.3)],
+)
+def test_open_rows_do_not_depend_on_the_rest_of_the_batch(mine):
+    my_logits = normal_logits(1, seed=40, scale=1.0)
+    steps = 10
+    sampler = Sampler(V, 4)
+    sampler.prepare([mine])
+    rng = np.random.default_rng(7)
+    alone = [int(sampler.sample(my_logits, [rng])[0]) for _ in range(steps)]
+
+    params = [SamplingParams(2.0, top_p=0.3), mine, GREEDY, SamplingParams(1.0, top_k=5)]
+    batch = normal_logits(4, seed=41, scale=1.0)
+    batch[1] = my_logits[0]
+    sampler.prepare(params)
+    rngs = [np.random.default_rng(100), np.random.default_rng(7), None, np.random.default_rng(101)]
+    together = [int(sampler.sample(batch, rngs)[1]) for _ in range(steps)]
+    assert together == alone
+    assert len(set(alone)) > 3
+
+
+# --- the parts -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("vocab", [262144, 1000, 4096, 4097, 12345])
+def test_tokens_at_or_above_a_bar_equal_a_plain_comparison(vocab):
+    from demesne.engine.sampler import _at_or_above, _stripe_max
+
+    x = np.random.default_rng(vocab).normal(0, 3, vocab).astype(np.float32)
+    for bar in (4.0, 9.0, -np.inf, np.inf):
+        got = np.sort(_at_or_above(x, _stripe_max(x), bar, None))
+        np.testing.assert_array_equal(got, np.flatnonzero(x >= bar))
+
+
+@pytest.mark.parametrize("k", [1, 40, 4096, 5000])
+def test_top_k_bar_is_reached_by_at_least_k_tokens(k):
+    from demesne.engine.sampler import _stripe_max, _top_k_bar
+
+    x = np.random.default_rng(k).normal(0, 3, V).astype(np.float32)
+    bar = _top_k_bar(x, _stripe_max(x), k)
+    assert np.count_nonzero(x >= bar) >= k
+    assert bar <= np.sort(x)[-k]
+
+
+def test_inverse_cdf_never_lands_on_a_zero_weight():
+    from demesne.engine.sampler import _inverse_cdf
+
+    weights = np.array([0.0, 1.0, 0.0, 2.0, 0.0, 0.0], np.float32)
+    assert [_inverse_cdf(weights, u) for u in (0.0, 0.3, 0.34, np.nextafter(1.0, 0.0))] == [1, 1, 3, 3]
+    assert _inverse_cdf(weights, 1.0) == 3  # a target rounded up to the total

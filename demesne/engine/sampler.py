@@ -1,32 +1,50 @@
-"""Picks the next token of every output row at once, with numpy.
+"""Picks the next token of every output row, with numpy, from the exact distribution.
 
-With a 262k-token vocabulary a full sort of each row costs more than the decode step, so:
+A row's distribution is the softmax of its logits at its temperature, cut by min-p (tokens
+below ``min_p`` times the best token's probability), then top-k, then top-p (the smallest set
+of likeliest tokens whose mass reaches ``top_p`` of what min-p and top-k left). Nothing else
+is dropped: every token with a finite logit is drawn with its true probability, up to float
+rounding. With a 262k-token vocabulary sorting a row costs more than a decode step, so no
+row is sorted whole:
 
-- one ``argmax`` over the whole ``(rows, vocab)`` block serves every greedy row, and gives
-  each row's maximum logit;
-- stochastic rows keep only *candidates*, tokens whose probability is at least
-  ``1e-4`` of the row's best at that row's temperature (or ``min_p`` of it, if tighter).
-  They are found blockwise: the max of each 512-token block says which few blocks to
-  compare, so the whole ``(rows, vocab)`` block is read about once. Only the candidates
-  (~100 a row) are sorted, cut by top-k and top-p, and drawn from;
-- every row draws from its own generator, so a seeded request gives the same tokens
-  whatever else shares the batch.
+- one ``argmax`` over the ``(rows, vocab)`` block serves every greedy row and gives each
+  row's best logit ``m``;
+- **open rows** (no top-k or min-p, or one that keeps too many tokens to list) write their
+  unnormalised probabilities ``exp((x - m) / T)`` into a one-row scratch (two or three
+  float32 passes, ~0.2 ms on Gemma's vocabulary), sum them per *stripe* and draw in two levels: a
+  stripe by its mass, then a token of that stripe by its probability. That is inverse-CDF
+  sampling over the whole row, so it is exact, without a cumulative sum over 262k values.
+  Stripe ``j`` holds tokens ``j, j + 4096, j + 2 * 4096, ...``: numpy sums a ``(64, 4096)``
+  view down its columns at memory speed, and several times slower along short blocks.
+  min-p, and a top-k too wide to list, zero the tokens below their floor first;
+- **top-p on an open row** is rejection sampling: draw from the distribution, keep the token
+  when the mass of the tokens strictly likelier than it is below ``top_p`` of the total,
+  which is exactly when a sort would have kept it (one comparison and one dot product over
+  the row). A draw is kept with probability at least ``top_p``. After four refusals the
+  nucleus is found outright (the likeliest tokens sorted, from a bar low enough to hold it)
+  and everything below it zeroed; either way the token follows the exact distribution;
+- **narrow rows** (top-k, or a min-p that keeps few tokens) list their kept tokens without
+  touching most of the row: the largest logit of each stripe gives a bar that at least
+  ``k`` tokens reach (the k-th largest stripe maximum) and that min-p's floor cannot be
+  under, so every kept token is among the few at or above it. Only those are sorted, cut
+  and drawn from;
+- every row draws from its own generator, and how many numbers it draws depends on its
+  own row alone, so a seeded request gives the same tokens whatever else shares the batch.
 
 Per-row parameters are gathered into arrays once per step by :meth:`Sampler.prepare`.
 """
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from ..protocol import SamplingParams
 
-# A token below 1e-4 of the best token's probability is never a candidate (llama.cpp's
-# defaults cut far harder: top_k 40, min_p 0.05). Measured on the bundled model at
-# temperature 0.8: ~140 candidates a row instead of ~6,000 at 1e-7, and sampling 32 rows
-# in ~6 ms instead of ~39 ms.
-_LOG_CUTOFF = float(np.log(1e4))
-_BLOCK = 512
+_STRIPES = 4096  # a stripe is every 4096th token: 64 tokens on Gemma's 262,144
+_NARROW_STRIPES = 256  # a narrow row reads at most this many stripes (16,384 tokens)
+_TRIES = 4  # top-p draws refused before the nucleus is found outright
 REPEAT_WINDOW = 64  # llama.cpp's default penalty_last_n
 
 
@@ -47,11 +65,16 @@ def apply_penalties(row: np.ndarray, tokens: list[int], prompt_len: int, p: Samp
 class Sampler:
     def __init__(self, n_vocab: int, max_rows: int):
         self.n_vocab = n_vocab
-        self._temp = np.ones(max_rows, np.float32)
-        self._top_p = np.ones(max_rows, np.float64)
-        self._top_k = np.zeros(max_rows, np.int64)
-        self._cutoff = np.full(max_rows, _LOG_CUTOFF, np.float32)
+        self._temp = np.ones(max_rows)
+        self._top_p = np.ones(max_rows)
+        self._top_k = np.full(max_rows, n_vocab, np.int64)
+        self._min_p = np.zeros(max_rows)
         self._greedy = np.ones(max_rows, bool)
+        # One open row's probabilities as (depth, stripe); the padding past n_vocab stays 0.
+        self._probs = np.zeros((-(-n_vocab // _STRIPES), _STRIPES), np.float32)
+        self._row = self._probs.reshape(-1)[:n_vocab]
+        self._mass = np.empty(_STRIPES, np.float32)
+        self._kept = np.empty(n_vocab, bool)
 
     def prepare(self, params: list[SamplingParams]) -> None:
         """Gather the rows' parameters for the coming :meth:`sample` call."""
@@ -59,79 +82,147 @@ class Sampler:
             self._greedy[i] = p.greedy
             self._temp[i] = p.temperature if not p.greedy else 1.0
             self._top_p[i] = p.top_p
-            self._top_k[i] = p.top_k if p.top_k > 0 else self.n_vocab
-            # min_p is a tighter candidate bar: p >= min_p * p_max, in logit units.
-            self._cutoff[i] = min(_LOG_CUTOFF, -np.log(p.min_p)) if p.min_p > 0 else _LOG_CUTOFF
+            self._top_k[i] = min(p.top_k, self.n_vocab) if p.top_k > 0 else self.n_vocab
+            self._min_p[i] = p.min_p
 
     def sample(self, logits: np.ndarray, rngs: list[np.random.Generator | None]) -> np.ndarray:
-        """Return one token id per row of ``logits`` (rows as given to :meth:`prepare`)."""
+        """Return one token id per row of ``logits`` (rows as given to :meth:`prepare`).
+        ``logits`` is read, never written."""
         n = logits.shape[0]
         best = logits.argmax(axis=1)
         if self._greedy[:n].all():
             return best
-        rows = np.flatnonzero(~self._greedy[:n])
         row_max = logits[np.arange(n), best]
-        chosen = self._sample_rows(logits, rows, row_max, rngs)
-        best[rows] = chosen
+        # A row whose best logit is not finite has nothing to draw from: it stays greedy.
+        for i in np.flatnonzero(~self._greedy[:n] & np.isfinite(row_max)):
+            rng = rngs[i] or np.random.default_rng()
+            best[i] = self._sample_row(logits[i], float(row_max[i]), i, rng)
         return best
 
-    def _sample_rows(self, logits, rows, row_max, rngs) -> np.ndarray:
-        n = logits.shape[0]
-        temp = self._temp[:n]
-        # Candidates of every stochastic row in one pass; greedy rows get an impossible bar.
-        bar = np.full(n, np.inf, np.float32)
-        bar[rows] = row_max[rows] - temp[rows] * self._cutoff[:n][rows]
-        r, c = _candidates(logits, bar)
-        scaled = (logits[r, c] - row_max[r]) / temp[r]
-        prob = np.exp(scaled.astype(np.float64))
-        # Sort candidates by probability within their row, then keep each row's top-k prefix.
-        order = np.lexsort((-prob, r))
-        r, c, prob = r[order], c[order], prob[order]
-        counts = np.bincount(r, minlength=n)
-        starts = np.cumsum(counts) - counts
-        rank = np.arange(r.size) - starts[r]
-        prob *= rank < self._top_k[r]
-        # top-p: keep the smallest prefix whose mass reaches top_p (the first always stays).
-        ends = starts + counts
-        cum, base = _segment_bases(prob, starts)
-        row_total = np.zeros(n)
-        row_total[rows] = cum[ends[rows] - 1] - base[rows]
-        before = cum - prob - base[r]
-        prob *= before < self._top_p[r] * row_total[r]
-        return self._draw(prob, c, starts, ends, rows, rngs)
+    def _sample_row(self, x: np.ndarray, m: float, i: int, rng: np.random.Generator) -> int:
+        # Python numbers: a numpy float64 would make numpy compute the float32 row in float64.
+        temp, top_p, min_p = float(self._temp[i]), float(self._top_p[i]), float(self._min_p[i])
+        top_k = int(self._top_k[i])
+        stripe_max, k_bar = None, -np.inf
+        if top_k < self.n_vocab or min_p > 0:
+            stripe_max = _stripe_max(x)
+            bar = k_bar = _top_k_bar(x, stripe_max, top_k)
+            if min_p > 0:  # p >= min_p * p_max  <=>  x >= m + T log(min_p); the slack is for rounding
+                bar = max(bar, m + temp * math.log(min_p) - 1e-3 * temp)
+            ids = _at_or_above(x, stripe_max, bar, _NARROW_STRIPES)
+            if ids is not None:
+                return _draw_listed(x, ids, m, temp, top_k, top_p, min_p, rng)
+        e = self._probabilities(x, m, temp)
+        if min_p > 0:
+            self._cut(e, np.greater_equal(e, min_p, out=self._kept))
+        if top_k < self.n_vocab:
+            kth = _kth_largest(x, _at_or_above(x, stripe_max, k_bar, None), top_k)
+            self._cut(e, np.greater_equal(x, kth, out=self._kept))
+        return self._draw_open(e, top_p, rng)
 
-    @staticmethod
-    def _draw(prob, tokens, starts, ends, rows, rngs) -> np.ndarray:
-        cum, base = _segment_bases(prob, starts)
-        u = np.array([(rngs[i] or np.random.default_rng()).random() for i in rows])
-        target = base[rows] + u * (cum[ends[rows] - 1] - base[rows])
-        idx = np.searchsorted(cum, target, side="right")
-        # Kept tokens are a prefix of each row: rounding past it steps back onto its last one.
-        n_kept = np.add.reduceat((prob > 0).astype(np.int64), starts[rows])
-        return tokens[np.minimum(idx, starts[rows] + n_kept - 1)]
+    def _probabilities(self, x: np.ndarray, m: float, temp: float) -> np.ndarray:
+        """The row's probabilities relative to its best token, exp((x - m) / T), in scratch."""
+        e = self._row
+        np.subtract(x, m, out=e)  # before scaling: a tiny T must not cancel large values
+        if temp != 1.0:
+            np.multiply(e, 1.0 / temp, out=e)
+        # exp, not exp2: numpy's float32 exp2 leaves its vector loop wherever a result
+        # underflows (~20x slower), which low temperatures and masked tokens make common.
+        return np.exp(e, out=e)
+
+    def _cut(self, e: np.ndarray, kept: np.ndarray) -> None:
+        np.multiply(e, kept, out=e)
+
+    def _draw_open(self, e: np.ndarray, top_p: float, rng: np.random.Generator) -> int:
+        mass = self._probs.sum(axis=0, out=self._mass)
+        if top_p >= 1.0:
+            return _draw_striped(self._probs, mass, rng)
+        need = top_p * float(mass.sum(dtype=np.float64))
+        for _ in range(_TRIES):
+            token = _draw_striped(self._probs, mass, rng)
+            # Kept by top-p iff the tokens likelier than it hold less than top_p of the mass.
+            if e[token] == 1.0 or self._mass_above(e, e[token]) < need:
+                return token
+        self._cut(e, np.greater_equal(e, self._nucleus_floor(e, need), out=self._kept))
+        return _draw_striped(self._probs, self._probs.sum(axis=0, out=self._mass), rng)
+
+    def _mass_above(self, e: np.ndarray, value: float) -> float:
+        return float(np.dot(e, np.greater(e, value, out=self._kept)))
+
+    def _nucleus_floor(self, e: np.ndarray, need: float) -> float:
+        """The least probability top-p keeps: the likeliest tokens are listed from a bar low
+        enough that they hold ``need``, sorted, and cut where their running sum reaches it."""
+        for bar in (*(16.0**-j for j in range(1, 32)), 0.0):
+            kept = np.greater_equal(e, bar, out=self._kept)
+            if np.dot(e, kept) >= need:
+                break
+        likeliest = np.sort(e[kept])[::-1]
+        reach = np.cumsum(likeliest, dtype=np.float64)
+        return likeliest[min(int(np.searchsorted(reach, need)), likeliest.size - 1)]
 
 
-def _candidates(logits: np.ndarray, bar: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(row, token) of every logit at or above its row's ``bar``, reading the block about once:
-    block maxima first, then only the blocks that reach the bar."""
-    n, vocab = logits.shape
-    n_blocks = vocab // _BLOCK
-    full = n_blocks * _BLOCK
-    # A strided view, no copy, whatever the vocabulary size.
-    blocks = np.lib.stride_tricks.as_strided(
-        logits, (n, n_blocks, _BLOCK), (logits.strides[0], _BLOCK * logits.strides[1], logits.strides[1])
-    )
-    rb, cb = np.nonzero(blocks.max(axis=2) >= bar[:, None])
-    kb, offset = np.nonzero(blocks[rb, cb] >= bar[rb][:, None])
-    r, c = rb[kb], cb[kb] * _BLOCK + offset
-    if full < vocab:  # the tail that is not a whole block
-        tr, tc = np.nonzero(logits[:, full:] >= bar[:, None])
-        r, c = np.concatenate([r, tr]), np.concatenate([c, tc + full])
-    return r, c
+def _draw_striped(probs: np.ndarray, mass: np.ndarray, rng: np.random.Generator) -> int:
+    """Inverse-CDF draw over a row laid out as (depth, stripe): a stripe by its mass, then a
+    token of that stripe by its probability."""
+    u_stripe, u_token = rng.random(2)
+    stripe = _inverse_cdf(mass, u_stripe)
+    depth = _inverse_cdf(probs[:, stripe], u_token)
+    return depth * probs.shape[1] + stripe
 
 
-def _segment_bases(values: np.ndarray, starts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Running sum of ``values`` and, per segment, the sum before the segment starts."""
-    cum = np.cumsum(values)
-    base = np.where(starts > 0, cum[np.maximum(starts - 1, 0)], 0.0)
-    return cum, base
+def _inverse_cdf(weights: np.ndarray, u: float) -> int:
+    """The index where the running sum of ``weights`` passes ``u`` of their total; never a
+    weight of 0, even when rounding puts the target at the very end."""
+    cum = np.cumsum(weights, dtype=np.float64)
+    i = int(np.searchsorted(cum, u * cum[-1], side="right"))
+    return i if i < weights.size else int(np.flatnonzero(weights)[-1])
+
+
+def _draw_listed(x, ids, m, temp, top_k, top_p, min_p, rng) -> int:
+    """Draw from tokens ``ids`` of row ``x``, which hold every token min-p and top-k keep."""
+    p = np.exp((x[ids].astype(np.float64) - m) / temp)
+    order = np.argsort(-p, kind="stable")[:top_k]  # likeliest first: top-k is a prefix
+    p, ids = p[order], ids[order]
+    p = p[: np.count_nonzero(p >= min_p) if min_p > 0 else np.count_nonzero(p)]
+    cum = np.cumsum(p)
+    if top_p < 1.0:  # keep a token while the mass before it is below top_p of the total
+        cum = cum[: int(np.searchsorted(cum, top_p * cum[-1])) + 1]
+    i = int(np.searchsorted(cum, rng.random() * cum[-1], side="right"))
+    return int(ids[min(i, cum.size - 1)])
+
+
+def _stripe_max(x: np.ndarray) -> np.ndarray | None:
+    """The largest logit of each stripe over the whole rows of ``_STRIPES`` tokens; None for
+    a vocabulary smaller than one such row."""
+    whole = x.size // _STRIPES * _STRIPES
+    return x[:whole].reshape(-1, _STRIPES).max(axis=0) if whole else None
+
+
+def _top_k_bar(x: np.ndarray, stripe_max: np.ndarray | None, k: int) -> float:
+    """A logit that at least ``k`` tokens reach: the k-th largest stripe maximum (each of
+    those k stripes holds a token at or above it), or the k-th largest logit itself."""
+    if k >= x.size:
+        return -np.inf
+    if stripe_max is not None and k <= stripe_max.size:
+        return float(np.partition(stripe_max, stripe_max.size - k)[stripe_max.size - k])
+    return float(np.partition(x, x.size - k)[x.size - k])
+
+
+def _kth_largest(x: np.ndarray, ids: np.ndarray, k: int) -> float:
+    """The k-th largest logit of row ``x``, given ``ids`` that hold its k largest."""
+    values = x[ids]
+    return float(np.partition(values, values.size - k)[values.size - k])
+
+
+def _at_or_above(x: np.ndarray, stripe_max: np.ndarray | None, bar: float, max_stripes: int | None):
+    """Ids of the tokens with logit >= ``bar``, read from the stripes that reach it (and the
+    tokens past the last whole row of stripes); None if more than ``max_stripes`` do."""
+    if stripe_max is None:
+        return np.flatnonzero(x >= bar)
+    stripes = np.flatnonzero(stripe_max >= bar)
+    if max_stripes is not None and stripes.size > max_stripes:
+        return None
+    whole = stripe_max.size * (x.size // stripe_max.size)
+    depth, col = np.nonzero(x[:whole].reshape(-1, stripe_max.size)[:, stripes] >= bar)
+    rest = np.flatnonzero(x[whole:] >= bar) + whole
+    return np.concatenate((depth * stripe_max.size + stripes[col], rest))
