@@ -11,23 +11,23 @@ row is sorted whole:
   row's best logit ``m``;
 - **open rows** (no top-k or min-p, or one that keeps too many tokens to list) write their
   unnormalised probabilities ``exp((x - m) / T)`` into a one-row scratch (two or three
-  float32 passes, ~0.2 ms on Gemma's vocabulary), sum them per *stripe* and draw in two levels: a
-  stripe by its mass, then a token of that stripe by its probability. That is inverse-CDF
-  sampling over the whole row, so it is exact, without a cumulative sum over 262k values.
-  Stripe ``j`` holds tokens ``j, j + 4096, j + 2 * 4096, ...``: numpy sums a ``(64, 4096)``
-  view down its columns at memory speed, and several times slower along short blocks.
-  min-p, and a top-k too wide to list, zero the tokens below their floor first;
-- **top-p on an open row** is rejection sampling: draw from the distribution, keep the token
-  when the mass of the tokens strictly likelier than it is below ``top_p`` of the total,
+  float32 passes, ~0.2 ms on Gemma's vocabulary), sum them per *stripe*, and draw in two
+  levels: a stripe by its mass, then a token of that stripe by its probability. That is
+  inverse-CDF sampling over the whole row, hence exact, without a running sum over 262k
+  values. Stripe ``j`` holds tokens ``j, j + 4096, j + 2 * 4096, ...``: numpy sums a
+  ``(64, 4096)`` view down its columns at memory speed, and several times slower along
+  short contiguous blocks. min-p, and a top-k too wide to list, zero what they cut first;
+- **top-p on an open row** is rejection sampling: draw from the distribution and keep the
+  token when the tokens strictly likelier than it hold less than ``top_p`` of the mass,
   which is exactly when a sort would have kept it (one comparison and one dot product over
-  the row). A draw is kept with probability at least ``top_p``. After four refusals the
-  nucleus is found outright (the likeliest tokens sorted, from a bar low enough to hold it)
-  and everything below it zeroed; either way the token follows the exact distribution;
-- **narrow rows** (top-k, or a min-p that keeps few tokens) list their kept tokens without
-  touching most of the row: the largest logit of each stripe gives a bar that at least
-  ``k`` tokens reach (the k-th largest stripe maximum) and that min-p's floor cannot be
-  under, so every kept token is among the few at or above it. Only those are sorted, cut
-  and drawn from;
+  the row decide it). A draw is kept with probability at least ``top_p``. After four
+  refusals the nucleus is found outright (the likeliest tokens sorted, from a bar low
+  enough to hold it) and the rest zeroed; either way the token has the exact distribution;
+- **narrow rows** (a top-k, or a min-p, that keeps few tokens) list the tokens they keep
+  without a pass over the row's probabilities: each stripe's largest logit is read once,
+  and the k-th largest of those is a bar that at least k tokens reach. Every kept token is
+  at or above it (and at or above min-p's floor), so only the few tokens there are sorted,
+  cut and drawn from;
 - every row draws from its own generator, and how many numbers it draws depends on its
   own row alone, so a seeded request gives the same tokens whatever else shares the batch.
 
@@ -103,21 +103,23 @@ class Sampler:
         # Python numbers: a numpy float64 would make numpy compute the float32 row in float64.
         temp, top_p, min_p = float(self._temp[i]), float(self._top_p[i]), float(self._min_p[i])
         top_k = int(self._top_k[i])
-        stripe_max, k_bar = None, -np.inf
-        if top_k < self.n_vocab or min_p > 0:
-            stripe_max = _stripe_max(x)
-            bar = k_bar = _top_k_bar(x, stripe_max, top_k)
-            if min_p > 0:  # p >= min_p * p_max  <=>  x >= m + T log(min_p); the slack is for rounding
-                bar = max(bar, m + temp * math.log(min_p) - 1e-3 * temp)
-            ids = _at_or_above(x, stripe_max, bar, _NARROW_STRIPES)
-            if ids is not None:
-                return _draw_listed(x, ids, m, temp, top_k, top_p, min_p, rng)
+        if top_k == self.n_vocab and min_p == 0:
+            return self._draw_open(self._probabilities(x, m, temp), top_p, rng)
+        stripe_max = _stripe_max(x)
+        k_bar = bar = _top_k_bar(stripe_max, top_k)
+        if min_p > 0:  # p >= min_p * p_max  <=>  x >= m + T log(min_p); the slack is for rounding
+            bar = max(bar, m + temp * math.log(min_p) - 1e-3 * temp)
+        listed = _at_or_above(x, stripe_max, bar, _NARROW_STRIPES)
+        if listed is not None:
+            return _draw_listed(x, listed, m, temp, top_k, top_p, min_p, rng)
         e = self._probabilities(x, m, temp)
         if min_p > 0:
-            self._cut(e, np.greater_equal(e, min_p, out=self._kept))
+            _cut(e, np.greater_equal(e, min_p, out=self._kept))
         if top_k < self.n_vocab:
-            kth = _kth_largest(x, _at_or_above(x, stripe_max, k_bar, None), top_k)
-            self._cut(e, np.greater_equal(x, kth, out=self._kept))
+            # The k largest are at or above the bar; with no bar (k > stripes), in the whole row.
+            values = x[_at_or_above(x, stripe_max, k_bar, None)] if k_bar > -np.inf else x
+            kth = np.partition(values, values.size - top_k)[values.size - top_k]
+            _cut(e, np.greater_equal(x, kth, out=self._kept))
         return self._draw_open(e, top_p, rng)
 
     def _probabilities(self, x: np.ndarray, m: float, temp: float) -> np.ndarray:
@@ -130,9 +132,6 @@ class Sampler:
         # underflows (~20x slower), which low temperatures and masked tokens make common.
         return np.exp(e, out=e)
 
-    def _cut(self, e: np.ndarray, kept: np.ndarray) -> None:
-        np.multiply(e, kept, out=e)
-
     def _draw_open(self, e: np.ndarray, top_p: float, rng: np.random.Generator) -> int:
         mass = self._probs.sum(axis=0, out=self._mass)
         if top_p >= 1.0:
@@ -143,7 +142,7 @@ class Sampler:
             # Kept by top-p iff the tokens likelier than it hold less than top_p of the mass.
             if e[token] == 1.0 or self._mass_above(e, e[token]) < need:
                 return token
-        self._cut(e, np.greater_equal(e, self._nucleus_floor(e, need), out=self._kept))
+        _cut(e, np.greater_equal(e, self._nucleus_floor(e, need), out=self._kept))
         return _draw_striped(self._probs, self._probs.sum(axis=0, out=self._mass), rng)
 
     def _mass_above(self, e: np.ndarray, value: float) -> float:
@@ -159,6 +158,10 @@ class Sampler:
         likeliest = np.sort(e[kept])[::-1]
         reach = np.cumsum(likeliest, dtype=np.float64)
         return likeliest[min(int(np.searchsorted(reach, need)), likeliest.size - 1)]
+
+
+def _cut(e: np.ndarray, kept: np.ndarray) -> None:
+    np.multiply(e, kept, out=e)
 
 
 def _draw_striped(probs: np.ndarray, mass: np.ndarray, rng: np.random.Generator) -> int:
@@ -198,20 +201,12 @@ def _stripe_max(x: np.ndarray) -> np.ndarray | None:
     return x[:whole].reshape(-1, _STRIPES).max(axis=0) if whole else None
 
 
-def _top_k_bar(x: np.ndarray, stripe_max: np.ndarray | None, k: int) -> float:
+def _top_k_bar(stripe_max: np.ndarray | None, k: int) -> float:
     """A logit that at least ``k`` tokens reach: the k-th largest stripe maximum (each of
-    those k stripes holds a token at or above it), or the k-th largest logit itself."""
-    if k >= x.size:
+    those k stripes holds a token at or above it); -inf when there are fewer stripes."""
+    if stripe_max is None or k > stripe_max.size:
         return -np.inf
-    if stripe_max is not None and k <= stripe_max.size:
-        return float(np.partition(stripe_max, stripe_max.size - k)[stripe_max.size - k])
-    return float(np.partition(x, x.size - k)[x.size - k])
-
-
-def _kth_largest(x: np.ndarray, ids: np.ndarray, k: int) -> float:
-    """The k-th largest logit of row ``x``, given ``ids`` that hold its k largest."""
-    values = x[ids]
-    return float(np.partition(values, values.size - k)[values.size - k])
+    return float(np.partition(stripe_max, stripe_max.size - k)[stripe_max.size - k])
 
 
 def _at_or_above(x: np.ndarray, stripe_max: np.ndarray | None, bar: float, max_stripes: int | None):
