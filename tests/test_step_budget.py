@@ -29,10 +29,17 @@ def test_decoding_streams_cap_the_prompt_chunk_by_time():
     assert 390 <= budget.tokens(scheduler(decoding=8)) - 8 <= 410
 
 
-def test_a_slow_machine_still_feeds_a_minimum_chunk():
+def test_a_slow_machine_lets_prompts_double_the_step_rather_than_starve():
+    budget = StepBudget(2048, target=0.5)
+    budget.observe(0, 1.3)  # decode rows alone take longer than the target (a full cache)
+    budget.observe(1000, 2.3)  # 1 ms per prompt token
+    assert budget.tokens(scheduler(decoding=16)) == 16 + 1300
+
+
+def test_prompts_always_get_a_minimum_chunk():
     budget = StepBudget(512, target=0.5)
-    budget.observe(0, 2.0)  # decode rows alone take longer than the target
-    budget.observe(100, 3.0)
+    budget.observe(0, 0.001)
+    budget.observe(100, 10.0)  # 0.1 s per prompt token
     assert budget.tokens(scheduler(decoding=4)) == 4 + StepBudget.MIN_CHUNK
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 class StepBudget:
     """Tokens for the next step, so that a step takes about ``target`` seconds while
-    sequences are decoding: a long prompt is fed in chunks that do not stall their streams.
+    sequences are decoding: a long prompt is fed in chunks that do not stall their streams
+    (and where decoding alone takes longer than the target, a prompt chunk at most doubles
+    the step).
 
     A step costs about ``base`` (the decode rows: weights read once, attention over the
     cache) plus ``per_token`` for each prompt token; both are learned from the steps
@@ -36,8 +38,11 @@ class StepBudget:
         budget = self.batch_size
         decoding = sum(1 for s in scheduler.running if s.attached and s.n_remaining == 1)
         if decoding and self.target > 0 and self.per_token > 0:
-            prompt = int((self.target - self.base) / self.per_token)
-            budget = min(budget, decoding + max(self.MIN_CHUNK, prompt))
+            # Up to the target; where the decode rows alone take longer than that (a slow
+            # machine, a full cache), prompts may still double the step: a stricter cap
+            # would starve them and never make the streams faster.
+            seconds = max(self.target - self.base, self.base)
+            budget = min(budget, decoding + max(self.MIN_CHUNK, int(seconds / self.per_token)))
         return min(budget, cap) if cap is not None else budget
 
 
