@@ -106,9 +106,12 @@ class Sampler:
         if top_k == self.n_vocab and min_p == 0:
             return self._draw_open(self._probabilities(x, m, temp), top_p, rng)
         stripe_max = _stripe_max(x)
-        k_bar = bar = _top_k_bar(stripe_max, top_k)
-        if min_p > 0:  # p >= min_p * p_max  <=>  x >= m + T log(min_p); the slack is for rounding
-            bar = max(bar, m + temp * math.log(min_p) - 1e-3 * temp)
+        # Either bar alone is below every kept token. min-p's: p >= min_p * p_max, that is
+        # x >= m + T log(min_p) (with slack for rounding); top-k's costs a partition, worth
+        # it only when min-p's would leave more than k stripes to read.
+        bar = m + temp * math.log(min_p) - 1e-3 * temp if min_p > 0 else -np.inf
+        if top_k < self.n_vocab and _reaching(stripe_max, bar) > top_k:
+            bar = max(bar, _top_k_bar(stripe_max, top_k))
         listed = _at_or_above(x, stripe_max, bar, _NARROW_STRIPES)
         if listed is not None:
             return _draw_listed(x, listed, m, temp, top_k, top_p, min_p, rng)
@@ -117,6 +120,7 @@ class Sampler:
             _cut(e, np.greater_equal(e, min_p, out=self._kept))
         if top_k < self.n_vocab:
             # The k largest are at or above the bar; with no bar (k > stripes), in the whole row.
+            k_bar = _top_k_bar(stripe_max, top_k)
             values = x[_at_or_above(x, stripe_max, k_bar, None)] if k_bar > -np.inf else x
             kth = np.partition(values, values.size - top_k)[values.size - top_k]
             _cut(e, np.greater_equal(x, kth, out=self._kept))
@@ -199,6 +203,11 @@ def _stripe_max(x: np.ndarray) -> np.ndarray | None:
     a vocabulary smaller than one such row."""
     whole = x.size // _STRIPES * _STRIPES
     return x[:whole].reshape(-1, _STRIPES).max(axis=0) if whole else None
+
+
+def _reaching(stripe_max: np.ndarray | None, bar: float) -> int:
+    """How many stripes hold a logit at or above ``bar`` (0 without stripes)."""
+    return 0 if stripe_max is None else int(np.count_nonzero(stripe_max >= bar))
 
 
 def _top_k_bar(stripe_max: np.ndarray | None, k: int) -> float:
