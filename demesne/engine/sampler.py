@@ -106,12 +106,7 @@ class Sampler:
         if top_k == self.n_vocab and min_p == 0:
             return self._draw_open(self._probabilities(x, m, temp), top_p, rng)
         stripe_max = _stripe_max(x)
-        # Either bar alone is below every kept token. min-p's: p >= min_p * p_max, that is
-        # x >= m + T log(min_p) (with slack for rounding); top-k's costs a partition, worth
-        # it only when min-p's would leave more than k stripes to read.
-        bar = m + temp * math.log(min_p) - 1e-3 * temp if min_p > 0 else -np.inf
-        if top_k < self.n_vocab and _reaching(stripe_max, bar) > top_k:
-            bar = max(bar, _top_k_bar(stripe_max, top_k))
+        bar = _narrow_bar(stripe_max, m, temp, top_k if top_k < self.n_vocab else 0, min_p)
         listed = _at_or_above(x, stripe_max, bar, _NARROW_STRIPES)
         if listed is not None:
             return _draw_listed(x, listed, m, temp, top_k, top_p, min_p, rng)
@@ -119,11 +114,7 @@ class Sampler:
         if min_p > 0:
             _cut(e, np.greater_equal(e, min_p, out=self._kept))
         if top_k < self.n_vocab:
-            # The k largest are at or above the bar; with no bar (k > stripes), in the whole row.
-            k_bar = _top_k_bar(stripe_max, top_k)
-            values = x[_at_or_above(x, stripe_max, k_bar, None)] if k_bar > -np.inf else x
-            kth = np.partition(values, values.size - top_k)[values.size - top_k]
-            _cut(e, np.greater_equal(x, kth, out=self._kept))
+            _cut(e, np.greater_equal(x, _kth_largest(x, stripe_max, top_k), out=self._kept))
         return self._draw_open(e, top_p, rng)
 
     def _probabilities(self, x: np.ndarray, m: float, temp: float) -> np.ndarray:
@@ -203,6 +194,25 @@ def _stripe_max(x: np.ndarray) -> np.ndarray | None:
     a vocabulary smaller than one such row."""
     whole = x.size // _STRIPES * _STRIPES
     return x[:whole].reshape(-1, _STRIPES).max(axis=0) if whole else None
+
+
+def _narrow_bar(stripe_max: np.ndarray | None, m: float, temp: float, top_k: int, min_p: float) -> float:
+    """A logit below every token that min-p (if > 0) and top-k (if > 0) keep: either bar
+    alone will do. min-p's: p >= min_p * p_max, that is x >= m + T log(min_p), less a slack
+    for float32 rounding. top-k's costs a partition, worth it only when min-p's would leave
+    more than k stripes to read."""
+    bar = m + temp * math.log(min_p) - (1e-3 * temp + 1e-6 * abs(m)) if min_p > 0 else -np.inf
+    if top_k and _reaching(stripe_max, bar) > top_k:
+        bar = max(bar, _top_k_bar(stripe_max, top_k))
+    return bar
+
+
+def _kth_largest(x: np.ndarray, stripe_max: np.ndarray | None, k: int) -> float:
+    """The k-th largest logit: a partition of the tokens at or above the top-k bar, or of
+    the whole row when there are fewer stripes than k."""
+    bar = _top_k_bar(stripe_max, k)
+    values = x[_at_or_above(x, stripe_max, bar, None)] if bar > -np.inf else x
+    return float(np.partition(values, values.size - k)[values.size - k])
 
 
 def _reaching(stripe_max: np.ndarray | None, bar: float) -> int:
