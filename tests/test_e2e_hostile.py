@@ -102,6 +102,18 @@ async def test_unions_of_refs_are_a_400_not_an_exponential_grammar_check(hostile
     await assert_serving(http, hostile, server, model_id)
 
 
+async def test_a_stray_closer_in_a_pattern_is_a_400_not_a_hung_gateway(hostile, server, http, model_id):
+    """llama-cpp-python's converter loops forever on a ']' or '}' that closes nothing (found
+    by fuzzing): the gateway's event loop spun at 100% CPU and answered nobody again."""
+    schema = {"type": "object", "properties": {"code": {"type": "string", "pattern": "^[A-Z]{3}}$"}}}
+    status, body = await asyncio.wait_for(post(http, hostile[1], "chat/completions", chat(model_id, response_format=json_schema(schema))), 30)
+    refused(status, body, "response_format")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": schema}}]
+    status, body = await asyncio.wait_for(post(http, hostile[1], "chat/completions", chat(model_id, tools=tools)), 30)
+    refused(status, body, "tools[0]")
+    await assert_serving(http, hostile, server, model_id)
+
+
 async def test_deeply_nested_schema_is_a_400(hostile, server, http, model_id):
     """About 1,000 nested arrays: a RecursionError (500) before. Written by hand: no JSON
     encoder here nests that deep either."""

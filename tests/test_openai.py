@@ -612,3 +612,16 @@ def test_grammar_text_is_checked_after_conversion():
 def test_names_and_ids_given_as_lists(messages, param):
     """Each was a TypeError (unhashable list) and a 500."""
     refused(parse_chat, chat(messages=messages, functions=[{"name": "f"}]), param)
+
+
+@pytest.mark.parametrize("pattern", ["^a}$", "^a]$", "^a{2}}$", "^(a|b)]$", "^7st0q}p+l$"])
+def test_a_pattern_closer_that_closes_nothing_is_refused(pattern):
+    """The converter loops forever on a stray ']' or '}' (found by fuzzing): one request held
+    the gateway's event loop at 100% CPU."""
+    err = refused(parse_chat, chat(response_format=schema_format({"type": "string", "pattern": pattern})), SCHEMA)
+    assert err.code == "unsupported_schema"
+
+
+@pytest.mark.parametrize("pattern", ["^a\\}$", "^[}]$", "^[\\]}]$", "^a{2}$", "^[a-z]{1,3}(x|y)$"])
+def test_patterns_with_closers_in_their_place_are_taken(pattern):
+    assert parse_chat(chat(response_format=schema_format({"type": "string", "pattern": pattern}))).params.grammar

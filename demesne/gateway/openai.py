@@ -426,6 +426,33 @@ def _check_keywords(node: dict, param: str) -> None:
         for bounds in _QUANTIFIER.findall(pattern):
             if any(int(n) > MAX_SCHEMA_REPEAT for n in re.findall(r"[0-9]+", bounds)):
                 raise bad(f"a 'pattern' in the JSON schema repeats more than {MAX_SCHEMA_REPEAT} times", param, "schema_too_complex")
+        stray = _stray_closer(pattern)
+        if stray:
+            raise bad(f"a 'pattern' in the JSON schema has a '{stray}' that closes nothing: escape it as '\\{stray}'", param, "unsupported_schema")
+
+
+def _stray_closer(pattern: str) -> str | None:
+    """A ']' or '}' outside any class or repetition, read as the converter reads a pattern:
+    it takes such a character for neither syntax nor text and loops on it forever (one
+    request would hold the gateway's event loop at 100% CPU)."""
+    i = 0
+    while i < len(pattern):
+        c = pattern[i]
+        if c == "\\":
+            i += 2
+        elif c == "[":  # to the class's end, escapes skipped
+            i += 1
+            while i < len(pattern) and pattern[i] != "]":
+                i += 2 if pattern[i] == "\\" else 1
+            i += 1
+        elif c == "{":  # to the repetition's end
+            end = pattern.find("}", i)
+            i = len(pattern) if end < 0 else end + 1
+        elif c in "]}":
+            return c
+        else:
+            i += 1
+    return None
 
 
 class _Alternatives:
