@@ -249,3 +249,22 @@ async def test_a_huge_prompt_does_not_freeze_the_gateway(hostile, server, http, 
     assert body["error"]["code"] == "context_length_exceeded"
     assert slowest < 2.0, f"/health took {slowest:.1f} s while the prompt was tokenized"
     await assert_serving(http, hostile, server, model_id)
+
+
+# -- found by the fuzzer (tests/test_e2e_fuzz.py) --------------------------------------------
+
+
+async def test_logprobs_under_a_grammar_are_numbers(hostile, server, http, model_id):
+    """Alternatives the grammar forbids have logprob -inf, which reached clients as null
+    (OpenAI's SDK and the document want a number): they are -9999.0, as OpenAI writes them."""
+    schema = json_schema({"type": "object", "properties": {"a": {"enum": ["x", "y"]}}, "required": ["a"]})
+    status, body = await post(http, hostile[1], "completions", {"model": model_id, "prompt": "JSON:", "logprobs": 20, "max_tokens": 6, "response_format": schema})
+    assert status == 200, body
+    lp = body["choices"][0]["logprobs"]
+    values = lp["token_logprobs"] + [v for top in lp["top_logprobs"] for v in top.values()]
+    assert values and all(isinstance(v, float) for v in values), values
+    assert -9999.0 in values  # the grammar forbade most of each position's top 20
+    status, body = await post(http, hostile[1], "chat/completions", chat(model_id, max_tokens=6, logprobs=True, top_logprobs=20, response_format=schema))
+    assert status == 200, body
+    for entry in body["choices"][0]["logprobs"]["content"]:
+        assert all(isinstance(e["logprob"], float) for e in [entry, *entry["top_logprobs"]]), entry

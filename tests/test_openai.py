@@ -470,6 +470,8 @@ def test_response_format_becomes_a_grammar():
         ("frequency_penalty", -(10**400), "invalid_value"),
         ("repetition_penalty", 10.5, "invalid_value"),
         ("repetition_penalty", -1, "invalid_value"),
+        ("repetition_penalty", 5e-324, "invalid_value"),  # made a repeated token's logit infinite
+        ("repetition_penalty", 0.0099, "invalid_value"),
         ("repetition_penalty", True, "invalid_type"),
         ("logit_bias", {"5": 10**400}, "invalid_value"),
         ("logit_bias", {"5": True}, "invalid_type"),
@@ -625,3 +627,15 @@ def test_a_pattern_closer_that_closes_nothing_is_refused(pattern):
 @pytest.mark.parametrize("pattern", ["^a\\}$", "^[}]$", "^[\\]}]$", "^a{2}$", "^[a-z]{1,3}(x|y)$"])
 def test_patterns_with_closers_in_their_place_are_taken(pattern):
     assert parse_chat(chat(response_format=schema_format({"type": "string", "pattern": pattern}))).params.grammar
+
+
+def test_impossible_tokens_have_a_number_for_a_logprob():
+    """The engine's frame carries -inf as null (JSON has no -inf): a grammar-forbidden
+    alternative went out as null, which OpenAI clients and the document refuse (found by
+    fuzzing). It is -9999.0, as OpenAI writes it."""
+    from demesne.gateway.logprobs import chat_logprobs
+
+    got = completion_logprobs(["a"], [[None, [[5, -0.1], [6, None]]]], lambda i: f"t{i}", 0)
+    assert got["token_logprobs"] == [-9999.0] and got["top_logprobs"] == [{"t5": -0.1, "t6": -9999.0}]
+    got = chat_logprobs([b"a"], [[-0.5, [[6, None]]]], lambda i: b"x")
+    assert got["content"][0]["logprob"] == -0.5 and got["content"][0]["top_logprobs"][0]["logprob"] == -9999.0

@@ -6,6 +6,15 @@ from __future__ import annotations
 from .generation import Piece
 from .tokenizer import Tokenizer
 
+# A token the sampler could not pick (a grammar forbade it, or a penalty left it no
+# probability) has logprob -inf, which JSON cannot carry: the engine's frame brings it as
+# null. It goes out as OpenAI writes such a token, -9999.0, never as null.
+IMPOSSIBLE = -9999.0
+
+
+def _lp(logprob: float | None) -> float:
+    return IMPOSSIBLE if logprob is None or logprob < IMPOSSIBLE else logprob
+
 
 def completion_logprobs(pieces: list[str], entries: list, top_text, offset: int) -> dict:
     """The completions endpoint's ``logprobs`` object for some generated tokens.
@@ -19,8 +28,8 @@ def completion_logprobs(pieces: list[str], entries: list, top_text, offset: int)
         offset += len(piece)
     return {
         "tokens": pieces,
-        "token_logprobs": [e[0] for e in entries],
-        "top_logprobs": [{top_text(i): lp for i, lp in e[1]} for e in entries],
+        "token_logprobs": [_lp(e[0]) for e in entries],
+        "top_logprobs": [{top_text(i): _lp(lp) for i, lp in e[1]} for e in entries],
         "text_offset": offsets,
     }
 
@@ -30,7 +39,7 @@ def chat_logprobs(pieces: list[bytes], entries: list, top_bytes) -> dict:
     logprob and ``top_logprobs``. ``top_bytes(id)`` gives a token's bytes."""
 
     def item(raw: bytes, logprob: float) -> dict:
-        return {"token": raw.decode("utf-8", "replace"), "logprob": logprob, "bytes": list(raw)}
+        return {"token": raw.decode("utf-8", "replace"), "logprob": _lp(logprob), "bytes": list(raw)}
 
     content = []
     for raw, (logprob, top) in zip(pieces, entries):

@@ -23,6 +23,7 @@ MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 1024  # each stop string; the stop matcher holds back this much text
 MAX_INT = 2**31 - 1  # top_k, max_tokens: more than any vocabulary or context
 INT64 = 2**63  # seed: any signed 64-bit integer, as OpenAI
+MIN_REPETITION_PENALTY = 0.01
 MAX_CHOICES = 16
 MAX_BATCH_CHOICES = 64  # completions: prompts times n
 MAX_LOGIT_BIAS = 1024
@@ -141,7 +142,8 @@ def _sampling(body: dict) -> SamplingParams:
         min_p=_number(body, "min_p", 0.0, 0.0, 1.0),
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
-        repetition_penalty=_number(body, "repetition_penalty", 1.0, 0.0, 10.0, lo_open=True),
+        # Down to 0.01: a repeated token's logit is divided by it, and 5e-324 made it infinite.
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, MIN_REPETITION_PENALTY, 10.0),
         logit_bias=_logit_bias(body),
         grammar=response_grammar(body),
     )
