@@ -100,8 +100,10 @@ async def test_8s_steps_serve_8_requests_with_default_flags(processes, model_id)
             asyncio.gather(*(stream_completion(http, url, model_id, 3, f"{PROMPT} [{i}]") for i in range(8))), timeout=300
         )
         longest = await metric(http, url, "longest_step_seconds")
-    for result in results:
+    for i, result in enumerate(results):
         assert_complete(result, 3)
+        print(f"client {i}: HTTP {result['status']}, {result['usage']['completion_tokens']} tokens, finish {result['finish']}")
+    print(f"longest step {longest:.1f} s")
     assert longest >= 8.0
 
 

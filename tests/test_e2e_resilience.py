@@ -99,7 +99,7 @@ async def test_dead_engine_gives_503_then_recovers(processes, model_id):
         r = await asyncio.wait_for(inflight, timeout=15)
         assert r.status == 503
         assert (await r.json())["error"]["code"] == "engine_unavailable"
-        assert time.monotonic() - t0 < 10
+        assert time.monotonic() - t0 < 3  # the closed connection says so at once
         async with http.post(f"{url}/v1/completions", json={**body, "max_tokens": 4}) as r:
             assert r.status == 503
         async with http.get(f"{url}/health") as r:
