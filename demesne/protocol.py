@@ -72,6 +72,7 @@ class SamplingParams:
 MAX_TEMPERATURE = 100.0
 MAX_LOGPROBS = 20
 MAX_PENALTY = 2.0
+MIN_REPETITION_PENALTY = 0.01  # tinier ones make a repeated token's logit infinite
 MAX_REPETITION_PENALTY = 10.0
 MAX_BIAS = 100.0
 MAX_GRAMMAR_BYTES = 1 << 20
@@ -91,7 +92,7 @@ def check_params(params: SamplingParams, n_vocab: int) -> tuple[str, str] | None
         ("min_p", 0.0 <= p.min_p <= 1.0, "must be in [0, 1]"),
         ("presence_penalty", abs(p.presence_penalty) <= MAX_PENALTY, f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]"),
         ("frequency_penalty", abs(p.frequency_penalty) <= MAX_PENALTY, f"must be in [-{MAX_PENALTY:g}, {MAX_PENALTY:g}]"),
-        ("repetition_penalty", 0.0 < p.repetition_penalty <= MAX_REPETITION_PENALTY, f"must be in (0, {MAX_REPETITION_PENALTY:g}]"),
+        ("repetition_penalty", MIN_REPETITION_PENALTY <= p.repetition_penalty <= MAX_REPETITION_PENALTY, f"must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}]"),
         ("logit_bias", _bias_ok(p.logit_bias, n_vocab), f"must map token ids in [0, {n_vocab}) to biases in [-100, 100]"),
         ("grammar", p.grammar is None or len(p.grammar) <= MAX_GRAMMAR_BYTES, "is too long"),
         ("grammar_triggers", len(p.grammar_triggers or ()) + len(p.grammar_trigger_tokens or ()) <= MAX_TRIGGERS, "too many triggers"),

@@ -8,11 +8,10 @@ import types
 import numpy as np
 import pytest
 
+from demesne.gateway.errors import ApiError, bad
 from demesne.gateway.openai import (
     MAX_STOP_STRINGS,
-    ApiError,
     Shaper,
-    bad,
     parse_chat,
     parse_completion,
     usage,
@@ -586,7 +585,7 @@ def test_tool_parameter_schemas_are_bounded():
 
 
 def test_grammar_text_is_checked_after_conversion():
-    from demesne.gateway.openai import schema_grammar
+    from demesne.gateway.structured import schema_grammar
 
     with pytest.raises(ApiError) as info:
         schema_grammar({"type": "object", "properties": {f"p{i}": {"type": "string", "maxLength": 1000} for i in range(200)}}, "tools")

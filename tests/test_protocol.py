@@ -268,7 +268,7 @@ def test_huge_integers_reach_the_range_checks_not_numpy():
     [
         ("temperature", -0.1), ("temperature", 1e308), ("top_p", 0.0), ("top_p", 1.5), ("top_k", -1),
         ("top_k", 262145), ("seed", 2**64), ("seed", -(2**63) - 1), ("logprobs", 21), ("logprobs", -2),
-        ("min_p", 1.5), ("presence_penalty", 2.5), ("frequency_penalty", -3.0), ("repetition_penalty", 0.0),
+        ("min_p", 1.5), ("presence_penalty", 2.5), ("frequency_penalty", -3.0), ("repetition_penalty", 0.0), ("repetition_penalty", 5e-324),
         ("repetition_penalty", 11.0), ("logit_bias", [[262144, 1.0]]), ("logit_bias", [[5, 101.0]]),
         ("logit_bias", [[1.5, 1.0]]), ("grammar", "x" * (2**20 + 1)), ("grammar_trigger_tokens", [262144]),
     ],

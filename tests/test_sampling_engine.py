@@ -146,7 +146,7 @@ HEADS = {fmt: ' {"name": "add"' for fmt in OPENS} | {"mistral-v11": 'add[ARGS]{"
 
 
 def _tool_constraint(fmt_name: str, choice: str = "auto"):
-    from demesne.gateway.openai import schema_grammar
+    from demesne.gateway.structured import schema_grammar
     from demesne.gateway.tool_formats import FORMATS
     from demesne.gateway.tools import call_constraint, parse_tools
 

@@ -295,7 +295,7 @@ def test_grammar_root_follows_the_format(fmt):
 
 
 def real_gbnf(schema):
-    from demesne.gateway.openai import schema_grammar
+    from demesne.gateway.structured import schema_grammar
 
     return schema_grammar(schema, "tools")
 

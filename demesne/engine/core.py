@@ -59,8 +59,14 @@ def token_logprobs(row: np.ndarray, token: int, top: int) -> list:
     if top > 0:
         ids = np.argpartition(row, -top)[-top:]
         ids = ids[np.argsort(-row[ids], kind="stable")]
-        best = [[int(i), float(row[i]) - lse] for i in ids]
-    return [float(row[token]) - lse, best]
+        best = [[int(i), _finite(float(row[i]) - lse)] for i in ids]
+    return [_finite(float(row[token]) - lse), best]
+
+
+def _finite(logprob: float) -> float:
+    """A token the grammar or logit_bias ruled out has logprob -inf, which JSON cannot
+    carry: -9999.0, as OpenAI writes it."""
+    return max(logprob, -9999.0)
 
 
 class Engine:

@@ -19,7 +19,7 @@ from .chat_template import ChatTemplate, TemplateError
 from .engine_client import EngineClient
 from .generation import ModelContext
 from .observability import STATS, Observability
-from .openai import ApiError
+from .errors import ApiError
 from .routes import setup_routes
 from .tokenizer import Tokenizer
 from .tool_formats import FORMATS, detect

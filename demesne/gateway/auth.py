@@ -7,7 +7,7 @@ import hmac
 
 from aiohttp import web
 
-from .openai import ApiError
+from .errors import ApiError
 
 OPEN_PATHS = frozenset({"/health", "/openapi.json"})
 

@@ -22,16 +22,15 @@ from .observability import STATS, RequestStats
 from .sse import EventStream, SlowReader
 from .status import get_model, health, json_response, list_models, metrics, model_context, openapi
 from .tools import ToolStream, call_constraint, parse_calls, template_messages
+from .errors import ApiError, bad
 from .openai import (
-    ApiError,
     CompletionRequest,
     Shaper,
-    bad,
-    schema_grammar,
     parse_chat,
     parse_completion,
     usage,
 )
+from .structured import schema_grammar
 
 log = logging.getLogger("demesne.gateway")
 

@@ -10,7 +10,7 @@ from aiohttp import web
 from .. import protocol as p
 from .app_keys import CLIENT, MODELS, OBSERVABILITY, STARTED
 from .generation import ModelContext
-from .openai import ApiError
+from .errors import ApiError
 
 
 def json_response(obj, status: int = 200) -> web.Response:
