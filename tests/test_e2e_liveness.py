@@ -146,7 +146,7 @@ async def test_sigterm_drains_and_new_requests_go_to_the_other_engine(processes,
         await asyncio.sleep(0.5)
         # The same prefix would go to the busy engine; it is draining, so the other serves it.
         async with http.post(f"{url}/v1/completions", json={"model": model_id, "prompt": LONG_PROMPT, "max_tokens": 2}) as r:
-            assert r.status == 200
+            assert r.status == 200, await r.text()
         after = await _routed(http, url)
         assert (after[busy], after[other]) == (8, routed[other] + 1)
         results = await asyncio.wait_for(asyncio.gather(*streams), timeout=180)

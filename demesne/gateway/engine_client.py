@@ -290,10 +290,17 @@ class EngineClient:
                 self._fail_inflight(engine, f"engine {engine.endpoint} went away")
 
     async def _heartbeat(self) -> None:
+        last = time.monotonic()
         while True:
             now = time.monotonic()
+            # A beat that comes late means this process was stalled (a busy host): the engines'
+            # answers may be waiting unread, so silence proves nothing this time round.
+            stalled = now - last > self.config.heartbeat_interval + 1.0
+            last = now
             for engine in self.engines:
-                if engine.responsive and now - engine.last_seen > self.config.heartbeat_timeout:
+                if stalled:
+                    engine.last_seen = max(engine.last_seen, now - self.config.heartbeat_interval)
+                elif engine.responsive and now - engine.last_seen > self.config.heartbeat_timeout:
                     engine.responsive = False
                     log.warning(
                         "engine %s has not answered for %.1f s; no new requests go to it, its %d"
