@@ -30,7 +30,7 @@ async def stream_completion(http, url: str, model_id: str, max_tokens: int, prom
         "model": model_id, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0,
         "stream": True, "stream_options": {"include_usage": True},
     }
-    out = {"status": None, "text": "", "finish": None, "usage": None, "errors": [], "done": False, "first": asyncio.Event()}
+    out = {"status": None, "text": "", "finish": None, "usage": None, "errors": [], "done": False}
     async with http.post(f"{url}/v1/completions", json=body) as r:
         out["status"] = r.status
         if r.status != 200:
@@ -52,7 +52,6 @@ async def stream_completion(http, url: str, model_id: str, max_tokens: int, prom
             for choice in event.get("choices", []):
                 out["text"] += choice.get("text") or ""
                 out["finish"] = choice.get("finish_reason") or out["finish"]
-                out["first"].set()
     return out
 
 
@@ -161,14 +160,14 @@ async def test_sigterm_with_one_engine_answers_503_with_retry_after(processes, m
     engine = processes.engine(endpoint)
     _, url = processes.gateway([endpoint])
     async with aiohttp.ClientSession() as http:
-        stream = asyncio.ensure_future(stream_completion(http, url, model_id, 60))
-        await asyncio.sleep(2)
+        stream = asyncio.ensure_future(stream_completion(http, url, model_id, 400))
+        await asyncio.sleep(2)  # 400 tokens: the stream outlasts what follows
         engine.popen.send_signal(signal.SIGTERM)
         await asyncio.sleep(0.5)
         async with http.post(f"{url}/v1/completions", json={"model": model_id, "prompt": "Hi", "max_tokens": 2}) as r:
             assert r.status == 503 and "Retry-After" in r.headers
             assert "shutting down" in (await r.json())["error"]["message"]
-        assert_complete(await asyncio.wait_for(stream, timeout=120), 60)
+        assert_complete(await asyncio.wait_for(stream, timeout=120), 400)
     assert engine.popen.wait(30) == 0
 
 
