@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
@@ -58,6 +59,17 @@ def run_engine(engine: Engine, requests: list[Generate]) -> dict[str, list[int]]
                 finished.add(delta.rid)
     assert finished == set(out)
     return out
+
+
+async def wait_for(predicate, timeout: float, interval: float = 0.2):
+    """Poll an async predicate until it returns something true; that value."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = await predicate()
+        if value:
+            return value
+        await asyncio.sleep(interval)
+    raise AssertionError(f"condition not met within {timeout}s")
 
 
 def free_port() -> int:

@@ -14,7 +14,7 @@ import aiohttp
 import orjson
 import pytest
 
-from conftest import API_KEY
+from conftest import API_KEY, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -33,16 +33,6 @@ async def metric_values(http, url: str) -> dict[str, float]:
             name = re.sub(r'\{engine="[^"]*"\}', "", name)
             values[name] = values.get(name, 0.0) + float(value)
     return values
-
-
-async def wait_for(predicate, timeout: float, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await predicate()
-        if value:
-            return value
-        await asyncio.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 # -- (g) control-token text in content renders as text ----------------------------------------

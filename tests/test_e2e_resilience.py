@@ -11,7 +11,7 @@ import time
 import aiohttp
 import pytest
 
-from conftest import API_KEY, BIN, free_port, wait_healthy
+from conftest import API_KEY, BIN, free_port, wait_for, wait_healthy
 
 pytestmark = pytest.mark.e2e
 
@@ -26,16 +26,6 @@ async def engine_stats(http, url: str) -> dict[str, float]:
             name = line.split("{", 1)[0][len("demesne_") :]
             stats[name] = stats.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
     return stats
-
-
-async def wait_for(predicate, timeout: float, interval: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = await predicate()
-        if value:
-            return value
-        await asyncio.sleep(interval)
-    raise AssertionError(f"condition not met within {timeout}s")
 
 
 async def test_metrics_exposes_engine_counters(server, http):
