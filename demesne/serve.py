@@ -15,13 +15,13 @@ import asyncio
 import ctypes
 import logging
 import multiprocessing
-import os
 import shutil
 import signal
 import tempfile
 import time
 
 from .config import EngineConfig, GatewayConfig
+from .sockets import runtime_base
 
 log = logging.getLogger("demesne")
 
@@ -32,8 +32,7 @@ EXIT_UNUSABLE = 2  # the engine's exit code for a model or setting that cannot w
 
 def private_endpoint() -> tuple[str, str]:
     """A fresh directory only this user can enter (0700), and an IPC endpoint inside it."""
-    base = os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
-    directory = tempfile.mkdtemp(prefix="demesne-", dir=base)
+    directory = tempfile.mkdtemp(prefix="demesne-", dir=runtime_base())
     return f"ipc://{directory}/engine.sock", directory
 
 

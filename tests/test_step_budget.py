@@ -10,7 +10,7 @@ from demesne.engine.budget import StepBudget
 def scheduler(decoding: int, prefilling: int = 1):
     rows = [SimpleNamespace(attached=True, n_remaining=1) for _ in range(decoding)]
     rows += [SimpleNamespace(attached=False, n_remaining=500) for _ in range(prefilling)]
-    return SimpleNamespace(running=rows)
+    return SimpleNamespace(decoding=lambda: [s for s in rows if s.attached and s.n_remaining == 1])
 
 
 def test_nobody_decoding_takes_the_whole_batch():

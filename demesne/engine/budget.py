@@ -40,7 +40,7 @@ class StepBudget:
     def tokens(self, scheduler) -> int:
         cap, self._cap = self._cap, None
         budget = self.batch_size
-        decoding = sum(1 for s in scheduler.running if s.attached and s.n_remaining == 1)
+        decoding = len(scheduler.decoding())
         if decoding and self.target > 0 and self.per_token > 0:
             # Up to the target; where the decode rows alone take longer than that (a slow
             # machine, a full cache), prompts may still take PROMPT_SHARE times their time:

@@ -14,7 +14,6 @@ gateway that was only stalled ends those streams with an error instead of waitin
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import queue
@@ -35,6 +34,7 @@ from .runner import ModelRunner
 log = logging.getLogger("demesne.engine")
 
 IDLE_WAIT = 0.1  # seconds the step loop blocks for new work when it has none
+STATS_EVERY = 0.1  # seconds between refreshes of the counters Pongs carry
 SEND_HWM = 100_000  # frames queued for one slow gateway before ZeroMQ would drop them
 _STOP = b"stop"  # the step loop's last word to the I/O thread
 _GONE = object()  # in the inbox: a gateway went away
@@ -158,8 +158,6 @@ class EngineIO(threading.Thread):
                 log.warning("a gateway cannot be reached (%s); aborting its requests", exc.strerror)
                 del self.last_seen[client]
                 self.inbox.put((client, _GONE))
-            elif exc.errno not in (errno.EHOSTUNREACH, errno.EAGAIN):
-                raise
 
     def _forget_silent(self) -> None:
         now = time.monotonic()
@@ -190,6 +188,7 @@ class EngineProc:
         self.outbox.setsockopt(zmq.LINGER, -1)
         self.outbox.setsockopt(zmq.SNDHWM, 0)
         self.outbox.connect(self.io.outbox_endpoint)
+        self._stats_at = 0.0
         self.drain_deadline: float | None = None
         self.stop_now = False
 
@@ -212,9 +211,17 @@ class EngineProc:
                 replies = self.engine.step()
                 self.status.step_started = 0.0
                 self._send(replies)
-            self.status.stats = self.engine.stats()
+            self._publish_stats()
         self._send(self.engine.fail_all("the engine shut down before this request finished"))
         self.close()
+
+    def _publish_stats(self) -> None:
+        """Counters for the I/O thread's Pongs (gateways ping every 0.5 s): a few times a
+        second is enough, not after every step."""
+        now = time.monotonic()
+        if now - self._stats_at >= STATS_EVERY:
+            self._stats_at = now
+            self.status.stats = self.engine.stats()
 
     def _done(self) -> bool:
         if self.drain_deadline is None:

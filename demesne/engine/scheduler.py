@@ -131,7 +131,8 @@ class Scheduler:
             # Every running sequence is stuck on cells held by the others: free the newest.
             self.preempt(self.running[-1])
 
-    def _decoding(self) -> list[Sequence]:
+    def decoding(self) -> list[Sequence]:
+        """Running sequences with one token to feed: a decode row each."""
         return [s for s in self.running if s.attached and s.n_remaining == 1]
 
     def _evict_for(self, cells: int) -> None:
@@ -140,7 +141,7 @@ class Scheduler:
             self.trie.evict(cells - self.free_cells())
 
     def _make_room_for_decode(self) -> bool:
-        need = len(self._decoding())
+        need = len(self.decoding())
         self._evict_for(need)
         preempted = False
         while self.running and self.free_cells() < need:
@@ -187,7 +188,7 @@ class Scheduler:
         plan = StepPlan()
         self._evict_for(self._demand())
         room = min(self.token_budget, self.free_cells())  # each token takes budget and a cell
-        for seq in self._decoding():
+        for seq in self.decoding():
             if room:
                 plan.chunks.append((seq, 1))
                 room -= 1

@@ -54,6 +54,7 @@ class EngineConn:
     sock: zmq.asyncio.Socket
     info: p.ModelInfo | None = None
     stats: dict[str, float] = field(default_factory=dict)
+    monitor: zmq.asyncio.Socket | None = None  # connection events of sock
     connected: bool = False  # the socket monitor's view of the connection
     responsive: bool = False  # answered a heartbeat within heartbeat_timeout
     draining: bool = False
@@ -86,7 +87,7 @@ class EngineClient:
         self.on_model = on_model  # called once per model id, when an engine first reports it
         self._zctx = zmq.asyncio.Context()
         self.identity = uuid.uuid4().bytes  # engines key our requests by it, with their ids
-        self.engines, self._monitors = map(list, zip(*(self._connect(ep) for ep in config.engines)))
+        self.engines = [self._connect(ep) for ep in config.engines]
         self._queues: dict[str, asyncio.Queue] = {}
         self._owner: dict[str, EngineConn] = {}
         self._known_models: set[str] = set()
@@ -106,21 +107,21 @@ class EngineClient:
         sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
         monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
         sock.connect(endpoint)
-        return EngineConn(endpoint, sock), monitor
+        return EngineConn(endpoint, sock, monitor=monitor)
 
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         self._tasks = [loop.create_task(self._listen(e)) for e in self.engines]
-        self._tasks += [loop.create_task(self._watch(e, m)) for e, m in zip(self.engines, self._monitors)]
+        self._tasks += [loop.create_task(self._watch(e)) for e in self.engines]
         self._tasks.append(loop.create_task(self._heartbeat()))
 
     async def close(self) -> None:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        for e, monitor in zip(self.engines, self._monitors):
+        for e in self.engines:
             e.sock.disable_monitor()
-            monitor.close()
+            e.monitor.close()
             e.sock.close()
         self._zctx.term()
 
@@ -276,10 +277,10 @@ class EngineClient:
             )
             log.error("%s; not using it", engine.refused)
 
-    async def _watch(self, engine: EngineConn, monitor: zmq.asyncio.Socket) -> None:
+    async def _watch(self, engine: EngineConn) -> None:
         """Connection events: a closed connection means the engine's requests are lost."""
         while True:
-            event = parse_monitor_message(await monitor.recv_multipart())["event"]
+            event = parse_monitor_message(await engine.monitor.recv_multipart())["event"]
             if event == zmq.EVENT_CONNECTED:
                 engine.connected = True
                 self._try_send(engine, p.Ping(time.time()))

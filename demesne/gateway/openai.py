@@ -12,7 +12,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
-from ..protocol import SamplingParams
+from ..protocol import INT64, MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, SamplingParams
 from .errors import bad
 from .structured import check_schema, schema_grammar, strict_strings
 from .tools import ToolError, ToolSpec, assistant_calls, check_tool_messages, legacy_call, legacy_history, parse_tools
@@ -20,8 +20,6 @@ from .tools import ToolError, ToolSpec, assistant_calls, check_tool_messages, le
 MAX_STOP_STRINGS = 4
 MAX_STOP_CHARS = 1024  # each stop string; the stop matcher holds back this much text
 MAX_INT = 2**31 - 1  # top_k, max_tokens: more than any vocabulary or context
-INT64 = 2**63  # seed: any signed 64-bit integer, as OpenAI
-MIN_REPETITION_PENALTY = 0.01
 MAX_CHOICES = 16
 MAX_BATCH_CHOICES = 64  # completions: prompts times n
 MAX_LOGIT_BIAS = 1024
@@ -121,7 +119,7 @@ def _sampling(body: dict) -> SamplingParams:
         presence_penalty=_number(body, "presence_penalty", 0.0, -2.0, 2.0),
         frequency_penalty=_number(body, "frequency_penalty", 0.0, -2.0, 2.0),
         # Down to 0.01: a repeated token's logit is divided by it, and 5e-324 made it infinite.
-        repetition_penalty=_number(body, "repetition_penalty", 1.0, MIN_REPETITION_PENALTY, 10.0),
+        repetition_penalty=_number(body, "repetition_penalty", 1.0, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY),
         logit_bias=_logit_bias(body),
         grammar=response_grammar(body),
     )
