@@ -86,7 +86,7 @@ class EngineIO(threading.Thread):
                 running = self._forward()
             self._forget_silent()
             self._announce_drain()
-        self.sock.close()
+        self.sock.close(linger=2000)  # the last replies (a drain's final deltas) still go out
         self.outbox.close()
 
     def _receive(self) -> None:

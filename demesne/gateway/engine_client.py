@@ -36,6 +36,9 @@ from .routing import BLOCK, PrefixIndex, block_hashes, choose
 log = logging.getLogger("demesne.gateway")
 
 
+DISCONNECT_GRACE = 0.5  # seconds for the listener to read what came before a disconnect
+
+
 class EngineUnavailable(RuntimeError):
     """No engine can take the request, or its engine stopped answering."""
 
@@ -288,7 +291,11 @@ class EngineClient:
                 engine.connected = engine.responsive = engine.draining = False
                 engine.prefix.clear()
                 log.warning("engine %s closed the connection", engine.endpoint)
-                self._fail_inflight(engine, f"engine {engine.endpoint} went away")
+                # The monitor is a socket of its own: frames the engine sent before closing
+                # (a drained engine's last deltas) may still wait unread on the data socket.
+                await asyncio.sleep(DISCONNECT_GRACE)
+                if not engine.connected:
+                    self._fail_inflight(engine, f"engine {engine.endpoint} went away")
 
     async def _heartbeat(self) -> None:
         last = time.monotonic()
