@@ -1,7 +1,8 @@
 """Load generator for any OpenAI-compatible server: `demesne bench`.
 
-Owns the synthetic prompts (a shared prefix plus a distinct suffix per request), the
-streaming client that times each request, and the figures printed from those timings.
+Owns the synthetic prompts (a shared prefix plus a distinct suffix per request, or
+multi-turn conversations that resend their whole history each turn), the streaming client
+that times each request, and the figures printed from those timings.
 It speaks plain HTTP to `/completions` or `/chat/completions`, so it can measure demesne,
 llama-server, vLLM or anything else that streams OpenAI-style SSE.
 """
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import random
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -42,7 +44,7 @@ WORDS = (
     "sometimes mountain cut young talk soon list song being leave family"
 ).split()
 
-def build_prompts(n: int, prompt_tokens: int, shared_prefix_tokens: int, seed: int = 0) -> list[str]:
+def build_prompts(n: int, prompt_tokens: int, shared_prefix_tokens: int, seed: int | str = 0) -> list[str]:
     """Return `n` prompts of about `prompt_tokens` words each.
 
     The first `shared_prefix_tokens` words are the same in every prompt; the rest start with
@@ -86,6 +88,7 @@ class RequestStats:
     prompt_tokens: int | None = None
     cached_tokens: int | None = None
     latency: float = 0.0
+    text: str = ""  # what the reply streamed, for a conversation's next turn
 
     @property
     def output_tokens(self) -> int:
@@ -127,10 +130,14 @@ class BenchResult:
         return len(self.ok) / self.wall_s if self.wall_s > 0 else 0.0
 
     def ttft(self, q: float) -> float | None:
-        return percentile([r.ttft for r in self.ok if r.ttft is not None], q)
+        return _ttft(self.requests, q)
 
     def itl(self, q: float) -> float | None:
         return percentile([gap for r in self.ok for gap in r.itls], q)
+
+
+def _ttft(requests: list[RequestStats], q: float) -> float | None:
+    return percentile([r.ttft for r in requests if r.ok and r.ttft is not None], q)
 
 
 def _ms(seconds: float | None) -> str:
@@ -147,12 +154,7 @@ def format_result(result: BenchResult) -> str:
         f"model {result.model}  concurrency {result.concurrency}  "
         f"prompt ~{result.prompt_tokens} words (shared {result.shared_prefix_tokens})  "
         f"max_tokens {result.max_tokens}",
-        f"requests        {len(result.ok)} ok, {len(result.failed)} failed",
-        f"wall time       {result.wall_s:.2f} s",
-        f"output          {result.output_tokens} tokens, {result.output_tok_s:.1f} tok/s",
-        f"throughput      {result.req_s:.2f} req/s",
-        f"TTFT            p50 {_ms(result.ttft(50))}  p90 {_ms(result.ttft(90))}",
-        f"inter-token     p50 {_ms(result.itl(50))}  p90 {_ms(result.itl(90))}",
+        *_summary_lines(result),
     ]
     prompt = _mean([r.prompt_tokens for r in result.ok if r.prompt_tokens is not None])
     if prompt is not None:
@@ -162,6 +164,17 @@ def format_result(result: BenchResult) -> str:
         lines.append(f"cached tokens   {cached:.1f} mean per request")
     lines += _error_lines(result.failed)
     return "\n".join(lines)
+
+
+def _summary_lines(result: BenchResult) -> list[str]:
+    return [
+        f"requests        {len(result.ok)} ok, {len(result.failed)} failed",
+        f"wall time       {result.wall_s:.2f} s",
+        f"output          {result.output_tokens} tokens, {result.output_tok_s:.1f} tok/s",
+        f"throughput      {result.req_s:.2f} req/s",
+        f"TTFT            p50 {_ms(result.ttft(50))}  p90 {_ms(result.ttft(90))}",
+        f"inter-token     p50 {_ms(result.itl(50))}  p90 {_ms(result.itl(90))}",
+    ]
 
 
 def _error_lines(failed: list[RequestStats], limit: int = 5) -> list[str]:
@@ -215,8 +228,10 @@ BENCH_TOOLS = [
 
 
 def _request_body(
-    endpoint: str, model: str, prompt: str, max_tokens: int, temperature: float, tool_choice: str | None = None
+    endpoint: str, model: str, prompt: str | list[dict], max_tokens: int, temperature: float,
+    tool_choice: str | None = None,
 ) -> dict:
+    """A streamed request; for chat, `prompt` is the user message or the whole message list."""
     body = {
         "model": model,
         "max_tokens": max_tokens,
@@ -225,7 +240,7 @@ def _request_body(
         "stream_options": {"include_usage": True},
     }
     if endpoint == "chat":
-        body["messages"] = [{"role": "user", "content": prompt}]
+        body["messages"] = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
         if tool_choice is not None:
             body["tools"], body["tool_choice"] = BENCH_TOOLS, tool_choice
     else:
@@ -275,8 +290,10 @@ async def _consume(resp: aiohttp.ClientResponse, stats: RequestStats, start: flo
             return
         if chunk.get("usage"):
             _read_usage(stats, chunk["usage"])
-        if not _chunk_text(chunk):
+        text = _chunk_text(chunk)
+        if not text:
             continue
+        stats.text += text
         now = time.perf_counter()
         if last is None:
             stats.ttft = now - start
@@ -321,12 +338,9 @@ async def run_bench(
     """Send `requests` streaming requests, at most `concurrency` at a time, and time them."""
     url = url.rstrip("/")
     path = "/chat/completions" if endpoint == "chat" else "/completions"
-    headers = {**_headers(api_key), "Content-Type": "application/json"}
+    headers = _post_headers(api_key)
     prompts = build_prompts(requests, prompt_tokens, shared_prefix_tokens)
-    connector = aiohttp.TCPConnector(limit=concurrency)
-    # No total timeout: a long generation under heavy load is a result, not an error.
-    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
-    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+    async with _client(concurrency) as session:
         model = model or await fetch_model(session, url, api_key)
         bodies = [_request_body(endpoint, model, p, max_tokens, temperature, tool_choice) for p in prompts]
         with tqdm(total=requests, file=sys.stderr, disable=not progress, unit="req") as bar:
@@ -334,6 +348,17 @@ async def run_bench(
             results = await _drive(session, url + path, bodies, headers, concurrency, bar)
             wall = time.perf_counter() - start
     return BenchResult(concurrency, max_tokens, prompt_tokens, shared_prefix_tokens, model, wall, results)
+
+
+def _post_headers(api_key: str | None) -> dict[str, str]:
+    return {**_headers(api_key), "Content-Type": "application/json"}
+
+
+def _client(concurrency: int) -> aiohttp.ClientSession:
+    connector = aiohttp.TCPConnector(limit=concurrency)
+    # No total timeout: a long generation under heavy load is a result, not an error.
+    timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
+    return aiohttp.ClientSession(connector=connector, timeout=timeout)
 
 
 async def _drive(session, url: str, bodies: list[dict], headers: dict, concurrency: int, bar) -> list[RequestStats]:
@@ -351,6 +376,149 @@ async def _drive(session, url: str, bodies: list[dict], headers: dict, concurren
     return results  # type: ignore[return-value]
 
 
+# --- conversations: many clients, each resending its whole chat every turn --------------
+
+
+@dataclass
+class ConversationSpec:
+    """How many conversations, how many user turns each, and the words in each part."""
+
+    conversations: int
+    turns: int
+    system_tokens: int
+    turn_tokens: int
+    seed: int = 0
+
+
+@dataclass
+class Conversation:
+    """One client's chat: its own system prompt, its user turns, and the replies so far."""
+
+    system: str
+    users: list[str]
+    replies: list[str] = field(default_factory=list)
+
+    def messages(self) -> list[dict]:
+        """The next turn's request: the whole history as the server wrote it, then the next user message."""
+        msgs = [{"role": "system", "content": self.system}]
+        for user, reply in zip(self.users, self.replies):
+            msgs += [{"role": "user", "content": user}, {"role": "assistant", "content": reply}]
+        return msgs + [{"role": "user", "content": self.users[len(self.replies)]}]
+
+
+def build_conversations(spec: ConversationSpec) -> list[Conversation]:
+    """Distinct, seeded system prompts and user turns (each starts with its own index)."""
+    systems = build_prompts(spec.conversations, spec.system_tokens, 0, seed=f"{spec.seed}:system")
+    users = build_prompts(spec.conversations * spec.turns, spec.turn_tokens, 0, seed=f"{spec.seed}:user")
+    return [Conversation(system, users[i * spec.turns:(i + 1) * spec.turns]) for i, system in enumerate(systems)]
+
+
+async def converse(conversations: list[Conversation], send) -> list[list[RequestStats]]:
+    """Take the turns in lockstep: every conversation's turn k before any conversation's k+1.
+
+    `send` runs one turn's message lists and returns their stats in the same order; each
+    reply's text joins its conversation, so the next turn resends it. Stats by turn.
+    """
+    turns = []
+    for _ in range(len(conversations[0].users) if conversations else 0):
+        stats = await send([c.messages() for c in conversations])
+        for conversation, s in zip(conversations, stats):
+            conversation.replies.append(s.text)
+        turns.append(stats)
+    return turns
+
+
+@dataclass
+class ConversationResult(BenchResult):
+    """A conversation run: `requests` holds every turn's requests, `turns` the same by turn."""
+
+    spec: ConversationSpec | None = None
+    turns: list[list[RequestStats]] = field(default_factory=list)
+    engine_prefill: int | None = None  # the server's own count over the run, where it has one
+
+    @property
+    def prompt_tokens_sent(self) -> int:
+        return sum(r.prompt_tokens or 0 for r in self.requests)
+
+    @property
+    def cached_prompt_tokens(self) -> int | None:
+        cached = [r.cached_tokens for r in self.requests if r.cached_tokens is not None]
+        return sum(cached) if cached else None
+
+
+PREFILL_METRIC = re.compile(r"^demesne_prefill_tokens_total(?:\{[^}]*\})?\s+(\S+)", re.MULTILINE)
+
+
+async def engine_prefill_tokens(session: aiohttp.ClientSession, url: str, api_key: str | None) -> int | None:
+    """demesne's `prefill_tokens_total`, summed over engines, from /metrics at the URL's root;
+    None where the server has no such counter (llama-server, vLLM) or no /metrics at all."""
+    root = url.removesuffix("/v1")
+    try:
+        async with session.get(f"{root}/metrics", headers=_headers(api_key)) as resp:
+            text = await resp.text() if resp.status == 200 else ""
+        values = [float(v) for v in PREFILL_METRIC.findall(text)]
+    except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+        return None
+    return int(sum(values)) if values else None
+
+
+async def run_conversations(
+    url: str,
+    spec: ConversationSpec,
+    *,
+    concurrency: int,
+    max_tokens: int,
+    api_key: str | None = None,
+    model: str | None = None,
+    temperature: float = 0.0,
+    progress: bool = True,
+) -> ConversationResult:
+    """Run `spec`'s conversations on /chat/completions, turn by turn, `concurrency` requests
+    at a time within a turn, and time them."""
+    url = url.rstrip("/")
+    headers = _post_headers(api_key)
+    conversations = build_conversations(spec)
+    async with _client(concurrency) as session:
+        model = model or await fetch_model(session, url, api_key)
+        bar = tqdm(total=spec.conversations * spec.turns, file=sys.stderr, disable=not progress, unit="req")
+
+        async def send(histories: list[list[dict]]) -> list[RequestStats]:
+            bodies = [_request_body("chat", model, h, max_tokens, temperature) for h in histories]
+            return await _drive(session, url + "/chat/completions", bodies, headers, concurrency, bar)
+
+        with bar:
+            prefill_before = await engine_prefill_tokens(session, url, api_key)
+            start = time.perf_counter()
+            turns = await converse(conversations, send)
+            wall = time.perf_counter() - start
+            prefill_after = await engine_prefill_tokens(session, url, api_key)
+    prefill = None if None in (prefill_before, prefill_after) else prefill_after - prefill_before
+    requests = [r for turn in turns for r in turn]
+    # BenchResult's prompt size: the first turn's, system prompt and one user message.
+    return ConversationResult(concurrency, max_tokens, spec.system_tokens + spec.turn_tokens, 0, model, wall,
+                              requests, spec=spec, turns=turns, engine_prefill=prefill)
+
+
+def format_conversations(result: ConversationResult) -> str:
+    """The report of a conversation run: the usual figures, the prompt tokens, TTFT by turn."""
+    spec = result.spec
+    lines = [
+        f"model {result.model}  {spec.conversations} conversations x {spec.turns} turns  "
+        f"concurrency {result.concurrency}  system ~{spec.system_tokens} words  "
+        f"turn ~{spec.turn_tokens} words  max_tokens {result.max_tokens}",
+        *_summary_lines(result),
+        f"prompt tokens   {result.prompt_tokens_sent} sent (from usage)",
+    ]
+    if result.cached_prompt_tokens is not None:
+        lines.append(f"cached tokens   {result.cached_prompt_tokens} (from usage)")
+    if result.engine_prefill is not None:
+        lines.append(f"prefill tokens  {result.engine_prefill} (engine)")
+    by_turn = "  ".join(f"{k}: {_ms(_ttft(turn, 50))}" for k, turn in enumerate(result.turns, 1))
+    lines.append(f"TTFT p50/turn   {by_turn}")
+    lines += _error_lines(result.failed)
+    return "\n".join(lines)
+
+
 @click.command("bench")
 @click.option("--url", default="http://127.0.0.1:9090/v1", show_default=True, help="Base URL of the OpenAI API.")
 @click.option("--api-key", envvar="DEMESNE_API_KEY", default=None, help="Bearer token (env DEMESNE_API_KEY).")
@@ -364,23 +532,37 @@ async def _drive(session, url: str, bodies: list[dict], headers: dict, concurren
 @click.option("--endpoint", type=click.Choice(["completions", "chat"]), default="completions", show_default=True)
 @click.option("--tool-choice", type=click.Choice(["auto", "required"]), default=None,
               help="Chat only: offer two tools with this tool_choice (required: every reply is a grammar-forced call).")
+@click.option("--conversations", default=None, type=click.IntRange(min=1),
+              help="Chat only: run this many multi-turn conversations instead of --requests single prompts.")
+@click.option("--turns", default=4, show_default=True, type=click.IntRange(min=1),
+              help="User turns per conversation, taken in lockstep; each resends the whole history.")
+@click.option("--system-tokens", default=600, show_default=True, type=click.IntRange(min=1),
+              help="Words in each conversation's own system prompt.")
+@click.option("--turn-tokens", default=45, show_default=True, type=click.IntRange(min=1),
+              help="Words in each user turn.")
 @click.option("--no-progress", is_flag=True, help="Do not draw a progress bar.")
-def bench(url, api_key, model, concurrency, n_requests, prompt_tokens, shared_prefix_tokens,
-          max_tokens, temperature, endpoint, tool_choice, no_progress):
+def bench(url, api_key, model, concurrency, n_requests, prompt_tokens, shared_prefix_tokens, max_tokens,
+          temperature, endpoint, tool_choice, conversations, turns, system_tokens, turn_tokens, no_progress):
     """Measure throughput and latency of an OpenAI-compatible server with streamed requests."""
     if tool_choice and endpoint != "chat":
         raise click.UsageError("--tool-choice needs --endpoint chat")
+    if conversations and (endpoint != "chat" or tool_choice):
+        raise click.UsageError("--conversations needs --endpoint chat and no --tool-choice")
+    common = {"concurrency": concurrency, "max_tokens": max_tokens, "api_key": api_key, "model": model,
+              "temperature": temperature, "progress": not no_progress}
     try:
-        result = asyncio.run(run_bench(
-            url, concurrency=concurrency, requests=n_requests, prompt_tokens=prompt_tokens,
-            shared_prefix_tokens=shared_prefix_tokens, max_tokens=max_tokens, api_key=api_key,
-            model=model, temperature=temperature, endpoint=endpoint, tool_choice=tool_choice,
-            progress=not no_progress,
-        ))
+        if conversations:
+            spec = ConversationSpec(conversations, turns, system_tokens, turn_tokens)
+            result = asyncio.run(run_conversations(url, spec, **common))
+        else:
+            result = asyncio.run(run_bench(
+                url, requests=n_requests, prompt_tokens=prompt_tokens, shared_prefix_tokens=shared_prefix_tokens,
+                endpoint=endpoint, tool_choice=tool_choice, **common,
+            ))
     except (aiohttp.ClientError, KeyError, IndexError) as exc:
         # Only the model lookup can get here; the requests themselves record their errors.
         raise click.ClickException(f"cannot list models at {url}/models: {exc}") from exc
-    click.echo(format_result(result))
+    click.echo(format_conversations(result) if conversations else format_result(result))
     if not result.ok:
         sys.exit(1)
 

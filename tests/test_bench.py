@@ -1,7 +1,7 @@
 """The load generator (`demesne.bench`) and the suite's table, against a tiny fake SSE server.
 
 The fake server stands in for any OpenAI-compatible endpoint: what is under test here is the
-client that measures, not demesne.
+client that measures, not demesne. One e2e test runs the conversation workload on demesne itself.
 """
 
 import asyncio
@@ -11,15 +11,21 @@ import pytest
 import pytest_asyncio
 from aiohttp import web
 from click.testing import CliRunner
+from conftest import API_KEY as SERVER_KEY
 
 from demesne.bench import (
     BenchResult,
+    ConversationSpec,
     RequestStats,
     bench,
+    build_conversations,
     build_prompts,
+    converse,
+    format_conversations,
     format_result,
     percentile,
     run_bench,
+    run_conversations,
 )
 from demesne.bench_suite import _parse_levels, summary_table
 
@@ -52,6 +58,45 @@ def test_prompt_length_is_about_the_request(n_tokens, shared):
 def test_prefix_longer_than_prompt_is_clamped():
     prompts = build_prompts(3, prompt_tokens=10, shared_prefix_tokens=50)
     assert len(set(prompts)) == 3
+
+
+# --- conversations ---------------------------------------------------------------------
+
+
+def test_conversations_are_distinct_sized_and_deterministic():
+    spec = ConversationSpec(conversations=6, turns=3, system_tokens=600, turn_tokens=45)
+    convs = build_conversations(spec)
+    assert [(c.system, c.users) for c in convs] == [(c.system, c.users) for c in build_conversations(spec)]
+    assert len({c.system for c in convs}) == 6 and len({u for c in convs for u in c.users}) == 18
+    assert all(abs(len(c.system.split()) - 600) <= 1 for c in convs)
+    assert all(len(c.users) == 3 and all(abs(len(u.split()) - 45) <= 1 for u in c.users) for c in convs)
+    other = build_conversations(ConversationSpec(6, 3, 600, 45, seed=1))
+    assert {c.system for c in other}.isdisjoint(c.system for c in convs)
+
+
+async def test_converse_takes_turns_in_lockstep_and_resends_the_replies():
+    convs = build_conversations(ConversationSpec(conversations=3, turns=3, system_tokens=20, turn_tokens=5))
+    sent: list[list[list[dict]]] = []
+
+    async def send(histories):  # one call per turn, with every conversation in it
+        sent.append(histories)
+        return [RequestStats(ok=True, text=f"reply {i}.{len(sent)}") for i in range(len(histories))]
+
+    turns = await converse(convs, send)
+    assert len(turns) == 3 and [len(t) for t in turns] == [3, 3, 3]
+    assert [[len(h) for h in histories] for histories in sent] == [[2, 2, 2], [4, 4, 4], [6, 6, 6]]
+    for i, conv in enumerate(convs):
+        last = sent[2][i]
+        assert last[0] == {"role": "system", "content": conv.system}
+        assert [m["role"] for m in last] == ["system", "user", "assistant", "user", "assistant", "user"]
+        assert [m["content"] for m in last[1::2]] == conv.users
+        assert [m["content"] for m in last[2::2]] == [f"reply {i}.1", f"reply {i}.2"]
+        assert conv.replies == [f"reply {i}.1", f"reply {i}.2", f"reply {i}.3"]
+
+
+def test_conversations_need_the_chat_endpoint():
+    out = CliRunner().invoke(bench, ["--conversations", "2"])
+    assert out.exit_code == 2 and "--endpoint chat" in out.output
 
 
 # --- figures ---------------------------------------------------------------------------
@@ -107,10 +152,25 @@ class FakeOpenAI:
         self.in_flight = 0
         self.max_in_flight = 0
         self.bodies = []
+        self.prefill = 0  # what /metrics reports, split over two engines
+        self.metrics_text = None  # or what /metrics says instead ("501": that status)
+
+    async def metrics(self, request):
+        if self.metrics_text == "501":
+            return web.json_response({"error": {"message": "metrics not enabled"}}, status=501)
+        if self.metrics_text is not None:
+            return web.Response(text=self.metrics_text)
+        half = self.prefill // 2
+        lines = ["# TYPE demesne_prefill_tokens_total counter",
+                 f'demesne_prefill_tokens_total{{engine="a"}} {half}',
+                 f'demesne_prefill_tokens_total{{engine="b"}} {self.prefill - half}',
+                 'demesne_prefill_tokens_total_other{engine="a"} 1000']
+        return web.Response(text="\n".join(lines) + "\n")
 
     def app(self) -> web.Application:
         app = web.Application()
         app.router.add_get("/v1/models", self.models)
+        app.router.add_get("/metrics", self.metrics)
         app.router.add_post("/v1/completions", self.complete)
         app.router.add_post("/v1/chat/completions", self.complete)
         return app
@@ -134,7 +194,8 @@ class FakeOpenAI:
         resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await resp.prepare(request)
         chat = "messages" in body
-        prompt = body["messages"][0]["content"] if chat else body["prompt"]
+        prompt = " ".join(m["content"] for m in body["messages"]) if chat else body["prompt"]
+        self.prefill += len(prompt.split())
         for i in range(body["max_tokens"]):
             await asyncio.sleep(0.002)
             if body.get("tools"):  # a streamed call: the head, then arguments in pieces
@@ -207,8 +268,56 @@ async def test_run_bench_records_connection_errors():
     assert len(result.failed) == 2 and all(r.error for r in result.failed)
 
 
+async def test_run_conversations_resends_each_history(fake):
+    server, url = fake
+    spec = ConversationSpec(conversations=4, turns=3, system_tokens=30, turn_tokens=6)
+    result = await run_conversations(url, spec, concurrency=2, max_tokens=3, api_key=API_KEY, progress=False)
+    assert len(result.ok) == 12 and [len(t) for t in result.turns] == [4, 4, 4]
+    assert server.max_in_flight <= 2
+    assert [len(b["messages"]) for b in server.bodies] == [2] * 4 + [4] * 4 + [6] * 4  # lockstep
+    assert all(b["stream_options"] == {"include_usage": True} for b in server.bodies)
+    replies = {m["content"] for b in server.bodies[4:] for m in b["messages"] if m["role"] == "assistant"}
+    assert replies == {"tok tok tok "}
+    assert result.prompt_tokens_sent == sum(r.prompt_tokens for r in result.requests) == server.prefill
+    assert result.cached_prompt_tokens == 5 * 12 and result.engine_prefill == server.prefill
+    text = format_conversations(result)
+    assert "12 ok, 0 failed" in text and f"{server.prefill} sent" in text and "60 (from usage)" in text
+    assert f"prefill tokens  {server.prefill} (engine)" in text
+    assert "TTFT p50/turn   1: " in text and "  3: " in text
+
+
+@pytest.mark.parametrize("metrics", [
+    "501",  # llama-server without --metrics
+    "llamacpp:prompt_tokens_total 1234\nllamacpp:tokens_predicted_total 99\n",  # with it
+])
+async def test_run_conversations_without_engine_metrics(fake, metrics):
+    server, url = fake
+    server.metrics_text = metrics
+    spec = ConversationSpec(conversations=2, turns=2, system_tokens=4, turn_tokens=2)
+    result = await run_conversations(url, spec, concurrency=1, max_tokens=2, api_key=API_KEY, progress=False)
+    assert len(result.ok) == 4 and result.engine_prefill is None
+    assert "prefill tokens" not in format_conversations(result)
+
+
 def test_bench_command_help():
     out = CliRunner().invoke(bench, ["--help"])
     assert out.exit_code == 0
     for flag in ("--url", "--api-key", "--concurrency", "--shared-prefix-tokens", "--no-progress"):
         assert flag in out.output
+
+
+# --- against demesne -------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+async def test_conversations_against_demesne(server):
+    spec = ConversationSpec(conversations=2, turns=2, system_tokens=100, turn_tokens=20)
+    result = await run_conversations(server.v1, spec, concurrency=2, max_tokens=4, api_key=SERVER_KEY,
+                                     progress=False)
+    assert len(result.ok) == 4, format_conversations(result)
+    for first, second in zip(*result.turns):
+        assert first.text and 1 <= first.completion_tokens <= 4
+        # The second prompt holds the first one, the reply and another user turn of 20+ tokens.
+        assert second.prompt_tokens >= first.prompt_tokens + first.completion_tokens + spec.turn_tokens
+    assert result.engine_prefill is not None and 0 < result.engine_prefill <= result.prompt_tokens_sent
+    assert "prefill tokens" in format_conversations(result)
