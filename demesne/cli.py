@@ -14,7 +14,7 @@ from collections.abc import Callable
 import click
 
 from .bench import bench
-from .config import CACHE_TYPES, FLASH_ATTN, SPLIT_MODES, TOOL_FORMATS, ConfigError, EngineConfig, GatewayConfig, default_engine_endpoint
+from .config import CACHE_TYPES, FLASH_ATTN, SPLIT_MODES, TOOL_FORMATS, ConfigError, EngineConfig, GatewayConfig, default_engine_endpoint, parse_size
 from .model import ModelNotFound, resolve_model
 
 log = logging.getLogger("demesne")
@@ -32,6 +32,15 @@ def _floats(_ctx, _param, value: str | None) -> tuple[float, ...]:
         return tuple(float(x) for x in value.split(","))
     except ValueError:
         raise click.BadParameter("expected numbers separated by commas, e.g. 3,1") from None
+
+
+def _size(_ctx, _param, value: str | None) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_size(value)
+    except ConfigError as exc:
+        raise click.BadParameter(str(exc)) from None
 
 
 def _apply(options: list[Callable]) -> Callable:
@@ -63,7 +72,10 @@ ENGINE_OPTIONS = [
     click.option("--cache-type-v", default="f16", type=click.Choice(CACHE_TYPES), show_default=True, help="V cache type (quantized needs flash attention)"),
     click.option("--max-waiting", default=1024, show_default=True, help="queued requests beyond this are refused with 429"),
     click.option("--seed", type=int, help="engine-wide seed for requests that bring none"),
-    click.option("--prefix-keep", default=0.25, show_default=True, help="share of the KV cache that prefixes of finished requests may keep (each kept cell widens every decode step's attention)"),
+    click.option("--prefix-keep", type=float, default=None, help="share of the KV cache that prefixes of finished requests may keep (each kept cell widens every decode step's attention) [default: 0.25]"),
+    click.option("--host-cache", callback=_size, help="host memory for saved prefix KV below the KV cache, e.g. 4G (0: off) [default: a quarter of free RAM, at most 8G]"),
+    click.option("--disk-cache", type=click.Path(file_okay=False), help="directory for saved prefix KV evicted from host memory; kept across restarts and shared by engines of the same model and KV settings [default: off]"),
+    click.option("--disk-cache-size", callback=_size, default="16G", show_default=True, help="the most the --disk-cache directory may hold"),
     click.option("--step-target", default=0.5, show_default=True, help="seconds a step aims at while streams decode: long prompts are fed in chunks that fit (0: no time budget)"),
     click.option("--drain-timeout", default=60.0, show_default=True, help="on SIGTERM: seconds to finish running requests (new ones are refused) before exiting"),
     click.option("--gateway-timeout", default=30.0, show_default=True, help="seconds of silence after which a gateway is taken as gone and its requests are failed"),

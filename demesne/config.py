@@ -22,6 +22,34 @@ def default_engine_endpoint() -> str:
     return f"ipc://{default_dir()}/engine.sock"
 
 
+KEEP_WITH_TIERS = 0.25  # --prefix-keep's default when the host tier is on (measured: see tiers.py)
+
+
+def _mem_available() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 2 << 30  # not Linux: assume little
+
+
+def parse_size(text: str) -> int:
+    """Bytes from ``512M``, ``4G``, ``1.5GiB``, ``0`` (no suffix: bytes)."""
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("B").removesuffix("I")
+    unit = t[-1:] if t[-1:] in units else ""
+    try:
+        value = float(t[: len(t) - len(unit)])
+    except ValueError:
+        raise ConfigError(f"not a size: {text!r} (e.g. 512M, 4G, 0)") from None
+    if not 0 <= value < 1 << 50:
+        raise ConfigError(f"not a size: {text!r}")
+    return int(value * units[unit])
+
+
 class ConfigError(ValueError):
     """A setting that cannot work; the CLI prints it as one line and exits with code 2."""
 
@@ -52,7 +80,12 @@ class EngineConfig:
     max_waiting: int = 1024  # requests queued beyond this are refused with 429
     seed: int | None = None  # engine-wide seed for requests that bring none
     prefix_cache: bool = True  # share and keep KV of common prefixes (the radix trie)
-    prefix_keep: float = 0.25  # the share of the KV cache finished sequences' prefixes may keep
+    prefix_keep: float | None = None  # share of the KV cache finished sequences' prefixes may keep
+    # Tiers below the KV cache (engine/tiers.py): saved prefix state in host memory (bytes;
+    # None: a share of free RAM, 0: off) and, optionally, on disk.
+    host_cache: int | None = None
+    disk_cache: str | None = None
+    disk_cache_size: int = 16 << 30
     step_target: float = 0.5  # seconds a step aims at while streams decode (prompt chunks shrink)
     drain_timeout: float = 60.0  # on SIGTERM: seconds to finish running requests before exiting
     gateway_timeout: float = 30.0  # a gateway silent this long is gone: its requests are failed
@@ -74,10 +107,31 @@ class EngineConfig:
             _require(value in CACHE_TYPES, f"--cache-type-{name} must be one of {CACHE_TYPES}")
         _require(all(x >= 0 for x in self.tensor_split), "--tensor-split takes non-negative numbers")
         _require(self.max_waiting >= 1, "--max-waiting must be positive")
-        _require(0.0 <= self.prefix_keep <= 1.0, f"--prefix-keep must be in [0, 1], got {self.prefix_keep}")
+        _require(self.prefix_keep is None or 0.0 <= self.prefix_keep <= 1.0, f"--prefix-keep must be in [0, 1], got {self.prefix_keep}")
+        _require(self.host_cache is None or self.host_cache >= 0, "--host-cache must be >= 0")
+        _require(self.disk_cache_size >= 0, "--disk-cache-size must be >= 0")
+        _require(self.disk_cache is None or self.tiers_on, "--disk-cache needs the host tier (--host-cache > 0) and the prefix cache")
         _require(self.step_target >= 0, "--step-target must be >= 0 (0: no time budget)")
         _require(self.drain_timeout >= 0, "--drain-timeout must be >= 0")
         _require(self.gateway_timeout >= 2, "--gateway-timeout must be at least 2 s (gateways ping every 0.5 s)")
+
+    @property
+    def tiers_on(self) -> bool:
+        return self.prefix_cache and self.host_cache != 0
+
+    def host_cache_bytes(self) -> int:
+        """--host-cache, or by default a quarter of the memory free now, at most 8 GiB."""
+        if self.host_cache is not None:
+            return self.host_cache if self.prefix_cache else 0
+        return min(_mem_available() // 4, 8 << 30) if self.prefix_cache else 0
+
+    def kept_share(self) -> float:
+        """--prefix-keep, or by default: with the tiers a finished conversation's cells move
+        to host memory (every cell kept in the KV cache slows every decode step); without
+        them the KV cache is the only place they can stay."""
+        if self.prefix_keep is not None:
+            return self.prefix_keep
+        return KEEP_WITH_TIERS if self.tiers_on else 0.25
 
     @property
     def model_id(self) -> str:

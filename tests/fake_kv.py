@@ -98,6 +98,20 @@ class FakeKV:
                 self.cells[next(slots)] = Cell(pos0 + k, token, set(seq_ids))
         return [model(self.context(s[0], p0 + len(t) - 1)) for s, p0, t, out in spans if out]
 
+    # -- saved state (llama_state_seq_get_data / set_data) ---------------------------------
+
+    def save_state(self, seq_id: int) -> list[tuple[int, int]]:
+        return sorted((c.pos, c.token) for c in self.cells if c is not None and seq_id in c.seqs)
+
+    def restore_state(self, state: list[tuple[int, int]], seq_id: int) -> bool:
+        """New cells for ``seq_id`` (none shared), all or nothing."""
+        free = [i for i, c in enumerate(self.cells) if c is None]
+        if len(free) < len(state):
+            return False
+        for i, (pos, token) in zip(free, state):
+            self.cells[i] = Cell(pos, token, {seq_id})
+        return True
+
     # -- looking inside ------------------------------------------------------------------
 
     def context(self, seq_id: int, pos: int) -> list[int]:

@@ -385,3 +385,93 @@ def test_random_requests_keep_the_trie_and_the_cache_in_step(seed):
     h.trie.evict(1 << 30)
     h.check()
     assert h.trie.n_nodes == 0 and h.kv.n_used() == 0
+
+
+# --- the tiers below: saved paths restored, sliding-window gaps ---------------------------------
+
+
+def tiered(n_swa: int = 0) -> tuple[Harness, dict]:
+    """A harness whose evictions save the path's state into ``saved`` (by token tuple)."""
+    h = Harness()
+    saved: dict[tuple[int, ...], list] = {}
+    h.trie.n_swa = n_swa
+    h.trie.on_evict = lambda node: saved.__setitem__(tuple(h.trie.path_tokens(node)), h.kv.save_state(node.seq_id))
+    return h, saved
+
+
+def restore(h: Harness, saved: dict, tokens: list[int]) -> Node | None:
+    node = h.trie.restore(tokens, lambda seq_id: h.kv.restore_state(saved[tuple(tokens)], seq_id))
+    h.check()
+    return node
+
+
+def test_an_evicted_path_is_saved_and_restored_as_a_computed_leaf():
+    h, saved = tiered()
+    path = list(range(1, 21))
+    h.request(path + [99])
+    h.trie.evict(10**9)
+    assert h.trie.n_cells == 0 and h.kv.n_used() == 0
+    assert tuple(path + [99]) in saved  # the whole computed path of the evicted leaf
+    leaf = restore(h, saved, path + [99])
+    assert leaf is not None and leaf.computed and leaf.start == 0 and h.trie.n_cells == 21
+    assert h.kv.context(leaf.seq_id, 20) == path + [99]
+
+
+def test_a_restore_below_a_resident_prefix_shares_its_cells():
+    h, saved = tiered()
+    shared = list(range(1, 11))
+    h.request(shared + [50, 51, 52, 53])
+    h.request(shared + [60, 61, 62, 63])  # shared is now a resident inner node
+    h.trie.evict(4)  # the least recently used leaf: [50..53]
+    key = tuple(shared + [50, 51, 52, 53])
+    assert key in saved
+    leaf = restore(h, saved, list(key))
+    assert leaf.start == 10 and leaf.parent.end == 10  # check() proved the cells below 10 shared
+    assert h.kv.n_used() == h.trie.n_cells == 18
+
+
+def test_no_restore_where_the_path_is_being_computed():
+    h, saved = tiered()
+    path = list(range(1, 21))
+    h.request(path)
+    h.trie.evict(10**9)
+    node, _ = h.insert(path[:15])  # someone waits on a part of the path, not computed yet
+    h.lock(node)
+    assert restore(h, saved, path[:-1]) is None
+
+
+def test_branching_inside_a_restored_window_gap_recomputes_the_subtree():
+    """n_swa 4: a restored 20-token path holds sliding-window cells for positions 16..19 only.
+    It may be continued from its end; a branch at 12 would attend to 8..11, which it lacks."""
+    h, saved = tiered(n_swa=4)
+    path = list(range(1, 21))
+    h.request(path + [99])
+    h.trie.evict(10**9)
+    leaf = restore(h, saved, path + [99])
+    assert leaf.swa_gap == (0, 21 - 4)
+    child, _ = h.insert(path + [99, 7, 8])  # continuing from the end is fine
+    h.lock(child)
+    h.compute(child)
+    assert leaf.computed and leaf.n_cached == 21
+    h.unlock(child)
+    branch, matched = h.insert(path[:12] + [500])
+    assert matched == 12
+    top = branch.parent
+    assert top.n_cached == 0 and leaf.n_cached == 0 and child.n_cached == 0  # all recomputed
+    assert h.trie.n_cells == 0
+    h.lock(branch)
+    h.compute(branch)
+    assert h.kv.context(branch.seq_id, 12) == path[:12] + [500]
+
+
+def test_a_branch_before_the_gap_keeps_the_cells():
+    h, saved = tiered(n_swa=4)
+    shared = list(range(1, 11))
+    h.request(shared + [1])
+    h.request(shared + list(range(40, 60)))
+    h.trie.evict(20)  # the 20-token tail of the second path goes
+    key = next(k for k in saved if len(k) == 30)
+    leaf = restore(h, saved, list(key))
+    assert leaf.start == 10 and leaf.swa_gap == (10, 26)
+    branch, matched = h.insert(shared + [77])  # parts at 10: the gap's start, outside it
+    assert matched == 10 and leaf.n_cached == 20

@@ -24,7 +24,9 @@ from .request import Sequence
 from .runner import DecodeError, ModelRunner
 from .grammar import GrammarError, Grammars
 from .sampler import Sampler, apply_penalties
+from .kv_store import KVStore
 from .scheduler import Scheduler, StepPlan
+from .tiers import Tiers
 
 log = logging.getLogger("demesne.engine")
 
@@ -74,6 +76,7 @@ class Engine:
         self.config = config
         self.runner = runner
         self.n_ctx = runner.n_ctx
+        self.tiers = _tiers(config, runner)
         self.scheduler = Scheduler(
             runner.n_ctx,
             config.max_seqs,
@@ -82,7 +85,9 @@ class Engine:
             runner,
             config.prefix_cache,
             runner.n_seq_max,
-            max_kept_cells=int(runner.n_ctx * config.prefix_keep),
+            max_kept_cells=int(runner.n_ctx * config.kept_share()),
+            tiers=self.tiers,
+            n_swa=runner.n_swa,
         )
         self.sampler = Sampler(runner.n_vocab, config.max_seqs)  # at most one output row per sequence
         self.counters = Counters()
@@ -194,7 +199,10 @@ class Engine:
         try:
             self.scheduler.token_budget = self.step_budget.tokens(self.scheduler)
             plan = self.scheduler.schedule()
-            return self._run(plan) if plan else []
+            if not plan:  # only requests waiting on a disk read (tiers.py): do not spin
+                time.sleep(0.002)
+                return []
+            return self._run(plan)
         except Exception as exc:  # noqa: BLE001 - contained: this step's requests fail
             return self._fail_step(plan, exc)
         finally:
@@ -403,7 +411,23 @@ class Engine:
             "kv_cells_total": self.n_ctx,
             "grammar_masks_total": self.grammars.masks,
             "grammar_full_masks_total": self.grammars.full_masks,
+            **(self.tiers.stats() if self.tiers else {}),
         }
+
+    def close(self) -> None:
+        """Flush what the disk tier still has to write."""
+        if self.tiers:
+            self.tiers.close()
+
+
+def _tiers(config: EngineConfig, runner: ModelRunner) -> Tiers | None:
+    host = config.host_cache_bytes()
+    if host == 0:
+        return None
+    store = KVStore(host, runner.kv_fingerprint(), config.disk_cache, config.disk_cache_size)
+    where = f", then up to {config.disk_cache_size >> 20} MiB in {config.disk_cache}" if config.disk_cache else ""
+    log.info("prefix KV tiers: %d MiB of host memory%s", host >> 20, where)
+    return Tiers(runner, store)
 
 
 def _on_path(node, nodes: set) -> bool:

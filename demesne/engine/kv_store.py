@@ -323,6 +323,32 @@ class KVStore:
                    "disk_bytes": self._disk_used, "disk_entries": len(self._disk), **self._counts}
         return {k: float(v) for k, v in out.items()}
 
+    def persist(self, timeout: float) -> int:
+        """Write every host entry the disk lacks, most recent first, for ``timeout`` seconds
+        at most (at shutdown: a restarted engine finds them); how many were written."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            if not self._disk_on:
+                return 0
+            todo = [(self._entries[n], d) for n, d in reversed(self._host.items()) if n not in self._disk and n not in self._writing]
+        written = 0
+        for entry, data in todo:
+            if time.monotonic() > deadline or not self._disk_on:
+                break
+            try:
+                size = _write_file(self.disk_dir, entry.name, _header(self.fingerprint, entry.tokens, data), data)
+            except OSError as exc:
+                self._disable_disk(exc)
+                break
+            with self._lock:
+                doomed = []
+                if self._live(entry) and self._disk_on:
+                    self._add_file(entry.name, size)
+                    doomed = self._shrink_disk()
+            self._unlink(doomed)
+            written += 1
+        return written
+
     def close(self, timeout: float = 5.0) -> None:
         """Finish queued writes (waiting at most ``timeout`` seconds) and stop the threads."""
         deadline = time.monotonic() + timeout

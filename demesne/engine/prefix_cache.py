@@ -23,6 +23,14 @@ The contract:
 - :meth:`RadixTrie.evict` frees unlocked leaves, least recently used first, until enough
   cells are free.
 
+Below the KV cache (kv_store.py): :meth:`RadixTrie.evict` hands each leaf to ``on_evict``
+first, which may save its path's state to host memory; :meth:`RadixTrie.restore` puts a saved
+path back as a computed leaf. On an SWA model a saved state keeps only the last ``n_swa``
+cells of the sliding-window layers, so a restored leaf longer than the window has a *gap*:
+it may be continued from its end (or branched at its start), not from a point inside. A
+split inside the gap drops the node's cells, and those of everything below it, to be
+recomputed.
+
 With ``enabled=False`` (``--no-prefix-cache``) nothing is matched or kept: every insert is a
 fresh branch from the root and a node is evicted as soon as nobody holds it.
 """
@@ -31,7 +39,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Callable, Protocol
 
 
 class KVOps(Protocol):
@@ -67,6 +75,8 @@ class Node:
     refs: int = 0  # requests holding this node or a descendant
     last_used: int = 0
     children: dict[int, Node] = field(default_factory=dict)
+    # Positions [g0, g1) whose sliding-window cells a restored state lacks (see the module doc).
+    swa_gap: tuple[int, int] | None = None
 
     @property
     def end(self) -> int:
@@ -75,6 +85,12 @@ class Node:
     @property
     def computed(self) -> bool:
         return self.n_cached == len(self.tokens)
+
+
+def _union(a: tuple[int, int] | None, b: tuple[int, int] | None) -> tuple[int, int] | None:
+    if a is None or b is None:
+        return a or b
+    return (min(a[0], b[0]), max(a[1], b[1]))
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -86,10 +102,19 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
 
 
 class RadixTrie:
-    def __init__(self, kv: KVOps, seq_ids: range, enabled: bool = True):
+    def __init__(
+        self,
+        kv: KVOps,
+        seq_ids: range,
+        enabled: bool = True,
+        n_swa: int = 0,
+        on_evict: Callable[[Node], None] | None = None,
+    ):
         self.kv = kv
         self.ids = IdPool(seq_ids)
         self.enabled = enabled
+        self.n_swa = n_swa
+        self.on_evict = on_evict  # called with an unheld leaf before its cells are freed
         self.root = Node([], 0, None)
         self.n_cells = 0  # computed cells held by nodes
         self.n_nodes = 0
@@ -132,7 +157,10 @@ class RadixTrie:
         seq_id = self._acquire_id(protect=node)
         if seq_id is None:
             return None
+        if not self._can_branch(node, node.start + k):
+            self._uncompute(node)
         top = Node(node.tokens[:k], node.start, node.parent, seq_id, min(k, node.n_cached), node.refs, node.last_used)
+        top.swa_gap = node.swa_gap if node.swa_gap and node.swa_gap[0] < top.end else None
         self.kv.copy(node.seq_id, seq_id, -1, node.start + top.n_cached)
         node.parent.children[top.tokens[0]] = top
         node.tokens = node.tokens[k:]
@@ -182,6 +210,7 @@ class RadixTrie:
             child.n_cached += parent.n_cached
             child.parent = parent.parent
             child.last_used = max(child.last_used, parent.last_used)
+            child.swa_gap = _union(parent.swa_gap, child.swa_gap)
             self.n_nodes -= 1
             return True
         return False
@@ -250,6 +279,82 @@ class RadixTrie:
         self.computed(leaf, len(leaf.tokens))
         self._touch(leaf)
 
+    # -- the tiers below: restoring saved paths ------------------------------------------
+
+    def computed_match(self, tokens: list[int]) -> tuple[int, int]:
+        """(leading tokens of ``tokens`` whose KV the trie holds, leading tokens in the trie
+        at all), without changing anything."""
+        node, i, done = self.root, 0, 0
+        while i < len(tokens) and self.enabled:
+            child = node.children.get(tokens[i])
+            if child is None:
+                break
+            k = _common_prefix(child.tokens, tokens[i:])
+            if done == i:
+                done = i + min(k, child.n_cached)
+            if k < len(child.tokens):
+                return done, i + k
+            node, i = child, i + k
+        return done, i
+
+    def restore(self, tokens: list[int], load: Callable[[int], bool]) -> Node | None:
+        """Put a saved path back: a computed leaf for what the trie lacks of ``tokens``.
+
+        ``load(seq_id)`` writes the saved state of the whole path under ``seq_id`` (new
+        cells); the part the trie already holds is then given back in favour of the trie's
+        own cells, so nothing is held twice. None when the trie holds part of the path
+        uncomputed (someone is computing it: sharing that is cheaper), when no seq id can be
+        had, or when ``load`` fails.
+        """
+        done, present = self.computed_match(tokens)
+        if present > done or done >= len(tokens):
+            return None
+        node, matched = self._walk(tokens)
+        if node is None or matched != done or not (node is self.root or node.computed):
+            return None
+        leaf = self._new_node(tokens[matched:], matched, node)
+        if leaf is None:
+            return None
+        if not load(leaf.seq_id):
+            self._remove(leaf)
+            return None
+        if matched:
+            self.kv.remove(leaf.seq_id, 0, matched)
+            self.kv.copy(node.seq_id, leaf.seq_id, -1, matched)
+        if self.n_swa and len(tokens) - self.n_swa > matched:
+            leaf.swa_gap = (matched, len(tokens) - self.n_swa)
+        self.computed(leaf, len(leaf.tokens))
+        self._touch(leaf)
+        return leaf
+
+    def _can_branch(self, node: Node, pos: int) -> bool:
+        """Whether new tokens may follow ``node``'s cells before ``pos``: their sliding
+        window must not reach into a restored state's gap."""
+        gap = node.swa_gap
+        return gap is None or node.n_cached == 0 or pos <= gap[0] or pos - self.n_swa >= gap[1]
+
+    def _uncompute(self, node: Node) -> None:
+        """Drop the cells of ``node`` and of everything below it (they will be recomputed).
+        Requests already attached keep theirs: their own seq ids hold them."""
+        stack = [node]
+        while stack:
+            n = stack.pop()
+            stack.extend(n.children.values())
+            if n.n_cached:
+                self.kv.remove(n.seq_id)
+                self.n_cells -= n.n_cached
+                n.n_cached = 0
+            n.swa_gap = None
+
+    def path_tokens(self, node: Node) -> list[int]:
+        """The tokens from the root to the end of ``node``'s computed part."""
+        parts = [node.tokens[: node.n_cached]]
+        up = node.parent
+        while up is not self.root:
+            parts.append(up.tokens)
+            up = up.parent
+        return [t for part in reversed(parts) for t in part]
+
     # -- eviction ----------------------------------------------------------------------
 
     def evict(self, n_cells: int) -> int:
@@ -266,7 +371,10 @@ class RadixTrie:
         leaves = [n for n in self._nodes() if not n.children and n.refs == 0 and n is not protect]
         if not leaves:
             return None
-        return self._remove(min(leaves, key=lambda n: n.last_used))
+        victim = min(leaves, key=lambda n: n.last_used)
+        if self.on_evict is not None and victim.n_cached:
+            self.on_evict(victim)
+        return self._remove(victim)
 
     def _drop_unheld(self, node: Node) -> None:
         while node is not self.root and node.refs == 0 and not node.children:

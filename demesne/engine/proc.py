@@ -279,11 +279,15 @@ class EngineProc:
 
 def serve_engine(config: EngineConfig) -> None:
     runner = ModelRunner(config)
+    engine = None
     try:
-        proc = EngineProc(config, Engine(config, runner))
+        engine = Engine(config, runner)
+        proc = EngineProc(config, engine)
         signal.signal(signal.SIGTERM, lambda *_: proc.drain())
         signal.signal(signal.SIGINT, lambda *_: proc.drain())
         proc.run()
     finally:
+        if engine is not None:
+            engine.close()
         runner.close()
         sockets.remove(config.listen)

@@ -10,6 +10,7 @@ SWA models such as Gemma 3 (see shared/LLAMA_FACTS.md).
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import os
 
@@ -221,6 +222,47 @@ class ModelRunner:
         """Take ``seq_id`` off its cells in ``[p0, p1)``; a cell no sequence holds is free."""
         llama_cpp.llama_memory_seq_rm(self.memory, seq_id, p0, p1)
 
+    # -- saved sequence state (the prefix trie's host and disk tiers) ------------------------
+
+    @property
+    def n_swa(self) -> int:
+        """The sliding window of SWA layers (0 for none): a saved state holds only the last
+        ``n_swa`` cells of those layers, so it can be continued from its end only."""
+        return max(0, llama_cpp.llama_model_n_swa(self.model))
+
+    def save_state(self, seq_id: int) -> bytes | None:
+        """A snapshot of every cell ``seq_id`` holds, or None if llama.cpp wrote nothing."""
+        size = llama_cpp.llama_state_seq_get_size(self.ctx, seq_id)
+        if size <= 0:
+            return None
+        buf = ctypes.create_string_buffer(size)
+        written = llama_cpp.llama_state_seq_get_data(self.ctx, ctypes.cast(buf, ctypes.POINTER(ctypes.c_uint8)), size, seq_id)
+        return buf.raw[:written] if written > 0 else None
+
+    def restore_state(self, data: bytes, seq_id: int) -> bool:
+        """Put a snapshot's cells back under ``seq_id`` (new cells; none are shared). False
+        when llama.cpp refuses it (no contiguous room, or a state of another layout)."""
+        src = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))  # no copy
+        if llama_cpp.llama_state_seq_set_data(self.ctx, src, len(data), seq_id) == len(data):
+            return True
+        self.remove(seq_id)  # a refused state may have left cells behind
+        return False
+
+    def kv_fingerprint(self) -> str:
+        """What a saved state depends on: the model's weights and every setting that changes
+        the layout of the KV cells (types, V transposition with flash attention, SWA)."""
+        desc = ctypes.create_string_buffer(256)
+        llama_cpp.llama_model_desc(self.model, desc, len(desc))
+        c = self.config
+        parts = [
+            _file_identity(c.model),
+            desc.value.decode("utf-8", "replace"),
+            str(llama_cpp.llama_model_n_params(self.model)),
+            f"k={c.cache_type_k} v={c.cache_type_v} fa={c.flash_attn} swa_full=1 unified=1",
+            f"llama_cpp={getattr(llama_cpp, '__version__', '?')}",
+        ]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
+
     def close(self) -> None:
         if self.ctx:
             llama_cpp.llama_free(self.ctx)
@@ -228,6 +270,17 @@ class ModelRunner:
         if self.model:
             llama_cpp.llama_model_free(self.model)
             self.model = None
+
+
+def _file_identity(path: str) -> str:
+    """Size and a hash of the first and last MiB: the same weights wherever the file lies."""
+    h = hashlib.sha256()
+    size = os.path.getsize(path)
+    with open(path, "rb") as f:
+        h.update(f.read(1 << 20))
+        f.seek(max(0, size - (1 << 20)))
+        h.update(f.read(1 << 20))
+    return f"{size}:{h.hexdigest()}"
 
 
 def _physical_cores() -> int:

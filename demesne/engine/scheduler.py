@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from .prefix_cache import IdPool, KVOps, Node, RadixTrie
 from .request import Sequence
+from .tiers import Tiers
 
 @dataclass(slots=True)
 class StepPlan:
@@ -54,6 +55,8 @@ class Scheduler:
         prefix_cache: bool = True,
         n_seq_ids: int = 256,
         max_kept_cells: int | None = None,
+        tiers: Tiers | None = None,
+        n_swa: int = 0,
     ):
         self.n_cells = n_cells
         self.token_budget = token_budget
@@ -61,7 +64,13 @@ class Scheduler:
         self.kv = kv
         self.ids = IdPool(range(max_seqs))  # request seq ids; the trie has the rest
         # Sequence ids 0..max_seqs-1 are the requests'; the trie's nodes take the rest.
-        self.trie = RadixTrie(kv, range(max_seqs, n_seq_ids), enabled=prefix_cache)
+        self.tiers = tiers if prefix_cache else None
+        self.trie = RadixTrie(
+            kv, range(max_seqs, n_seq_ids), enabled=prefix_cache, n_swa=n_swa,
+            on_evict=self.tiers.on_evict if self.tiers else None,
+        )
+        if self.tiers:
+            self.tiers.trie = self.trie
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.n_preemptions = 0
@@ -162,8 +171,12 @@ class Scheduler:
         return sum(len(n.tokens) - n.n_cached for n in nodes) + 2 * waiting, nodes
 
     def _admit(self) -> None:
-        while self.waiting and self.ids.n_free:
-            seq = self.waiting[0]
+        i = 0  # sequences waiting for a saved prefix to come off disk stay put; others pass
+        while i < len(self.waiting) and self.ids.n_free:
+            seq = self.waiting[i]
+            if self.tiers and not self.tiers.before_admit(seq.tokens[:-1], self._room_for):
+                i += 1
+                continue
             hit = self.trie.insert(seq.tokens[:-1])
             if hit is None:
                 return
@@ -177,12 +190,17 @@ class Scheduler:
             if short > 0 and self.trie.evict(short) < short:
                 self.trie.unlock(node)
                 return
-            self.waiting.popleft()
+            del self.waiting[i]
             if seq.n_cached == 0 and seq.n_generated == 0:
                 seq.n_cached = min(matched, seq.prompt_len - 1)
             seq.node = node
             seq.seq_id = self.ids.acquire()
             self.running.append(seq)
+
+    def _room_for(self, cells: int) -> bool:
+        """Free ``cells`` cells beyond what admitted sequences will take, if eviction allows."""
+        need = cells + 2 - (self.free_cells() - self._promised()[0])
+        return need <= 0 or self.trie.evict(need) >= need
 
     def _plan(self) -> StepPlan:
         plan = StepPlan()
