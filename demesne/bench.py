@@ -355,7 +355,10 @@ def _post_headers(api_key: str | None) -> dict[str, str]:
 
 
 def _client(concurrency: int) -> aiohttp.ClientSession:
-    connector = aiohttp.TCPConnector(limit=concurrency)
+    # A connection per request: llama-server closes the connection after each streamed
+    # response though it says keep-alive, and a request sent on it fails at once with
+    # "Can not write request body" (a third of the requests at concurrency 8).
+    connector = aiohttp.TCPConnector(limit=concurrency, force_close=True)
     # No total timeout: a long generation under heavy load is a result, not an error.
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=30)
     return aiohttp.ClientSession(connector=connector, timeout=timeout)
