@@ -440,6 +440,21 @@ def test_no_restore_where_the_path_is_being_computed():
     assert restore(h, saved, path[:-1]) is None
 
 
+def test_a_restore_drops_an_unheld_uncomputed_path_in_its_way():
+    """A request that inserted its path but was not admitted leaves an empty leaf: it must not
+    pass for work under way, or the saved path would never come back."""
+    h, saved = tiered()
+    path = list(range(1, 21))
+    h.request(path)
+    h.trie.evict(10**9)
+    node, _ = h.insert(path[:-1] + [7, 8])
+    h.trie.prune(node)  # what the scheduler does when it cannot admit
+    assert h.trie.n_nodes == 0
+    h.insert(path[:-1] + [7, 8])  # and if something is left anyway
+    leaf = restore(h, saved, path[:-1])
+    assert leaf is not None and leaf.computed and h.trie.n_cells == 19
+
+
 def test_branching_inside_a_restored_window_gap_recomputes_the_subtree():
     """n_swa 4: a restored 20-token path holds sliding-window cells for positions 16..19 only.
     It may be continued from its end; a branch at 12 would attend to 8..11, which it lacks."""

@@ -281,33 +281,39 @@ class RadixTrie:
 
     # -- the tiers below: restoring saved paths ------------------------------------------
 
-    def computed_match(self, tokens: list[int]) -> tuple[int, int]:
-        """(leading tokens of ``tokens`` whose KV the trie holds, leading tokens in the trie
-        at all), without changing anything."""
-        node, i, done = self.root, 0, 0
+    def computed_match(self, tokens: list[int]) -> tuple[int, Node | None]:
+        """How many leading tokens of ``tokens`` the trie holds computed, and the node in the
+        way beyond them (one that holds more of ``tokens``, not computed yet), if any.
+        Changes nothing."""
+        node, i = self.root, 0
         while i < len(tokens) and self.enabled:
             child = node.children.get(tokens[i])
             if child is None:
                 break
             k = _common_prefix(child.tokens, tokens[i:])
-            if done == i:
-                done = i + min(k, child.n_cached)
+            if child.n_cached < k:
+                return i + child.n_cached, child
             if k < len(child.tokens):
-                return done, i + k
+                return i + k, None
             node, i = child, i + k
-        return done, i
+        return i, None
 
     def restore(self, tokens: list[int], load: Callable[[int], bool]) -> Node | None:
         """Put a saved path back: a computed leaf for what the trie lacks of ``tokens``.
 
         ``load(seq_id)`` writes the saved state of the whole path under ``seq_id`` (new
         cells); the part the trie already holds is then given back in favour of the trie's
-        own cells, so nothing is held twice. None when the trie holds part of the path
-        uncomputed (someone is computing it: sharing that is cheaper), when no seq id can be
-        had, or when ``load`` fails.
+        own cells, so nothing is held twice. None when a request is computing part of the
+        path (sharing that is cheaper), when no seq id can be had, or when ``load`` fails.
+        What nobody holds in the way (a path inserted by a request that was not admitted)
+        is dropped first.
         """
-        done, present = self.computed_match(tokens)
-        if present > done or done >= len(tokens):
+        done, blocker = self.computed_match(tokens)
+        if blocker is not None:
+            if blocker.refs:
+                return None
+            self._drop_subtree(blocker)
+        if done >= len(tokens):
             return None
         node, matched = self._walk(tokens)
         if node is None or matched != done or not (node is self.root or node.computed):
@@ -375,6 +381,20 @@ class RadixTrie:
         if self.on_evict is not None and victim.n_cached:
             self.on_evict(victim)
         return self._remove(victim)
+
+    def _drop_subtree(self, node: Node) -> None:
+        """Remove ``node`` and everything below it (nobody holds any of it)."""
+        for child in list(node.children.values()):
+            self._drop_subtree(child)
+        self._remove(node)
+
+    def prune(self, node: Node) -> None:
+        """Drop ``node`` and its ancestors while nobody holds them and they hold no cells
+        (a request inserted its path but could not be admitted)."""
+        while node is not self.root and node.refs == 0 and not node.children and node.n_cached == 0:
+            parent = node.parent
+            self._remove(node)
+            node = parent
 
     def _drop_unheld(self, node: Node) -> None:
         while node is not self.root and node.refs == 0 and not node.children:

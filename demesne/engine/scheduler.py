@@ -189,6 +189,7 @@ class Scheduler:
             short = lacking + 2 - (self.free_cells() - promised)
             if short > 0 and self.trie.evict(short) < short:
                 self.trie.unlock(node)
+                self.trie.prune(node)  # an empty leaf left here would look like work under way
                 return
             del self.waiting[i]
             if seq.n_cached == 0 and seq.n_generated == 0:

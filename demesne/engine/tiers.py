@@ -76,8 +76,8 @@ class Tiers:
     def before_admit(self, tokens: list[int], make_room: Callable[[int], bool]) -> bool:
         """Restore the best saved prefix of ``tokens`` if one is worth it. False while the
         request should wait for a disk read (started here)."""
-        done, present = self.trie.computed_match(tokens)
-        if present > done:  # part of the path is being computed now: share that instead
+        done, blocker = self.trie.computed_match(tokens)
+        if blocker is not None and blocker.refs:  # a request computes the path now: share that
             return True
         entry = self.store.longest_prefix(tokens, done + MIN_GAIN - 1)
         if entry is None or entry.n_tokens - done < entry.n_tokens // GAIN_SHARE:
