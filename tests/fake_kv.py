@@ -183,7 +183,8 @@ def check_trie(trie: RadixTrie, kv: FakeKV, id_range: range, holders=()) -> dict
         assert node.refs == refs.get(node, 0), f"refs {node.refs}, holders {refs.get(node, 0)}"
         assert node.seq_id in id_range and node.seq_id not in ids
         ids.add(node.seq_id)
-        if node.n_cached:
+        n_cells += node.n_extra
+        if node.n_cached and not node.n_extra:
             assert parent is trie.root or parent.computed, "computed below an uncomputed parent"
         _check_node_cells(kv, node, paths[parent], paths)
     assert n_nodes == trie.n_nodes, f"{n_nodes} nodes reachable, the trie counts {trie.n_nodes}"
@@ -191,6 +192,14 @@ def check_trie(trie: RadixTrie, kv: FakeKV, id_range: range, holders=()) -> dict
     free = set(trie.ids._free)
     assert not free & ids and free | ids == set(id_range), "node seq ids leak"
     return paths
+
+
+def _path_tokens(node: Node) -> list[int]:
+    out = []
+    while node.parent is not None:
+        out = node.tokens + out
+        node = node.parent
+    return out
 
 
 def _depth(node: Node) -> int:
@@ -214,9 +223,14 @@ def _check_node_cells(kv: FakeKV, node: Node, parent_path: dict[int, int], paths
         paths[node] = {**parent_path}
         return
     assert sorted(held) == list(range(end)), f"node {node.seq_id}: {sorted(held)}, not 0..{end - 1}"
-    for p in range(node.start):
+    below = node.start - node.n_extra  # above it: the node's own copies (a split in a gap)
+    for p in range(below):
         assert held[p][0] == parent_path[p], f"node seq {node.seq_id} at {p}: not its parent's cell"
+    tokens = _path_tokens(node)
     own = {}
+    for p in range(below, node.start):
+        assert kv.cells[held[p][0]].token == tokens[p], f"node {node.seq_id}: token at {p}"
+        own[p] = held[p][0]
     for p in range(node.start, end):
         cell = kv.cells[held[p][0]]
         assert cell.token == node.tokens[p - node.start], f"node {node.seq_id}: token at {p}"

@@ -343,10 +343,18 @@ def test_an_unheld_chain_never_blocks_an_insert():
 # --- randomized -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("seed", range(12))
-def test_random_requests_keep_the_trie_and_the_cache_in_step(seed):
+@pytest.mark.parametrize("seed", range(16))
+@pytest.mark.parametrize("tiers", [None, 0, 3], ids=["no-tiers", "tiers", "tiers-swa3"])
+def test_random_requests_keep_the_trie_and_the_cache_in_step(seed, tiers):
+    """``tiers``: evicted leaves are saved and some inserts first restore a saved path; with
+    a sliding window of 3 (whose gaps the fake cache does not model, but the trie's structure
+    and counts must hold)."""
     rng = random.Random(seed)
     h = Harness(n_cells=1024, node_ids=range(8, 8 + rng.choice([6, 12, 56])))
+    saved: dict[tuple[int, ...], list] = {}
+    if tiers is not None:
+        h.trie.n_swa = tiers
+        h.trie.on_evict = lambda node: saved.__setitem__(tuple(h.trie.path_tokens(node)), h.kv.save_state(node.seq_id))
     stems = [[rng.randrange(1, 20) for _ in range(rng.randrange(1, 8))] for _ in range(4)]
     held: list[tuple[Node, int]] = []  # (node, seq id) of requests in flight
     free_ids = list(range(8))
@@ -355,6 +363,11 @@ def test_random_requests_keep_the_trie_and_the_cache_in_step(seed):
         if op < 0.45 and free_ids:
             tail = [rng.randrange(1, 20) for _ in range(rng.randrange(0, 6))]
             tokens = list(rng.choice(stems)) + tail
+            if saved and rng.random() < 0.5:
+                path = list(rng.choice(list(saved)))
+                h.trie.restore(path, lambda seq_id: h.kv.restore_state(saved[tuple(path)], seq_id))
+                h.check()
+                tokens = path + tail if rng.random() < 0.5 else tokens
             hit = h.insert(tokens)
             if hit is None:
                 continue
@@ -455,9 +468,11 @@ def test_a_restore_drops_an_unheld_uncomputed_path_in_its_way():
     assert leaf is not None and leaf.computed and h.trie.n_cells == 19
 
 
-def test_branching_inside_a_restored_window_gap_recomputes_the_subtree():
-    """n_swa 4: a restored 20-token path holds sliding-window cells for positions 16..19 only.
-    It may be continued from its end; a branch at 12 would attend to 8..11, which it lacks."""
+def test_branching_inside_a_restored_window_gap_recomputes_the_top_only():
+    """n_swa 4: a restored 20-token path holds sliding-window cells for positions 17..20 only.
+    It may be continued from its end; a branch at 12 would attend to 8..11, which it lacks:
+    the first 12 tokens become a node of their own, recomputed, and the restored bottom keeps
+    its cells (its own copies of 0..11 as n_extra) for whoever continues from its end."""
     h, saved = tiered(n_swa=4)
     path = list(range(1, 21))
     h.request(path + [99])
@@ -470,13 +485,38 @@ def test_branching_inside_a_restored_window_gap_recomputes_the_subtree():
     assert leaf.computed and leaf.n_cached == 21
     h.unlock(child)
     branch, matched = h.insert(path[:12] + [500])
+    h.check()
     assert matched == 12
     top = branch.parent
-    assert top.n_cached == 0 and leaf.n_cached == 0 and child.n_cached == 0  # all recomputed
-    assert h.trie.n_cells == 0
+    assert top.n_cached == 0 and top.children[path[12]] is leaf
+    assert (leaf.start, leaf.n_cached, leaf.n_extra) == (12, 9, 12) and h.trie.n_cells == 21 + 2
     h.lock(branch)
     h.compute(branch)
     assert h.kv.context(branch.seq_id, 12) == path[:12] + [500]
+    h.unlock(branch)
+    again, _ = h.insert(path + [99, 7, 8, 9])  # the restored bottom still serves its end
+    assert again.parent is child and child.computed
+    h.trie.evict(10**9)
+    h.check()
+    assert h.trie.n_cells == 0 and h.kv.n_used() == 0
+
+
+def test_a_gap_split_merges_back_when_ids_run_short():
+    h, saved = tiered(n_swa=4)
+    path = list(range(1, 21))
+    h.request(path + [99])
+    h.trie.evict(10**9)
+    leaf = restore(h, saved, path + [99])
+    branch, _ = h.insert(path[:12] + [500])
+    top = branch.parent
+    h.lock(top)
+    h.compute(top)
+    h.unlock(top)
+    h.trie._remove(branch)  # the branch goes; top has one child, the restored bottom
+    h.check()
+    assert h.trie._merge_one(protect=None)
+    h.check()
+    assert leaf.start == 0 and leaf.n_extra == 0 and leaf.n_cached == 21 and h.trie.n_cells == 21
 
 
 def test_a_branch_before_the_gap_keeps_the_cells():

@@ -28,8 +28,8 @@ first, which may save its path's state to host memory; :meth:`RadixTrie.restore`
 path back as a computed leaf. On an SWA model a saved state keeps only the last ``n_swa``
 cells of the sliding-window layers, so a restored leaf longer than the window has a *gap*:
 it may be continued from its end (or branched at its start), not from a point inside. A
-split inside the gap drops the node's cells, and those of everything below it, to be
-recomputed.
+split inside the gap gives the top part to a new node that recomputes it; the bottom keeps its
+state (continued from its end, as before).
 
 With ``enabled=False`` (``--no-prefix-cache``) nothing is matched or kept: every insert is a
 fresh branch from the root and a node is evicted as soon as nobody holds it.
@@ -77,6 +77,9 @@ class Node:
     children: dict[int, Node] = field(default_factory=dict)
     # Positions [g0, g1) whose sliding-window cells a restored state lacks (see the module doc).
     swa_gap: tuple[int, int] | None = None
+    # Cells the seq id holds just above ``start``, its own copies, where a split in the gap
+    # gave the top part to a node that recomputes it (the cells still serve this node).
+    n_extra: int = 0
 
     @property
     def end(self) -> int:
@@ -158,14 +161,35 @@ class RadixTrie:
         if seq_id is None:
             return None
         if not self._can_branch(node, node.start + k):
+            if node.computed:
+                return self._split_in_gap(node, k, seq_id)
             self._uncompute(node)
         top = Node(node.tokens[:k], node.start, node.parent, seq_id, min(k, node.n_cached), node.refs, node.last_used)
         top.swa_gap = node.swa_gap if node.swa_gap and node.swa_gap[0] < top.end else None
         self.kv.copy(node.seq_id, seq_id, -1, node.start + top.n_cached)
+        # The top's seq id now holds the node's own copies above its start too, and outlives
+        # the node (a parent is removed only after its children): it accounts for them.
+        top.n_extra, node.n_extra = node.n_extra, 0
         node.parent.children[top.tokens[0]] = top
         node.tokens = node.tokens[k:]
         node.start += k
         node.n_cached = max(0, node.n_cached - k)
+        node.parent = top
+        top.children[node.tokens[0]] = node
+        self.n_nodes += 1
+        return top
+
+    def _split_in_gap(self, node: Node, k: int, seq_id: int) -> Node:
+        """Cut a restored node inside its window gap: new tokens after the top part would
+        attend to sliding-window cells the state lacks, so the top part is recomputed (a new
+        node, no cells yet); the bottom keeps its state, whose cells above its new start
+        become its ``n_extra``: it can still be continued from its end."""
+        top = Node(node.tokens[:k], node.start, node.parent, seq_id, 0, node.refs, node.last_used)
+        node.parent.children[top.tokens[0]] = top
+        node.tokens = node.tokens[k:]
+        node.start += k
+        node.n_cached -= k
+        node.n_extra += k
         node.parent = top
         top.children[node.tokens[0]] = node
         self.n_nodes += 1
@@ -198,10 +222,16 @@ class RadixTrie:
             (child,) = parent.children.values()
             if protect in (parent, child) or parent.refs != child.refs:
                 continue
-            if not parent.computed and child.n_cached:
+            if (not parent.computed and child.n_cached) or (parent.n_extra and child.n_extra):
                 continue
             if child.n_cached == 0:  # the child's seq id must cover the parent's cells too
                 self.kv.copy(parent.seq_id, child.seq_id, -1, parent.start + parent.n_cached)
+            if child.n_extra:  # the child's own copies of (the bottom of) the parent's span:
+                # the parent's cells there are freed; above them the two seq ids share cells
+                self.n_cells -= min(child.n_extra, parent.n_cached)
+                child.n_extra = max(0, child.n_extra - len(parent.tokens))
+            else:  # the parent's own copies above its start are the child's too
+                child.n_extra = parent.n_extra
             self.kv.remove(parent.seq_id)
             self.ids.release(parent.seq_id)
             parent.parent.children[parent.tokens[0]] = child
@@ -346,10 +376,10 @@ class RadixTrie:
         while stack:
             n = stack.pop()
             stack.extend(n.children.values())
-            if n.n_cached:
+            if n.n_cached or n.n_extra:
                 self.kv.remove(n.seq_id)
-                self.n_cells -= n.n_cached
-                n.n_cached = 0
+                self.n_cells -= n.n_cached + n.n_extra
+                n.n_cached = n.n_extra = 0
             n.swa_gap = None
 
     def path_tokens(self, node: Node) -> list[int]:
@@ -407,9 +437,9 @@ class RadixTrie:
         if node.parent.children.get(node.tokens[0]) is node:
             del node.parent.children[node.tokens[0]]
         self.ids.release(node.seq_id)
-        self.n_cells -= node.n_cached
+        self.n_cells -= node.n_cached + node.n_extra
         self.n_nodes -= 1
-        return node.n_cached
+        return node.n_cached + node.n_extra
 
     def _nodes(self):
         stack = list(self.root.children.values())
@@ -420,4 +450,4 @@ class RadixTrie:
 
     def evictable_cells(self) -> int:
         """Cells that eviction could free now (nodes no request holds)."""
-        return sum(n.n_cached for n in self._nodes() if n.refs == 0)
+        return sum(n.n_cached + n.n_extra for n in self._nodes() if n.refs == 0)
