@@ -420,8 +420,16 @@ class RadixTrie:
 
     def prune(self, node: Node) -> None:
         """Drop ``node`` and its ancestors while nobody holds them and they hold no cells
-        (a request inserted its path but could not be admitted)."""
-        while node is not self.root and node.refs == 0 and not node.children and node.n_cached == 0:
+        (a request inserted its path but could not be admitted). A node already gone (an
+        unlock with the cache off drops it) is left alone: removing it twice would free its
+        seq id twice."""
+        while (
+            node is not self.root
+            and node.parent.children.get(node.tokens[0]) is node
+            and node.refs == 0
+            and not node.children
+            and node.n_cached == node.n_extra == 0
+        ):
             parent = node.parent
             self._remove(node)
             node = parent
