@@ -64,9 +64,13 @@ async def test_client_disconnect_aborts_in_engine(processes, model_id):
         async def idle():
             s = await engine_stats(http, url)
             # Idle: nothing running or queued, and every used cell is one the prefix trie keeps.
-            return not s["requests_running"] and not s["requests_waiting"] and s["kv_cells_used"] == s["prefix_cache_cells"] and s
+            # The engine's counters reach /metrics as a snapshot that may predate the request
+            # (CI read 0 tokens and idle, then 4): the snapshot must count the tokens the
+            # client saw (each data line carries at least one) before it can say idle.
+            fresh = s["generation_tokens_total"] >= n
+            return fresh and not s["requests_running"] and not s["requests_waiting"] and s["kv_cells_used"] == s["prefix_cache_cells"] and s
 
-        before = await wait_for(idle, timeout=5)
+        before = await wait_for(idle, timeout=10)
         assert before["generation_tokens_total"] < 100
         await asyncio.sleep(1.5)
         after = await engine_stats(http, url)
