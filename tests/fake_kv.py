@@ -35,6 +35,7 @@ class Cell:
     pos: int
     token: int
     seqs: set[int] = field(default_factory=set)
+    swa: bool = True  # the sliding-window layers have this cell too (not so below a restored window)
 
 
 def _in(pos: int, p0: int, p1: int) -> bool:
@@ -42,9 +43,12 @@ def _in(pos: int, p0: int, p1: int) -> bool:
 
 
 class FakeKV:
-    def __init__(self, n_cells: int, n_seq_max: int = 256):
+    def __init__(self, n_cells: int, n_seq_max: int = 256, n_swa: int = 0):
         self.cells: list[Cell | None] = [None] * n_cells
         self.n_seq_max = n_seq_max
+        # A sliding window (llama_kv_cache_iswa): a restored state has the window layers' cells
+        # for its last n_swa positions only; a sequence's last position is the window cache's.
+        self.n_swa = n_swa
         self.n_copies = 0
 
     def _check_id(self, seq_id: int) -> None:
@@ -104,12 +108,15 @@ class FakeKV:
         return sorted((c.pos, c.token) for c in self.cells if c is not None and seq_id in c.seqs)
 
     def restore_state(self, state: list[tuple[int, int]], seq_id: int) -> bool:
-        """New cells for ``seq_id`` (none shared), all or nothing."""
+        """New cells for ``seq_id`` (none shared), all or nothing; with a sliding window,
+        those below the state's last ``n_swa`` positions lack the window layers' cells."""
         free = [i for i, c in enumerate(self.cells) if c is None]
         if len(free) < len(state):
             return False
+        self.remove(seq_id)  # llama_state_seq_set_data clears the destination first
+        end = max((pos for pos, _ in state), default=-1) + 1
         for i, (pos, token) in zip(free, state):
-            self.cells[i] = Cell(pos, token, {seq_id})
+            self.cells[i] = Cell(pos, token, {seq_id}, swa=not self.n_swa or pos >= end - self.n_swa)
         return True
 
     # -- looking inside ------------------------------------------------------------------
@@ -117,10 +124,16 @@ class FakeKV:
     def context(self, seq_id: int, pos: int) -> list[int]:
         """The tokens a query of ``seq_id`` at ``pos`` attends to, in position order."""
         seen = [c for c in self.cells if c is not None and seq_id in c.seqs and c.pos <= pos]
-        return [c.token for c in sorted(seen, key=lambda c: c.pos)]
+        out = [c.token for c in sorted(seen, key=lambda c: c.pos)]
+        if self.n_swa:  # a window position the window layers lack changes what is sampled
+            window = {c.pos for c in seen if c.swa and c.pos > pos - self.n_swa}
+            out += [-1 - p for p in range(max(0, pos - self.n_swa + 1), pos + 1) if p not in window]
+        return out
 
     def pos_max(self, seq_id: int) -> int:
-        return max((c.pos for c in self.cells if c is not None and seq_id in c.seqs), default=-1)
+        """The last position of ``seq_id`` (the window layers' cache's, as llama.cpp reads it)."""
+        cells = (c for c in self.cells if c is not None and seq_id in c.seqs and (c.swa or not self.n_swa))
+        return max((c.pos for c in cells), default=-1)
 
     def n_used(self) -> int:
         return sum(c is not None for c in self.cells)

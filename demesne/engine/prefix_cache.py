@@ -268,13 +268,22 @@ class RadixTrie:
             node.last_used = now
             node = node.parent
 
-    def next_to_compute(self, node: Node) -> Node | None:
-        """The first node on the path to ``node`` whose span is not fully computed."""
+    def needed(self, node: Node) -> list[Node]:
+        """The nodes on the path to ``node``, root first, whose cells a request ending there
+        still lacks. A computed node's seq id holds its whole path, so nothing above the
+        deepest computed one is needed (above a restored node split in its window gap sits a
+        part that is recomputed for whoever branches there, not for requests through it)."""
         path = []
-        while node is not self.root:
+        while node is not self.root and not node.computed:
             path.append(node)
             node = node.parent
-        return next((n for n in reversed(path) if not n.computed), None)
+        path.reverse()
+        return path
+
+    def next_to_compute(self, node: Node) -> Node | None:
+        """The first node a request ending at ``node`` still needs computed, if any."""
+        needed = self.needed(node)
+        return needed[0] if needed else None
 
     def begin_chunk(self, node: Node) -> None:
         """Before computing a node's first tokens: take the parent's path (computed now)."""

@@ -166,7 +166,7 @@ class Scheduler:
         nodes: set[Node] = set()
         for seq in self.running:
             if not seq.attached:
-                nodes.update(_path(seq.node, self.trie.root))
+                nodes.update(self.trie.needed(seq.node))
         waiting = sum(1 for s in self.running if not s.attached)
         return sum(len(n.tokens) - n.n_cached for n in nodes) + 2 * waiting, nodes
 
@@ -185,7 +185,7 @@ class Scheduler:
             promised, promised_nodes = self._promised()
             # What the path lacks beyond what running sequences are computing anyway, the
             # last token, and room for the first new one.
-            lacking = sum(len(n.tokens) - n.n_cached for n in _path(node, self.trie.root) if n not in promised_nodes)
+            lacking = sum(len(n.tokens) - n.n_cached for n in self.trie.needed(node) if n not in promised_nodes)
             short = lacking + 2 - (self.free_cells() - promised)
             if short > 0 and self.trie.evict(short) < short:
                 self.trie.unlock(node)
@@ -239,10 +239,8 @@ class Scheduler:
     def _plan_path(self, seq: Sequence, chunks: dict[Node, int], room: int) -> tuple[int, bool]:
         """Schedule what ``seq``'s path lacks, root first, as far as ``room`` goes; whether
         the whole path is in KV after this step."""
-        for node in reversed(_path(seq.node, self.trie.root)):
+        for node in self.trie.needed(seq.node):
             left = len(node.tokens) - node.n_cached
-            if left == 0:
-                continue
             if node not in chunks:
                 if room == 0:
                     return room, False
@@ -253,8 +251,10 @@ class Scheduler:
         return room, True
 
     def _tag_ancestors(self, node: Node, seq_id: int, tags: dict[Node, list[int]]) -> None:
-        """Tokens computed this step on the path to ``node`` carry ``seq_id`` too."""
-        while node is not self.trie.root:
+        """Tokens computed this step on the path to ``node`` carry ``seq_id`` too, up to the
+        first computed node: ``seq_id`` has that node's cells, its whole path, already (what
+        is computed above it is another request's; see RadixTrie.needed)."""
+        while node is not self.trie.root and not node.computed:
             if node in tags:
                 tags[node].append(seq_id)
             node = node.parent
@@ -274,11 +274,3 @@ class Scheduler:
         want = sum(s.n_remaining for s in self.running if s.attached)
         want += self._promised()[0]
         return min(want, self.token_budget)
-
-
-def _path(node: Node, root: Node) -> list[Node]:
-    path = []
-    while node is not root:
-        path.append(node)
-        node = node.parent
-    return path
