@@ -63,6 +63,8 @@ def observe_middleware(observability: Observability):
         except web.HTTPException as exc:
             status = exc.status
             raise
+        except ConnectionResetError:  # the client went away: 499 as above, not a server error
+            raise
         except Exception:
             status = 500
             raise

@@ -48,7 +48,10 @@ class EventStream:
 
     async def close(self) -> None:
         await self._within(self.response.write(b"data: [DONE]\n\n"))
-        await self._within(self.response.write_eof())
+        try:
+            await self._within(self.response.write_eof())
+        except ConnectionResetError:  # the client had [DONE] and closed before the chunked end
+            pass
 
     async def _within(self, write) -> None:
         try:
