@@ -321,3 +321,13 @@ async def test_conversations_against_demesne(server):
         assert second.prompt_tokens >= first.prompt_tokens + first.completion_tokens + spec.turn_tokens
     assert result.engine_prefill is not None and 0 < result.engine_prefill <= result.prompt_tokens_sent
     assert "prefill tokens" in format_conversations(result)
+
+
+def test_kv_layout_bench_runs_every_layout(capsys):
+    from demesne.engine import kv_layout_bench
+
+    kv_layout_bench.main(["--rows", "2", "--context", "40", "--chunk", "8", "--steps", "1"])
+    out = capsys.readouterr().out
+    for name, _, _ in kv_layout_bench.LAYOUTS:
+        assert name in out
+    assert out.count(" ms") == 2 * len(kv_layout_bench.LAYOUTS)
