@@ -110,6 +110,25 @@ def _header(fingerprint: str, tokens: np.ndarray, data: bytes) -> bytes:
                         option=orjson.OPT_SERIALIZE_NUMPY)
 
 
+_stamp_lock = threading.Lock()
+_last_stamp = 0
+
+
+def _access_stamp() -> int:
+    """A file time in ns, later than any this process gave before: files are ordered by
+    mtime at a restart, and the kernel's own file times are coarse (a write and a later load
+    in the same few milliseconds would tie)."""
+    global _last_stamp
+    with _stamp_lock:
+        _last_stamp = max(time.time_ns(), _last_stamp + 1)
+        return _last_stamp
+
+
+def _touch(path: str) -> None:
+    t = _access_stamp()
+    os.utime(path, ns=(t, t))
+
+
 def _write_file(directory: str, name: str, header: bytes, data: bytes) -> int:
     """Write one file under a temporary name, then rename it into place, so a crash never
     leaves half a file under a real name. Returns the file's size."""
@@ -118,6 +137,7 @@ def _write_file(directory: str, name: str, header: bytes, data: bytes) -> int:
         with open(tmp, "wb") as f:
             f.write(MAGIC + _LEN.pack(len(header)) + header)
             f.write(data)
+        _touch(tmp)
         os.replace(tmp, os.path.join(directory, name))
     except BaseException:
         with contextlib.suppress(OSError):
@@ -521,7 +541,7 @@ class KVStore:
             if not len(tokens) or self._name(tokens) != item.name:
                 return None
             entry = Entry(tokens, item.name, (len(tokens), int(_prefix_hashes(tokens)[-1])), header["size"], "disk")
-            return item.stat().st_mtime, entry, offset + header["size"]
+            return item.stat().st_mtime_ns, entry, offset + header["size"]
         except (_Corrupt, ValueError, TypeError, OverflowError):
             return None
         except OSError:
@@ -599,7 +619,7 @@ class KVStore:
             self._lost(entry, corrupt=False)
             return None
         with contextlib.suppress(OSError):
-            os.utime(path)  # a restart orders files by mtime: make it the access order
+            _touch(path)  # a restart orders files by mtime: make it the access order
         return data
 
     def _lost(self, entry: Entry, corrupt: bool) -> None:
