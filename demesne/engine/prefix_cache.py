@@ -170,13 +170,8 @@ class RadixTrie:
         # The top's seq id now holds the node's own copies above its start too, and outlives
         # the node (a parent is removed only after its children): it accounts for them.
         top.n_extra, node.n_extra = node.n_extra, 0
-        node.parent.children[top.tokens[0]] = top
-        node.tokens = node.tokens[k:]
-        node.start += k
+        self._put_above(node, top, k)
         node.n_cached = max(0, node.n_cached - k)
-        node.parent = top
-        top.children[node.tokens[0]] = node
-        self.n_nodes += 1
         return top
 
     def _split_in_gap(self, node: Node, k: int, seq_id: int) -> Node:
@@ -185,15 +180,19 @@ class RadixTrie:
         node, no cells yet); the bottom keeps its state, whose cells above its new start
         become its ``n_extra``: it can still be continued from its end."""
         top = Node(node.tokens[:k], node.start, node.parent, seq_id, 0, node.refs, node.last_used)
+        self._put_above(node, top, k)
+        node.n_cached -= k
+        node.n_extra += k
+        return top
+
+    def _put_above(self, node: Node, top: Node, k: int) -> None:
+        """Link ``top`` (``node``'s first ``k`` tokens) in ``node``'s place, above it."""
         node.parent.children[top.tokens[0]] = top
         node.tokens = node.tokens[k:]
         node.start += k
-        node.n_cached -= k
-        node.n_extra += k
         node.parent = top
         top.children[node.tokens[0]] = node
         self.n_nodes += 1
-        return top
 
     def _new_node(self, tokens: list[int], start: int, parent: Node) -> Node | None:
         seq_id = self._acquire_id(protect=parent)
@@ -429,22 +428,15 @@ class RadixTrie:
 
     def prune(self, node: Node) -> None:
         """Drop ``node`` and its ancestors while nobody holds them and they hold no cells
-        (a request inserted its path but could not be admitted). A node already gone (an
-        unlock with the cache off drops it) is left alone: removing it twice would free its
-        seq id twice."""
-        while (
-            node is not self.root
-            and node.parent.children.get(node.tokens[0]) is node
-            and node.refs == 0
-            and not node.children
-            and node.n_cached == node.n_extra == 0
-        ):
-            parent = node.parent
-            self._remove(node)
-            node = parent
+        (a request inserted its path but could not be admitted). With the cache off the unlock
+        has dropped them already (removing a node twice would free its seq id twice)."""
+        if self.enabled:
+            self._drop_unheld(node, empty_only=True)
 
-    def _drop_unheld(self, node: Node) -> None:
+    def _drop_unheld(self, node: Node, empty_only: bool = False) -> None:
         while node is not self.root and node.refs == 0 and not node.children:
+            if empty_only and (node.n_cached or node.n_extra):
+                return
             parent = node.parent
             self._remove(node)
             node = parent
