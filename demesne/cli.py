@@ -14,7 +14,7 @@ from collections.abc import Callable
 import click
 
 from .bench import bench
-from .config import CACHE_TYPES, FLASH_ATTN, SPLIT_MODES, TOOL_FORMATS, ConfigError, EngineConfig, GatewayConfig, default_engine_endpoint, parse_size
+from .config import CACHE_TYPES, FLASH_ATTN, KV_LAYOUTS, SPLIT_MODES, TOOL_FORMATS, ConfigError, EngineConfig, GatewayConfig, default_engine_endpoint, parse_size
 from .model import ModelNotFound, resolve_model
 
 log = logging.getLogger("demesne")
@@ -57,8 +57,9 @@ LOG_LEVEL = click.option("--log-level", default="info", type=click.Choice(["debu
 ENGINE_OPTIONS = [
     click.option("--model", type=click.Path(dir_okay=False), help="GGUF to serve [default: the bundled Gemma 3 270M]"),
     click.option("--model-alias", help="model id clients use [default: the file name without .gguf]"),
-    click.option("--ctx-size", default=16384, show_default=True, help="total KV cells, shared by all sequences"),
-    click.option("--max-seqs", default=32, show_default=True, help="sequences decoding at once"),
+    click.option("--ctx-size", default=32768, show_default=True, help="total KV cells; with --kv-layout streams each sequence may hold --ctx-size / --max-seqs of them"),
+    click.option("--max-seqs", default=8, show_default=True, help="sequences decoding at once"),
+    click.option("--kv-layout", default="streams", type=click.Choice(KV_LAYOUTS), show_default=True, help="streams: a KV stream per sequence (each step attends over its own cells; shared prefixes are copied); unified: one cell pool (any sequence may use the whole --ctx-size; shared prefixes share cells, but every step attends over every used cell)"),
     click.option("--batch-size", default=512, show_default=True, help="tokens per decode step (decode rows + prompt chunk)"),
     click.option("--ubatch-size", default=512, show_default=True, help="physical batch size inside llama.cpp"),
     click.option("--threads", default=0, show_default=True, help="threads for generation [0: physical cores]"),
@@ -72,7 +73,7 @@ ENGINE_OPTIONS = [
     click.option("--cache-type-v", default="f16", type=click.Choice(CACHE_TYPES), show_default=True, help="V cache type (quantized needs flash attention)"),
     click.option("--max-waiting", default=1024, show_default=True, help="queued requests beyond this are refused with 429"),
     click.option("--seed", type=int, help="engine-wide seed for requests that bring none"),
-    click.option("--prefix-keep", type=float, default=None, help="share of the KV cache that prefixes of finished requests may keep (each kept cell widens every decode step's attention) [default: 0.25]"),
+    click.option("--prefix-keep", type=float, default=None, help="--kv-layout unified: share of the KV cache that prefixes of finished requests may keep (each kept cell widens every decode step's attention) [default: 0.25]"),
     click.option("--host-cache", callback=_size, help="host memory for saved prefix KV below the KV cache, e.g. 4G (0: off) [default: a quarter of free RAM, at most 8G]"),
     click.option("--disk-cache", type=click.Path(file_okay=False), help="directory for saved prefix KV evicted from host memory; kept across restarts and shared by engines of the same model and KV settings [default: off]"),
     click.option("--disk-cache-size", callback=_size, default="16G", show_default=True, help="the most the --disk-cache directory may hold"),

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 CACHE_TYPES = ("f16", "q8_0", "q4_0")
 SPLIT_MODES = ("none", "layer", "row")
 FLASH_ATTN = ("auto", "on", "off")
+KV_LAYOUTS = ("streams", "unified")  # engine/slots.py, engine/scheduler.py
 TOOL_FORMATS = ("auto", "hermes", "llama3", "mistral", "mistral-v11", "generic")  # gateway/tool_formats.py
 
 
@@ -63,8 +64,9 @@ def _require(ok: bool, message: str) -> None:
 class EngineConfig:
     model: str  # path to a GGUF file
     model_alias: str | None = None  # the id clients use; default: the file's stem
-    ctx_size: int = 16384  # total KV cells, shared by every sequence
-    max_seqs: int = 32  # sequences decoding at once
+    ctx_size: int = 32768  # total KV cells (streams: ctx_size / max_seqs for each sequence)
+    max_seqs: int = 8  # sequences decoding at once
+    kv_layout: str = "streams"  # one KV stream per sequence, or one unified cell pool
     batch_size: int = 512  # tokens per llama_decode (decode rows + prefill chunk)
     ubatch_size: int = 512
     threads: int = 0  # 0: one per physical core, as llama.cpp picks
@@ -100,6 +102,12 @@ class EngineConfig:
             " every running sequence needs a row in each step",
         )
         _require(1 <= self.ubatch_size, "--ubatch-size must be positive")
+        _require(self.kv_layout in KV_LAYOUTS, f"--kv-layout must be one of {KV_LAYOUTS}")
+        _require(
+            self.kv_layout != "streams" or self.ctx_size // self.max_seqs >= 64,
+            f"--ctx-size ({self.ctx_size}) / --max-seqs ({self.max_seqs}) leaves each sequence"
+            " fewer than 64 cells; raise --ctx-size or use --kv-layout unified",
+        )
         _require(self.threads >= 0 and self.threads_batch >= 0, "--threads must be >= 0")
         _require(self.split_mode in SPLIT_MODES, f"--split-mode must be one of {SPLIT_MODES}")
         _require(self.flash_attn in FLASH_ATTN, f"--flash-attn must be one of {FLASH_ATTN}")
@@ -114,6 +122,10 @@ class EngineConfig:
         _require(self.step_target >= 0, "--step-target must be >= 0 (0: no time budget)")
         _require(self.drain_timeout >= 0, "--drain-timeout must be >= 0")
         _require(self.gateway_timeout >= 2, "--gateway-timeout must be at least 2 s (gateways ping every 0.5 s)")
+
+    @property
+    def streams(self) -> bool:
+        return self.kv_layout == "streams"
 
     @property
     def tiers_on(self) -> bool:

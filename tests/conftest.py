@@ -39,8 +39,11 @@ def tokenizer(model_path) -> Tokenizer:
 
 
 def make_engine(model_path: str, **overrides) -> Engine:
-    """An in-process engine on the real model: 2 threads, 4,096 cells, 8 sequences unless told."""
-    config = EngineConfig(model=model_path, threads=2, **{"ctx_size": 4096, "max_seqs": 8, **overrides})
+    """An in-process engine on the real model: 2 threads, 8 sequences, 16,384 cells (streams:
+    2,048 for each sequence; unified: 4,096 in all) unless told."""
+    unified = overrides.get("kv_layout") == "unified"
+    defaults = {"ctx_size": 4096 if unified else 16384, "max_seqs": 8}
+    config = EngineConfig(model=model_path, threads=2, **{**defaults, **overrides})
     return Engine(config, ModelRunner(config))
 
 
@@ -120,7 +123,7 @@ class Processes:
 
     def engine(self, endpoint: str, *extra: str, env: dict[str, str] | None = None) -> Proc:
         """``env``: e.g. {"DEMESNE_TEST_FAULTS": "step_sleep=8"} (demesne/engine/faults.py)."""
-        args = ["--model", self.model, "--listen", endpoint, "--ctx-size", "8192", "--max-seqs", "16", "--threads", "2"]
+        args = ["--model", self.model, "--listen", endpoint, "--ctx-size", "32768", "--max-seqs", "8", "--threads", "2"]
         return self._spawn("demesne-engine", args + list(extra), env)
 
     def gateway(self, endpoints: list[str], *extra: str) -> tuple[Proc, str]:

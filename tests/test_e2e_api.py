@@ -188,7 +188,9 @@ async def test_16_concurrent_greedy_equal_one_at_a_time(server, model_id):
     matrix kernels than a batch of one (shared/LLAMA_FACTS.md: logits differ by up to ~1), so
     an exact tie-break can differ. Where two outputs part, the test checks teacher-forced at
     that position: the token the concurrent run chose must be among the one-at-a-time run's
-    top 20 there, within 0.5 nats of its best (same prefix, so a fair comparison).
+    top 20 there, within 1 nat of its best (same prefix, so a fair comparison; with a KV
+    stream per sequence llama.cpp also splits a batch into per-stream ubatches, another shape
+    change: 0.53 seen here, and LLAMA_FACTS.md measured up to 0.83 between batch shapes).
     """
     client = openai_client(server)
     kw = dict(model=model_id, max_tokens=24, temperature=0, logprobs=20)
@@ -205,7 +207,7 @@ async def test_16_concurrent_greedy_equal_one_at_a_time(server, model_id):
         k = next(i for i, (x, y) in enumerate(zip(ct, at)) if x != y)
         top = a.choices[0].logprobs.top_logprobs[k]
         best = max(top.values())
-        assert ct[k] in top and best - top[ct[k]] < 0.5, (prompt, k, ct[k], top)
+        assert ct[k] in top and best - top[ct[k]] < 1.0, (prompt, k, ct[k], top)
     assert exact >= len(PROMPTS) // 2, f"only {exact} of {len(PROMPTS)} identical"
 
 
@@ -281,17 +283,17 @@ async def test_malformed_json_and_non_object(server, http):
 
 
 async def test_prompt_longer_than_context_names_both_numbers(server, http, model_id):
-    prompt = "hello " * 9000  # > 8192 tokens
+    prompt = "hello " * 5000  # > 4,096 tokens, what one request may hold (32,768 cells / 8 streams)
     async with http.post(f"{server.v1}/completions", json={"model": model_id, "prompt": prompt}) as r:
         assert r.status == 400
         err = error_of(await r.json())
-    assert "8192" in err["message"] and err["code"] == "context_length_exceeded"
-    n_prompt = [int(w) for w in err["message"].replace(",", " ").split() if w.isdigit() and w != "8192"]
-    assert n_prompt and n_prompt[0] > 8192
+    assert "4096" in err["message"] and err["code"] == "context_length_exceeded"
+    n_prompt = [int(w) for w in err["message"].replace(",", " ").split() if w.isdigit() and w != "4096"]
+    assert n_prompt and n_prompt[0] > 4096
     async with http.post(f"{server.v1}/completions", json={"model": model_id, "prompt": "hi", "max_tokens": 9000}) as r:
         assert r.status == 400
         err = error_of(await r.json())
-    assert "8192" in err["message"] and "9000" in err["message"]
+    assert "4096" in err["message"] and "9000" in err["message"]
 
 
 async def test_unknown_model_is_404(server, http):

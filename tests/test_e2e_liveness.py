@@ -281,7 +281,7 @@ def test_serve_restarts_its_engine_after_sigkill(model_path, tmp_path):
 
     port = free_port()
     proc = subprocess.Popen(
-        [str(BIN / "demesne"), "serve", "--port", str(port), "--ctx-size", "2048", "--max-seqs", "4", "--threads", "2"],
+        [str(BIN / "demesne"), "serve", "--port", str(port), "--ctx-size", "16384", "--max-seqs", "4", "--threads", "2"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)},
     )
 

@@ -41,7 +41,7 @@ async def test_metrics_exposes_engine_counters(server, http):
         "kv_cells_total",
     ):
         assert name in stats, name
-    assert stats["kv_cells_total"] == 8192
+    assert stats["kv_cells_total"] == 32768
 
 
 async def test_client_disconnect_aborts_in_engine(processes, model_id):
@@ -136,7 +136,7 @@ def test_missing_model_exits_2_with_one_line(tmp_path):
 def test_serve_starts_both_and_stops_on_sigterm(model_path, tmp_path):
     port = free_port()
     proc = subprocess.Popen(
-        [str(BIN / "demesne"), "serve", "--port", str(port), "--ctx-size", "2048", "--max-seqs", "4", "--threads", "2"],
+        [str(BIN / "demesne"), "serve", "--port", str(port), "--ctx-size", "16384", "--max-seqs", "4", "--threads", "2"],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         env={**os.environ, "XDG_RUNTIME_DIR": str(tmp_path)},  # where its engine socket goes

@@ -23,9 +23,9 @@ PROMPTS = [
 GREEDY = SamplingParams(temperature=0.0)
 
 
-@pytest.fixture(scope="module")
-def engine(model_path):
-    engine = make_engine(model_path)
+@pytest.fixture(scope="module", params=["streams", "unified"])
+def engine(model_path, request):
+    engine = make_engine(model_path, kv_layout=request.param)
     yield engine
     engine.runner.close()
 
@@ -37,7 +37,7 @@ def greedy_requests(tokenizer, max_tokens=24, tag="r") -> list[Generate]:
 def single_sequence_logits(engine: Engine, tokens: list[int], n_prompt: int) -> np.ndarray:
     """Teacher-forced: the prompt as one chunk, then each given token alone; logits per step."""
     runner, batch = engine.runner, engine.runner.batch
-    engine.scheduler.trie.evict(len(tokens))  # room for this side run beside the kept prefixes
+    engine.scheduler.drop_cached()  # room for this side run on seq id 0
     rows = []
     batch.clear()
     batch.add_span(tokens[:n_prompt], 0, 0, True)
@@ -65,13 +65,18 @@ def test_concurrent_greedy_matches_single_sequence_teacher_forced(engine, tokeni
 
 
 def assert_no_private_cells(engine: Engine) -> None:
-    """Idle: every used cell is a cell the prefix trie keeps, and no request seq id holds any."""
+    """Idle. Unified: every used cell is a cell the prefix trie keeps, and no request seq id
+    holds any. Streams: every slot is idle and its stream holds exactly the tokens it keeps."""
     import llama_cpp
 
     assert not engine.has_work
-    assert engine.scheduler.cells_used() == engine.scheduler.trie.n_cells
-    for seq_id in range(engine.config.max_seqs):
-        assert llama_cpp.llama_memory_seq_pos_max(engine.runner.memory, seq_id) == -1
+    pos_max = [llama_cpp.llama_memory_seq_pos_max(engine.runner.memory, i) for i in range(engine.config.max_seqs)]
+    if engine.config.streams:
+        assert all(slot.owner is None for slot in engine.scheduler.slots)
+        assert pos_max == [len(slot.held) - 1 for slot in engine.scheduler.slots]
+    else:
+        assert engine.scheduler.cells_used() == engine.scheduler.trie.n_cells
+        assert pos_max == [-1] * engine.config.max_seqs
 
 
 def test_one_at_a_time_is_exact_and_deterministic(engine, tokenizer):
@@ -101,7 +106,7 @@ def test_kv_cells_freed_on_finish_and_abort(engine, tokenizer):
 def test_errors_not_crashes(engine, tokenizer):
     prompt = tokenizer.encode("hello")
     too_long = engine.submit(b"t", Generate("x1", prompt, 5000, GREEDY))
-    assert too_long.status == 400 and "4096" in too_long.message and "5000" in too_long.message
+    assert too_long.status == 400 and str(engine.n_ctx) in too_long.message and "5000" in too_long.message
     assert engine.submit(b"t", Generate("x2", [], 5, GREEDY)).status == 400
     assert engine.submit(b"t", Generate("x3", [10**9], 5, GREEDY)).status == 400
     assert engine.submit(b"t", Generate("x4", prompt, 5, SamplingParams(temperature=0.7, seed=-5))) is None
@@ -113,7 +118,7 @@ def test_errors_not_crashes(engine, tokenizer):
 def test_full_cache_makes_requests_wait_not_fail(model_path, tokenizer):
     """Eight requests that together need ~3x the KV cells: preemption, every one completes,
     and each output equals that request run alone on the same small engine, teacher-forced."""
-    small = make_engine(model_path, ctx_size=512, max_seqs=8, batch_size=64)
+    small = make_engine(model_path, ctx_size=512, max_seqs=8, batch_size=64, kv_layout="unified")
     try:
         reqs = [Generate(f"p{i}", tokenizer.encode(p), 160, GREEDY) for i, p in enumerate(PROMPTS)]
         out = run_engine(small, reqs)

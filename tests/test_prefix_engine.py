@@ -20,9 +20,9 @@ STORY = (
 )
 
 
-@pytest.fixture(scope="module")
-def cached(model_path):
-    engine = make_engine(model_path, max_seqs=16)
+@pytest.fixture(scope="module", params=["streams", "unified"])
+def cached(model_path, request):
+    engine = make_engine(model_path, max_seqs=16, kv_layout=request.param, ctx_size=16384 if request.param == "streams" else 4096)
     yield engine
     engine.runner.close()
 
@@ -49,7 +49,7 @@ def mix(tokenizer) -> list[list[int]]:
 def teacher_forced_gap(engine: Engine, prompt: list[int], generated: list[int]) -> float:
     """Largest gap between the chosen token and the best one, decoding alone, token by token."""
     runner, batch = engine.runner, engine.runner.batch
-    engine.scheduler.trie.evict(10**9)
+    engine.scheduler.drop_cached()
     batch.clear()
     batch.add_span(prompt, 0, 0, True)
     gaps = []
@@ -97,10 +97,12 @@ def test_multi_turn_conversation_prefills_only_what_is_new(cached, tokenizer):
         history = history + out + new_line
 
 
-def test_shared_prefix_is_decoded_once(model_path, tokenizer):
+@pytest.mark.parametrize("layout", ["streams", "unified"])
+def test_shared_prefix_is_decoded_once(model_path, tokenizer, layout):
     """16 concurrent requests sharing a 1,000-token prefix: the engine's own counter shows the
-    prefix decoded once, each request adding only its own suffix."""
-    engine = make_engine(model_path, ctx_size=8192, max_seqs=16, batch_size=512)
+    prefix decoded once, each request adding only its own suffix (streams: the others wait
+    for the first to compute it, then copy its stream)."""
+    engine = make_engine(model_path, ctx_size=16384 if layout == "streams" else 8192, max_seqs=16, batch_size=512, kv_layout=layout)
     try:
         prefix = (tokenizer.encode(STORY * 20))[:1000]
         suffixes = [tokenizer.encode(f" Question {i}: what happened to boat {i}?", add_special=False) for i in range(16)]
@@ -118,8 +120,8 @@ def test_shared_prefix_is_decoded_once(model_path, tokenizer):
 
 def test_eviction_under_many_distinct_prompts(model_path, tokenizer):
     """Distinct prompts several times the KV cache: no error, no leak; the cache ends holding
-    only what the trie keeps, within the pool."""
-    engine = make_engine(model_path, ctx_size=1024, max_seqs=8, batch_size=256)
+    only what the trie keeps, within the pool (unified: a pool smaller than the load)."""
+    engine = make_engine(model_path, ctx_size=1024, max_seqs=8, batch_size=256, kv_layout="unified")
     try:
         rng = np.random.default_rng(0)
         words = STORY.split()
@@ -140,14 +142,15 @@ def test_eviction_under_many_distinct_prompts(model_path, tokenizer):
         engine.runner.close()
 
 
-def test_reuse_is_right_on_sliding_window_model(model_path, tokenizer):
+@pytest.mark.parametrize("layout", ["streams", "unified"])
+def test_reuse_is_right_on_sliding_window_model(model_path, tokenizer, layout):
     """Gemma 3 keeps only a 512-token window in its SWA layers. A first request runs 700
     tokens past a 900-token prefix, so a windowed cache would have dropped the prefix's last
     SWA cells; a second request then branches off at the end of that prefix. Its logits must
     match one fresh sequence decoding the same tokens in the same chunks. They are not
     bit-identical (other chunk boundaries and cell indices: up to ~0.2 here); LLAMA_FACTS.md
     measured ~1.07 for KV reused without full SWA caches."""
-    engine = make_engine(model_path, ctx_size=8192, max_seqs=4, batch_size=512)  # keeps 2,048
+    engine = make_engine(model_path, ctx_size=8192, max_seqs=4, batch_size=512, kv_layout=layout)  # unified: keeps 2,048
     try:
         text = tokenizer.encode(STORY * 40)
         prefix, onward = text[:900], text[900:1600]
@@ -161,7 +164,7 @@ def test_reuse_is_right_on_sliding_window_model(model_path, tokenizer):
         # The reference: one fresh sequence; the prefix in two chunks, then the second
         # request's new node (the tail but its last token), then that last token alone.
         runner, batch = engine.runner, engine.runner.batch
-        engine.scheduler.trie.evict(10**9)
+        engine.scheduler.drop_cached()
         tokens = prefix + tail
         bounds = [0, 512, 900, len(tokens) - 1, len(tokens)]
         for a, b in zip(bounds, bounds[1:]):
@@ -182,8 +185,8 @@ def test_reuse_is_right_on_sliding_window_model(model_path, tokenizer):
 
 @pytest.mark.parametrize("keep", [0.0, 0.5])
 def test_prefix_keep_bounds_what_finished_requests_leave(model_path, tokenizer, keep):
-    """--prefix-keep: the share of the cache that finished requests' prefixes may hold."""
-    engine = make_engine(model_path, ctx_size=1024, max_seqs=4, batch_size=256, prefix_keep=keep)
+    """--prefix-keep (unified): the share of the cache that finished requests' prefixes may hold."""
+    engine = make_engine(model_path, ctx_size=1024, max_seqs=4, batch_size=256, prefix_keep=keep, kv_layout="unified")
     try:
         words = STORY.split()
         for i in range(6):  # about 1,400 prompt tokens in all: more than half the cache

@@ -209,7 +209,7 @@ def ids_for(max_seqs: int, batch_size: int) -> int:
     from demesne.config import EngineConfig
     from demesne.engine.runner import seq_ids_for
 
-    return seq_ids_for(EngineConfig(model="unused.gguf", max_seqs=max_seqs, batch_size=batch_size))
+    return seq_ids_for(EngineConfig(model="unused.gguf", max_seqs=max_seqs, batch_size=batch_size, kv_layout="unified"))
 
 
 # --- the step plan ------------------------------------------------------------------------------

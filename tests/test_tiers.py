@@ -25,8 +25,8 @@ def conversation(tokenizer, n: int = 600) -> tuple[list[int], list[int]]:
 
 
 def evict_all(engine: Engine) -> None:
-    engine.scheduler.trie.evict(10**9)
-    assert engine.scheduler.trie.n_cells == 0
+    engine.scheduler.drop_cached()
+    assert engine.stats()["prefix_cache_cells"] == 0
 
 
 def turn(engine: Engine, rid: str, prompt: list[int], n: int = 8) -> tuple[list[int], dict, dict]:
@@ -39,9 +39,12 @@ def delta(before: dict, after: dict, name: str) -> float:
     return after[name] - before[name]
 
 
-@pytest.fixture(scope="module")
-def tiered(model_path):
-    engine = make_engine(model_path, batch_size=2048, host_cache=256 << 20)
+LAYOUTS = ["streams", "unified"]
+
+
+@pytest.fixture(scope="module", params=LAYOUTS)
+def tiered(model_path, request):
+    engine = make_engine(model_path, batch_size=2048, host_cache=256 << 20, kv_layout=request.param)
     yield engine
     engine.close()
     engine.runner.close()
@@ -75,7 +78,7 @@ def test_restore_is_exact_without_flash_attention(model_path, tokenizer):
     """With flash attention off llama.cpp's numbers do not depend on where cells lie: the
     next-token logits after a restore equal those before the eviction, bit for bit (same
     one-token batch both times). The restored leaf shares the cells its resident parent holds."""
-    engine = make_engine(model_path, batch_size=2048, host_cache=256 << 20, flash_attn="off")
+    engine = make_engine(model_path, batch_size=2048, host_cache=256 << 20, flash_attn="off", kv_layout="unified")
     try:
         trie, runner, store = engine.scheduler.trie, engine.runner, engine.tiers.store
         first, _ = conversation(tokenizer, 1200)
@@ -95,23 +98,27 @@ def test_restore_is_exact_without_flash_attention(model_path, tokenizer):
         engine.runner.close()
 
 
-def test_branching_inside_a_restored_window_gap_recomputes(model_path, tokenizer):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_branching_inside_a_restored_window_gap_recomputes(model_path, tokenizer, layout):
     """Gemma 3's saved state keeps only the last 512 cells of its sliding-window layers: a
     request that parts from a restored 1,200-token path at token 900 must not reuse the
     restored cells (its window would reach into cells the state lacks); it recomputes from
     the last point the state supports and matches a fresh computation."""
-    engine = make_engine(model_path, batch_size=2048, host_cache=256 << 20, prefix_keep=1.0)
+    engine = make_engine(model_path, batch_size=2048, host_cache=256 << 20, prefix_keep=1.0, kv_layout=layout)
     fresh = make_engine(model_path, batch_size=2048, prefix_cache=False)
     try:
-        trie = engine.scheduler.trie
         assert engine.runner.n_swa == 512
         first, line = conversation(tokenizer, 1200)
-        run_engine(engine, [Generate("a", first + [first[0]], 1, GREEDY)])
+        # (streams save a slot's whole stream: the prompt is the path; unified saves the trie's
+        # path, the prompt but its last token)
+        run_engine(engine, [Generate("a", first if layout == "streams" else first + [first[0]], 1, GREEDY)])
         evict_all(engine)
         run_engine(engine, [Generate("b", first + line, 1, GREEDY)])  # restores the 1,200 tokens
         assert engine.stats()["kv_restores_total"] == 1
-        leaf = deepest(trie, first)
-        assert leaf.swa_gap == (0, len(first) - 512)
+        if layout == "unified":
+            assert deepest(engine.scheduler.trie, first).swa_gap == (0, len(first) - 512)
+        else:
+            assert [slot.gap for slot in engine.scheduler.slots if slot.owner is None and len(slot.held)] == [len(first) - 512]
         branch = first[:900] + line
         before = engine.stats()
         out = run_engine(engine, [Generate("c", branch, 8, GREEDY)])["c"]
@@ -126,11 +133,12 @@ def test_branching_inside_a_restored_window_gap_recomputes(model_path, tokenizer
 
 
 @pytest.mark.parametrize("damage", [None, "corrupt", "truncate", "foreign"])
-def test_disk_tier_survives_a_restart(model_path, tokenizer, tmp_path, damage):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_disk_tier_survives_a_restart(model_path, layout, tokenizer, tmp_path, damage):
     """An engine stops, keeping what it held on disk; a new engine on the same directory restores it for the next turn. A damaged or foreign
     file is ignored and removed: the turn is recomputed and still right."""
     first, line = conversation(tokenizer)
-    disk = dict(host_cache=256 << 20, disk_cache=str(tmp_path))
+    disk = dict(host_cache=256 << 20, disk_cache=str(tmp_path), kv_layout=layout)
     one = make_engine(model_path, batch_size=2048, **disk)
     try:
         out1, _, _ = turn(one, "d1", first)
@@ -164,10 +172,11 @@ def test_disk_tier_survives_a_restart(model_path, tokenizer, tmp_path, damage):
         two.runner.close()
 
 
-def test_unwritable_disk_cache_degrades_to_host_only(model_path, tokenizer, tmp_path, caplog):
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_unwritable_disk_cache_degrades_to_host_only(model_path, layout, tokenizer, tmp_path, caplog):
     blocked = tmp_path / "file-not-dir"
     blocked.write_text("")
-    engine = make_engine(model_path, batch_size=2048, host_cache=256 << 20, disk_cache=str(blocked / "cache"))
+    engine = make_engine(model_path, batch_size=2048, host_cache=256 << 20, disk_cache=str(blocked / "cache"), kv_layout=layout)
     try:
         first, line = conversation(tokenizer)
         out1, _, _ = turn(engine, "u1", first)
@@ -180,8 +189,9 @@ def test_unwritable_disk_cache_degrades_to_host_only(model_path, tokenizer, tmp_
         engine.runner.close()
 
 
-def test_host_cache_zero_turns_the_tiers_off(model_path, tokenizer):
-    engine = make_engine(model_path, batch_size=2048, host_cache=0)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_host_cache_zero_turns_the_tiers_off(model_path, layout, tokenizer):
+    engine = make_engine(model_path, batch_size=2048, host_cache=0, kv_layout=layout)
     try:
         first, line = conversation(tokenizer)
         out1, _, _ = turn(engine, "z1", first)

@@ -26,6 +26,7 @@ from .grammar import GrammarError, Grammars
 from .sampler import Sampler, apply_penalties
 from .kv_store import KVStore
 from .scheduler import Scheduler, StepPlan
+from .slots import SlotScheduler
 from .tiers import Tiers
 
 log = logging.getLogger("demesne.engine")
@@ -75,20 +76,9 @@ class Engine:
     def __init__(self, config: EngineConfig, runner: ModelRunner):
         self.config = config
         self.runner = runner
-        self.n_ctx = runner.n_ctx
+        self.n_ctx = runner.n_ctx_seq if config.streams else runner.n_ctx  # the most one request holds
         self.tiers = _tiers(config, runner)
-        self.scheduler = Scheduler(
-            runner.n_ctx,
-            config.max_seqs,
-            config.batch_size,
-            config.max_waiting,
-            runner,
-            config.prefix_cache,
-            runner.n_seq_max,
-            max_kept_cells=int(runner.n_ctx * config.kept_share()),
-            tiers=self.tiers,
-            n_swa=runner.n_swa,
-        )
+        self.scheduler = _scheduler(config, runner, self.tiers)
         self.sampler = Sampler(runner.n_vocab, config.max_seqs)  # at most one output row per sequence
         self.counters = Counters()
         self.grammars = Grammars(runner.vocab, runner.n_vocab)
@@ -101,7 +91,7 @@ class Engine:
         self.model_info = ModelInfo(
             id=config.model_id,
             path=config.model,
-            n_ctx=runner.n_ctx,
+            n_ctx=self.n_ctx,
             n_vocab=runner.n_vocab,
             chat_template=runner.chat_template(),
             bos_token=bos,
@@ -217,6 +207,7 @@ class Engine:
         except DecodeError as exc:
             return self._on_decode_error(plan, exc)
         self._failed_decodes = 0
+        self.scheduler.decoded()
         t1 = time.perf_counter()
         self.step_budget.observe(plan.n_tokens - sum(n == 1 for _, n in plan.chunks), t1 - t0)
         for seq, n in plan.chunks:
@@ -406,9 +397,8 @@ class Engine:
             "longest_step_seconds": c.longest_step_seconds,
             "preemptions_total": self.scheduler.n_preemptions,
             "kv_cells_used": self.scheduler.cells_used(),
-            "prefix_cache_nodes": self.scheduler.trie.n_nodes,
-            "prefix_cache_cells": self.scheduler.trie.n_cells,
-            "kv_cells_total": self.n_ctx,
+            "kv_cells_total": self.runner.n_ctx,
+            **self.scheduler.cache_stats(),
             "grammar_masks_total": self.grammars.masks,
             "grammar_full_masks_total": self.grammars.full_masks,
             **(self.tiers.stats() if self.tiers else {}),
@@ -417,7 +407,30 @@ class Engine:
     def close(self) -> None:
         """Flush what the disk tier still has to write."""
         if self.tiers:
-            self.tiers.close()
+            self.tiers.close(self.scheduler.spill)
+
+
+def _scheduler(config: EngineConfig, runner: ModelRunner, tiers: Tiers | None) -> Scheduler | SlotScheduler:
+    if config.streams:
+        log.info(
+            "KV: %d streams of %d cells (one per running request; --kv-layout unified shares one pool)",
+            config.max_seqs, runner.n_ctx_seq,
+        )
+        return SlotScheduler(
+            config.max_seqs, config.batch_size, config.max_waiting, runner, config.prefix_cache, tiers, runner.n_swa,
+        )
+    return Scheduler(
+        runner.n_ctx,
+        config.max_seqs,
+        config.batch_size,
+        config.max_waiting,
+        runner,
+        config.prefix_cache,
+        runner.n_seq_max,
+        max_kept_cells=int(runner.n_ctx * config.kept_share()),
+        tiers=tiers,
+        n_swa=runner.n_swa,
+    )
 
 
 def _tiers(config: EngineConfig, runner: ModelRunner) -> Tiers | None:

@@ -6,7 +6,7 @@ when the cache holds many sequences.
 ``rows`` sequences of ``context`` tokens each are prefilled; then timed: a decode step of one
 token per sequence, and a step of ``rows - 1`` decode rows plus a ``chunk``-token prompt chunk
 of one more sequence (the shape of a step that admits a request). For each layout: unified
-(one cell pool for all sequences, what demesne runs today, with and without ``swa_full``) and
+(one cell pool for all sequences, with and without ``swa_full``) and
 one stream per sequence (``kv_unified=false``, llama-server's default with ``-np``). Flash
 attention as llama.cpp picks it (``auto``). Prints milliseconds; compare in one sitting.
 """
@@ -24,10 +24,10 @@ from ..llama_logs import quiet_llama_logs
 from ..model import resolve_model
 
 LAYOUTS = [  # (name, kv_unified, swa_full)
-    ("unified, swa_full (demesne)", True, True),
+    ("unified, swa_full (--kv-layout unified)", True, True),
     ("unified", True, False),
     ("streams", False, False),
-    ("streams, swa_full", False, True),
+    ("streams, swa_full (demesne's default)", False, True),
 ]
 
 

@@ -1,10 +1,12 @@
 """The only engine module that imports llama_cpp: model and context, the batch, decode, KV ops.
 
 Everything above this module speaks numpy arrays and sequence ids; nothing else touches
-ctypes. The context always uses a *unified* KV cache (one pool of ``ctx_size`` cells shared
-by every sequence, so a cell can later belong to several sequences at once) and full-size
-sliding-window caches (``swa_full``), without which reusing KV across sequences is wrong on
-SWA models such as Gemma 3 (see shared/LLAMA_FACTS.md).
+ctypes. The KV cache is either one stream per sequence (``--kv-layout streams``: each seq id
+has ``ctx_size / max_seqs`` cells of its own, and a step attends each row over its own
+stream) or *unified* (one pool of ``ctx_size`` cells shared by every sequence, so a cell can
+belong to several sequences at once). Sliding-window caches are always full size
+(``swa_full``), without which reusing KV across sequences is wrong on SWA models such as
+Gemma 3 (see shared/LLAMA_FACTS.md).
 """
 
 from __future__ import annotations
@@ -39,12 +41,15 @@ LLAMA_MAX_SEQ = 256  # the most sequence ids a llama.cpp context takes
 
 
 def seq_ids_for(config: EngineConfig) -> int:
-    """Sequence ids of the context: ``max_seqs`` for requests, the rest for trie nodes.
+    """Sequence ids of the context. Streams: one per request. Unified: ``max_seqs`` for
+    requests, the rest for trie nodes.
 
     llama.cpp sizes its logits buffer by the number of sequence ids (n_vocab floats each,
     1 MiB for a 262k vocabulary), so not all 256; the trie gets at least 2 * max_seqs + 1,
     so every running request can always admit another beside it.
     """
+    if config.streams:
+        return config.max_seqs
     return min(LLAMA_MAX_SEQ, 4 * config.max_seqs)
 
 
@@ -133,6 +138,7 @@ class ModelRunner:
         self.ctx = self._new_context(config)
         self.memory = llama_cpp.llama_get_memory(self.ctx)
         self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(self.ctx)  # the most one sequence may hold
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.batch = Batch(config.batch_size, self.n_seq_max)
         self.eog = np.array(
@@ -167,7 +173,7 @@ class ModelRunner:
         params.flash_attn_type = _FLASH_ATTN[config.flash_attn]
         params.type_k = _CACHE_TYPES[config.cache_type_k]
         params.type_v = _CACHE_TYPES[config.cache_type_v]
-        params.kv_unified = True
+        params.kv_unified = not config.streams
         params.swa_full = True
         params.no_perf = True
         ctx = llama_cpp.llama_init_from_model(self.model, params)
@@ -218,6 +224,11 @@ class ModelRunner:
         """Add ``dst`` to the cells of ``src`` in ``[p0, p1)``; no data moves (unified KV)."""
         llama_cpp.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
 
+    def copy_stream(self, src: int, dst: int) -> None:
+        """Streams: make ``dst``'s stream a copy of ``src``'s (metadata now, the cells' data
+        at the start of the next decode; llama.cpp copies whole streams only)."""
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, -1, -1)
+
     def remove(self, seq_id: int, p0: int = -1, p1: int = -1) -> None:
         """Take ``seq_id`` off its cells in ``[p0, p1)``; a cell no sequence holds is free."""
         llama_cpp.llama_memory_seq_rm(self.memory, seq_id, p0, p1)
@@ -258,7 +269,7 @@ class ModelRunner:
             _file_identity(c.model),
             desc.value.decode("utf-8", "replace"),
             str(llama_cpp.llama_model_n_params(self.model)),
-            f"k={c.cache_type_k} v={c.cache_type_v} fa={c.flash_attn} swa_full=1 unified=1",
+            f"k={c.cache_type_k} v={c.cache_type_v} fa={c.flash_attn} swa_full=1 unified={int(not c.streams)}",
             f"llama_cpp={getattr(llama_cpp, '__version__', '?')}",
         ]
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()

@@ -116,6 +116,20 @@ class Scheduler:
         seq.attached = False
         seq.n_computed = seq.n_shared = 0
 
+    def decoded(self) -> None:
+        """A decode ran (nothing to do: the trie learns per chunk, see Engine._run)."""
+
+    def cache_stats(self) -> dict[str, float]:
+        return {"prefix_cache_nodes": self.trie.n_nodes, "prefix_cache_cells": self.trie.n_cells}
+
+    def drop_cached(self) -> None:
+        """Evict every trie leaf nobody holds (to the tiers, if worth it)."""
+        self.trie.evict(1 << 62)
+
+    def spill(self) -> None:
+        """Hand every unheld trie leaf to the tiers (shutdown with a disk tier)."""
+        self.trie.evict(1 << 62)
+
     def _release(self, seq: Sequence) -> None:
         if seq.attached:
             self.trie.retain(seq.seq_id, seq.tokens[: seq.n_computed])

@@ -22,7 +22,7 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
-from .kv_store import KVStore
+from .kv_store import Entry, KVStore
 from .prefix_cache import Node, RadixTrie
 
 log = logging.getLogger("demesne.engine")
@@ -54,15 +54,17 @@ class Tiers:
     # -- out of the KV cache -----------------------------------------------------------
 
     def on_evict(self, node: Node) -> None:
-        n = node.start + node.n_cached
-        if n < MIN_SAVE:
-            return
-        tokens = self.trie.path_tokens(node)
-        known = self.store.longest_prefix(tokens, n - 1)
-        if known is not None:  # saved before (e.g. this leaf was restored from it)
+        if node.start + node.n_cached >= MIN_SAVE:
+            self.save(self.trie.path_tokens(node), node.seq_id)
+
+    def save(self, tokens, seq_id: int) -> None:
+        """Save the state of ``seq_id``, which holds ``tokens`` (positions 0..n-1), unless it
+        is too short to be worth it or the store has it already."""
+        n = len(tokens)
+        if n < MIN_SAVE or self.store.longest_prefix(tokens, n - 1) is not None:
             return
         t0 = time.perf_counter()
-        data = self.runner.save_state(node.seq_id)
+        data = self.runner.save_state(seq_id)
         if data is None:
             return
         self.store.put(tokens, data)
@@ -73,21 +75,45 @@ class Tiers:
 
     # -- back into it ------------------------------------------------------------------
 
+    def lookup(self, tokens, have: int) -> tuple[bool, Entry | None]:
+        """The saved prefix of ``tokens`` worth restoring when ``have`` tokens are in KV
+        already, if any; (False, entry) while its file is read in the background (started
+        here): the request should wait."""
+        entry = self.store.longest_prefix(tokens, have + MIN_GAIN - 1)
+        if entry is None or entry.n_tokens - have < entry.n_tokens // GAIN_SHARE:
+            return True, None
+        if not self.store.ready(entry):
+            self.store.prefetch(entry)
+            return False, entry
+        return True, entry
+
+    def restore_into(self, entry: Entry, seq_id: int) -> int:
+        """Write a saved state into ``seq_id`` (holding nothing); the tokens restored, 0 on
+        failure (a file gone bad, a state llama.cpp refuses)."""
+        tier = entry.tier  # (a disk entry moves to host memory as it loads)
+        t0 = time.perf_counter()
+        data = self.store.load(entry)
+        if data is None:
+            return 0
+        if not self.runner.restore_state(data, seq_id):
+            self.counters.restore_failures += 1
+            log.debug("restoring %d saved tokens failed; recomputing them", entry.n_tokens)
+            return 0
+        self._count_restore(entry.n_tokens, tier, time.perf_counter() - t0)
+        return entry.n_tokens
+
     def before_admit(self, tokens: list[int], make_room: Callable[[int], bool]) -> bool:
-        """Restore the best saved prefix of ``tokens`` if one is worth it. False while the
-        request should wait for a disk read (started here)."""
+        """Restore the best saved prefix of ``tokens`` into the trie if one is worth it. False
+        while the request should wait for a disk read (started here)."""
         done, blocker = self.trie.computed_match(tokens)
         if blocker is not None and blocker.refs:  # a request computes the path now: share that
             return True
-        entry = self.store.longest_prefix(tokens, done + MIN_GAIN - 1)
-        if entry is None or entry.n_tokens - done < entry.n_tokens // GAIN_SHARE:
-            return True
-        if not self.store.ready(entry):
-            self.store.prefetch(entry)
-            return False
+        ready, entry = self.lookup(tokens, done)
+        if entry is None or not ready:
+            return ready
         if not make_room(entry.n_tokens):  # the state lands whole before the shared part is given back
             return True
-        tier = entry.tier  # (a disk entry moves to host memory as it loads)
+        tier = entry.tier
         data = self.store.load(entry)
         if data is None:
             return True
@@ -95,17 +121,20 @@ class Tiers:
         return True
 
     def _restore(self, path: list[int], data: bytes, tier: str) -> None:
-        c = self.counters
         t0 = time.perf_counter()
         leaf = self.trie.restore(path, lambda seq_id: self.runner.restore_state(data, seq_id))
         if leaf is None:
-            c.restore_failures += 1
+            self.counters.restore_failures += 1
             log.debug("restoring %d saved tokens failed; recomputing them", len(path))
             return
+        self._count_restore(len(leaf.tokens), tier, time.perf_counter() - t0)
+
+    def _count_restore(self, n_tokens: int, tier: str, seconds: float) -> None:
+        c = self.counters
         c.restores += 1
         c.restores_from_disk += tier == "disk"
-        c.restored_tokens += len(leaf.tokens)
-        c.restore_seconds += time.perf_counter() - t0
+        c.restored_tokens += n_tokens
+        c.restore_seconds += seconds
 
     # -- reporting ---------------------------------------------------------------------
 
@@ -124,11 +153,12 @@ class Tiers:
         out.update({f"kv_store_{k}": float(v) for k, v in self.store.stats().items()})
         return out
 
-    def close(self, persist_seconds: float = 20.0) -> None:
-        """At shutdown, with a disk tier: what the trie and host memory hold goes to disk
-        (for ``persist_seconds`` at most), so a restarted engine starts warm."""
+    def close(self, spill: Callable[[], None], persist_seconds: float = 20.0) -> None:
+        """At shutdown, with a disk tier: what the KV cache (``spill`` saves it) and host
+        memory hold goes to disk (for ``persist_seconds`` at most), so a restarted engine
+        starts warm."""
         if self.store.disk_dir:
-            self.trie.evict(1 << 62)
+            spill()
             n = self.store.persist(persist_seconds)
             if n:
                 log.info("kept %d saved prefixes on disk for the next start", n)
