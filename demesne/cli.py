@@ -60,7 +60,7 @@ ENGINE_OPTIONS = [
     click.option("--ctx-size", default=32768, show_default=True, help="total KV cells; with --kv-layout streams each sequence may hold --ctx-size / --max-seqs of them"),
     click.option("--max-seqs", default=8, show_default=True, help="sequences decoding at once"),
     click.option("--kv-layout", default="streams", type=click.Choice(KV_LAYOUTS), show_default=True, help="streams: a KV stream per sequence (each step attends over its own cells; shared prefixes are copied); unified: one cell pool (any sequence may use the whole --ctx-size; shared prefixes share cells, but every step attends over every used cell)"),
-    click.option("--batch-size", default=512, show_default=True, help="tokens per decode step (decode rows + prompt chunk)"),
+    click.option("--batch-size", default=2048, show_default=True, help="tokens per decode step (decode rows + prompt chunk; the step-time budget shrinks chunks while streams decode)"),
     click.option("--ubatch-size", default=512, show_default=True, help="physical batch size inside llama.cpp"),
     click.option("--threads", default=0, show_default=True, help="threads for generation [0: physical cores]"),
     click.option("--threads-batch", default=0, show_default=True, help="threads for prompt processing [0: --threads]"),

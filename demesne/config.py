@@ -67,7 +67,7 @@ class EngineConfig:
     ctx_size: int = 32768  # total KV cells (streams: ctx_size / max_seqs for each sequence)
     max_seqs: int = 8  # sequences decoding at once
     kv_layout: str = "streams"  # one KV stream per sequence, or one unified cell pool
-    batch_size: int = 512  # tokens per llama_decode (decode rows + prefill chunk)
+    batch_size: int = 2048  # tokens per llama_decode (decode rows + prefill chunk), as llama-server
     ubatch_size: int = 512
     threads: int = 0  # 0: one per physical core, as llama.cpp picks
     threads_batch: int = 0

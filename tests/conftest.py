@@ -40,9 +40,9 @@ def tokenizer(model_path) -> Tokenizer:
 
 def make_engine(model_path: str, **overrides) -> Engine:
     """An in-process engine on the real model: 2 threads, 8 sequences, 16,384 cells (streams:
-    2,048 for each sequence; unified: 4,096 in all) unless told."""
+    2,048 for each sequence; unified: 4,096 in all), 512-token steps unless told."""
     unified = overrides.get("kv_layout") == "unified"
-    defaults = {"ctx_size": 4096 if unified else 16384, "max_seqs": 8}
+    defaults = {"ctx_size": 4096 if unified else 16384, "max_seqs": 8, "batch_size": 512}
     config = EngineConfig(model=model_path, threads=2, **{**defaults, **overrides})
     return Engine(config, ModelRunner(config))
 

@@ -98,6 +98,42 @@ def test_restore_is_exact_without_flash_attention(model_path, tokenizer):
         engine.runner.close()
 
 
+def test_streams_restore_and_copy_are_exact_without_flash_attention(model_path, tokenizer):
+    """Per-sequence streams on the real llama.cpp: a saved state restored into another stream,
+    and a whole-stream copy (applied at the next decode) cut back to a prefix, give the same
+    next-token logits as the stream they came from, bit for bit (flash attention off; same
+    one-token batch each time)."""
+    engine = make_engine(model_path, batch_size=2048, host_cache=256 << 20, flash_attn="off")
+    try:
+        runner, batch = engine.runner, engine.runner.batch
+        first, _ = conversation(tokenizer, 1200)
+
+        def last_token_logits(seq_id: int) -> np.ndarray:
+            batch.clear()
+            batch.add_span([first[-1]], len(first) - 1, seq_id, True)
+            logits = np.array(runner.decode()[0])
+            runner.remove(seq_id, len(first) - 1, -1)
+            return logits
+
+        batch.clear()
+        batch.add_span(first[:-1], 0, 0, False)
+        runner.decode()
+        state = runner.save_state(0)
+        before = last_token_logits(0)
+        runner.remove(0)
+        assert runner.restore_state(state, 3)
+        assert np.array_equal(last_token_logits(3), before)
+        batch.clear()
+        batch.add_span(first[-1:] * 5, len(first) - 1, 3, False)  # more tokens on the source...
+        runner.decode()
+        runner.copy_stream(3, 5)
+        runner.remove(5, len(first) - 1, -1)  # ...cut off the copy
+        assert np.array_equal(last_token_logits(5), before)
+    finally:
+        engine.close()
+        engine.runner.close()
+
+
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_branching_inside_a_restored_window_gap_recomputes(model_path, tokenizer, layout):
     """Gemma 3's saved state keeps only the last 512 cells of its sliding-window layers: a
