@@ -8,13 +8,15 @@ Gateway -> engine: ``Ping`` (heartbeat; answered with ``Pong`` at once, even mid
 ``Generate``, ``Abort``.
 Engine -> gateway: ``Pong`` (version, model info, counters, draining), ``Deltas`` (new tokens
 for many requests at once, one frame per gateway per step), ``Error`` (a request the engine
-refused or failed).
+refused or failed). An engine that is about to exit sends a closing ``Pong`` after its last
+reply and waits for each gateway's ``Ping`` with ``bye``, so no reply dies with the connection.
 
 Every frame is checked against the field types declared here before it becomes a message:
 a frame from a buggy or hostile peer is a :class:`ProtocolError`, never an exception deep in
 the engine. ``Ping`` and ``Pong`` are the handshake: they decode whatever fields a peer of
 another version adds, so the versions can always be compared and refused with a clear
-message. The ranges of sampling parameters are checked by :func:`check_params` (the engine
+message; for the same reason a flag added to them with a default (``bye``, ``closing``) needs
+no new version: a peer without it ignores it and the exchange degrades to what it was. The ranges of sampling parameters are checked by :func:`check_params` (the engine
 calls it; the gateway has its own OpenAI-facing checks).
 """
 
@@ -136,6 +138,7 @@ class Ping(Message):
     HANDSHAKE: ClassVar[bool] = True
     sent: float = 0.0  # sender's clock, echoed back for round-trip time
     version: int = PROTOCOL_VERSION
+    bye: bool = False  # answers a closing Pong: every frame before it has been read
 
 
 @dataclass(slots=True)
@@ -151,6 +154,10 @@ class Pong(Message):
     version: int = PROTOCOL_VERSION
     draining: bool = False  # shutting down: finishing what it has, taking nothing new
     step_seconds: float = 0.0  # how long the step now running has taken so far
+    # The engine closes the connection next; every reply it sent came before this. It waits
+    # (briefly) for a Ping with ``bye`` before closing: ZeroMQ may drop frames still in
+    # flight when a connection closes.
+    closing: bool = False
 
 
 @dataclass(slots=True)

@@ -158,6 +158,29 @@ def wait_healthy(url: str, proc: Proc, timeout: float = 120.0) -> None:
     raise RuntimeError(f"{url} not healthy after {timeout}s:\n{proc.tail()}")
 
 
+_FIRST_PROC = pytest.StashKey[int]()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """A failed end-to-end test carries the logs of the processes it ran (CI keeps nothing
+    else): those it started, and the shared server's."""
+    report = (yield).get_result()
+    procs = item.funcargs.get("processes") if hasattr(item, "funcargs") else None
+    if procs is None:
+        return
+    if report.when == "setup":
+        item.stash[_FIRST_PROC] = len(procs.procs)
+    elif report.failed:
+        first = item.stash.get(_FIRST_PROC, len(procs.procs))
+        mine = procs.procs[first:]
+        server = item.funcargs.get("server")
+        if server is not None:
+            mine = [server.engine, server.gateway, *mine]
+        for proc in mine:
+            report.sections.append((f"log {proc.log.name} (exit {proc.popen.poll()})", proc.tail()))
+
+
 @pytest.fixture(scope="session")
 def processes(model_path):
     procs = Processes(model_path)

@@ -226,6 +226,46 @@ async def test_protocol_version_mismatch_is_refused_clearly(processes, model_id)
         zctx.term()
 
 
+async def test_replies_sent_before_an_engine_closes_all_arrive(processes, model_path, model_id, tokenizer):
+    """An engine that answers a request in a burst of frames and closes its socket at once
+    (a drain's last step, then exit): the gateway delivers every token and the finish, none
+    lost with the connection. (A socket that drops unread frames on disconnect - ZeroMQ's
+    IMMEDIATE - loses the tail here; CI saw a drained stream end one token short.)"""
+    endpoint = processes.endpoint("engine-burst-then-close")
+    zctx = zmq.asyncio.Context()
+    sock = zctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.SNDHWM, 0)  # the whole burst is queued at once
+    sock.bind(endpoint)
+    model = p.ModelInfo(model_id, model_path, 4096, 262144, None, "<bos>", "<eos>")
+    token = tokenizer.encode(" word")[-1]
+    n = 300
+
+    async def burst_engine():
+        while True:
+            client, frame = await sock.recv_multipart()
+            msg = p.decode(frame)
+            if isinstance(msg, p.Ping):
+                await sock.send_multipart([client, p.encode(p.Pong(msg.sent, "burst", model, {}))])
+            elif isinstance(msg, p.Generate):
+                for i in range(n):
+                    last = i == n - 1
+                    delta = p.Delta(msg.rid, [token], "length" if last else None, len(msg.prompt) if last else 0)
+                    sock.send_multipart([client, p.encode(p.Deltas([delta]))])
+                sock.close(linger=5000)  # everything queued still goes out; then the connection closes
+                return
+
+    task = asyncio.ensure_future(burst_engine())
+    try:
+        _, url = await asyncio.to_thread(processes.gateway, [endpoint])
+        async with aiohttp.ClientSession() as http:
+            result = await asyncio.wait_for(stream_completion(http, url, model_id, n), timeout=60)
+        assert_complete(result, n)
+        assert await task is None
+    finally:
+        task.cancel()
+        zctx.term()
+
+
 def _gateway_unhealthy(processes, endpoint: str):
     """A gateway whose only engine never becomes healthy: wait for it to listen."""
     port = free_port()

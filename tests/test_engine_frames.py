@@ -4,6 +4,7 @@ gateway of another protocol version are answered, never fatal (issue 9's (d), (f
 from __future__ import annotations
 
 import os
+import signal
 import stat
 import time
 
@@ -21,24 +22,33 @@ def engine(processes):
     endpoint = processes.endpoint("engine-frames")
     proc = processes.engine(endpoint)
     zctx = zmq.Context()
-    sock = zctx.socket(zmq.DEALER)
-    sock.setsockopt(zmq.LINGER, 0)
-    sock.connect(endpoint)
-    peer = Peer(sock, proc, endpoint)
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:  # wait for the model to load
-        peer.send({"t": "ping", "sent": 1.0, "version": p.PROTOCOL_VERSION})
-        if sock.poll(500):
-            peer.drain()
-            break
+    peer = Peer.connect(zctx, proc, endpoint)
+    peer.greet()
     yield peer
-    sock.close()
+    peer.sock.close()
     zctx.term()
 
 
 class Peer:
     def __init__(self, sock, proc, endpoint):
         self.sock, self.proc, self.endpoint = sock, proc, endpoint
+
+    @classmethod
+    def connect(cls, zctx, proc, endpoint: str) -> Peer:
+        sock = zctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.connect(endpoint)
+        return cls(sock, proc, endpoint)
+
+    def greet(self, timeout: float = 120) -> None:
+        """Ping until the engine answers (its model loads first)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            self.send({"t": "ping", "sent": 1.0, "version": p.PROTOCOL_VERSION})
+            if self.sock.poll(500):
+                self.drain()
+                return
+        raise AssertionError(f"the engine did not answer:\n{self.proc.tail()}")
 
     def send(self, body) -> None:
         self.sock.send(body if isinstance(body, bytes) else orjson.dumps(body))
@@ -134,3 +144,55 @@ def test_a_gateway_of_another_version_is_refused(engine):
 def test_the_ipc_socket_is_private(engine):
     path = engine.endpoint.removeprefix("ipc://")
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+
+def test_a_request_from_a_gateway_that_never_pinged_is_refused(engine):
+    """A request that waited in a gateway's socket while its engine restarted reaches the new
+    process before any ping: it is refused (503), never run for a client already failed."""
+    zctx = zmq.Context()
+    stranger = Peer.connect(zctx, engine.proc, engine.endpoint)
+    try:
+        stranger.send(gen("stale-1", temperature=0.0))
+        error = stranger.reply_to("stale-1")
+        assert isinstance(error, p.Error) and (error.status, error.code) == (503, "engine_restarted"), error
+        assert stranger.alive()  # pinged now: welcome
+        stranger.send(gen("fresh-1", temperature=0.0))
+        assert isinstance(stranger.reply_to("fresh-1"), p.Deltas)
+    finally:
+        stranger.sock.close()
+        zctx.term()
+
+
+@pytest.mark.parametrize("answer", [True, False])
+def test_a_draining_engine_closes_only_after_the_gateway_read_every_reply(processes, answer):
+    """SIGTERM mid-request: the request's last delta comes before a closing Pong; the engine
+    waits for the gateway's bye (ZeroMQ may drop frames in flight when a connection closes)
+    and says so in its log when none comes. Either way it exits cleanly."""
+    endpoint = processes.endpoint(f"engine-bye-{answer}")
+    proc = processes.engine(endpoint)
+    zctx = zmq.Context()
+    peer = Peer.connect(zctx, proc, endpoint)
+    try:
+        peer.greet()
+        peer.send({**gen("drained-1", temperature=0.0), "max_tokens": 64})
+        first = peer.reply_to("drained-1")
+        assert isinstance(first, p.Deltas)
+        proc.popen.send_signal(signal.SIGTERM)
+        tokens, finish = sum(len(d.tokens) for d in first.items), None
+        while True:
+            msg = peer.recv(60)
+            if isinstance(msg, p.Deltas):
+                for d in msg.items:
+                    assert finish is None
+                    tokens += len(d.tokens)
+                    finish = d.finish
+            elif isinstance(msg, p.Pong) and msg.closing:
+                break
+        assert (tokens, finish) == (64, "length")
+        if answer:
+            peer.send({"t": "ping", "sent": 2.0, "version": p.PROTOCOL_VERSION, "bye": True})
+        assert proc.popen.wait(30) == 0
+        assert ("closing without a bye" in proc.tail()) is not answer
+    finally:
+        peer.sock.close()
+        zctx.term()

@@ -7,7 +7,9 @@ it). The step loop: take what arrived, run one step, hand its replies out, publi
 
 SIGTERM (or SIGINT) drains: new requests are refused with 503 and gateways are told at once
 (they route elsewhere), running requests finish within ``--drain-timeout``, what is left is
-failed, and the process exits. A second signal ends the drain at once. A gateway silent for
+failed, and the process exits: after the last replies it sends each gateway a closing Pong
+and waits (at most ``BYE_WAIT``) for its ``bye``, since ZeroMQ may drop frames still in flight
+when the connection closes. A second signal ends the drain at once. A gateway silent for
 ``--gateway-timeout`` seconds is taken as gone: its requests are aborted *and* failed, so a
 gateway that was only stalled ends those streams with an error instead of waiting forever.
 """
@@ -37,6 +39,7 @@ IDLE_WAIT = 0.1  # seconds the step loop blocks for new work when it has none
 STATS_EVERY = 0.1  # seconds between refreshes of the counters Pongs carry
 SEND_HWM = 100_000  # frames queued for one slow gateway before ZeroMQ would drop them
 _STOP = b"stop"  # the step loop's last word to the I/O thread
+BYE_WAIT = 5.0  # seconds the I/O thread waits for gateways to confirm they read everything
 _GONE = object()  # in the inbox: a gateway went away
 
 
@@ -69,7 +72,13 @@ class EngineIO(threading.Thread):
         self.outbox.bind(self.outbox_endpoint)
         self.last_seen: dict[bytes, float] = {}
         self.refused: set[bytes] = set()  # gateways of another protocol version
+        # Gateways that pinged this process (and were not since taken as gone). A gateway
+        # pings before it sends requests, so a request from one that has not was queued for
+        # an engine process that is gone (the gateway's socket kept it across the restart).
+        self.greeted: set[bytes] = set()
         self.announced_drain = False
+        self.closing_until: float | None = None  # set once the step loop is done
+        self.awaiting_bye: set[bytes] = set()
 
     # -- the thread ----------------------------------------------------------------------
 
@@ -77,17 +86,34 @@ class EngineIO(threading.Thread):
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.outbox, zmq.POLLIN)
-        running = True
-        while running:
+        while not self._closed():
             ready = dict(poller.poll(100))
             if self.sock in ready:
                 self._receive()
             if self.outbox in ready:
-                running = self._forward()
+                self._forward()
             self._forget_silent()
             self._announce_drain()
-        self.sock.close(linger=2000)  # the last replies (a drain's final deltas) still go out
+        if self.awaiting_bye:
+            log.warning("closing without a bye from %d gateways: their last replies may be lost", len(self.awaiting_bye))
+        self.sock.close(linger=2000)
         self.outbox.close()
+
+    def _closed(self) -> bool:
+        if self.closing_until is None:
+            return False
+        return not self.awaiting_bye or time.monotonic() > self.closing_until
+
+    def _start_closing(self) -> None:
+        """The step loop is done and every reply is queued: tell each gateway, which answers
+        with a bye once it has read all of them."""
+        self.closing_until = time.monotonic() + BYE_WAIT
+        self.status.draining = True
+        pong = self._pong(0.0)
+        pong.closing = True
+        for client in list(self.greeted):
+            self.awaiting_bye.add(client)
+            self.send(client, pong)
 
     def _receive(self) -> None:
         while True:
@@ -110,14 +136,23 @@ class EngineIO(threading.Thread):
             return
         if isinstance(msg, p.Ping):
             self._on_ping(client, msg)
+        elif self.closing_until is not None:  # the step loop is gone
+            if isinstance(msg, p.Generate):
+                self.send(client, p.Error(msg.rid, 503, "the engine is shutting down; retry", "engine_draining"))
         elif client in self.refused:
             rid = getattr(msg, "rid", None)
             if isinstance(msg, p.Generate):
                 self.send(client, p.Error(rid, 503, f"engine speaks protocol v{p.PROTOCOL_VERSION}; upgrade the gateway", "protocol_mismatch"))
+        elif isinstance(msg, p.Generate) and client not in self.greeted:
+            log.warning("refusing request %s: its gateway has not pinged this engine process (sent before a restart?)", msg.rid)
+            self.send(client, p.Error(msg.rid, 503, "the engine restarted before this request reached it; retry", "engine_restarted"))
         else:
             self.inbox.put((client, msg))
 
     def _on_ping(self, client: bytes, ping: p.Ping) -> None:
+        if ping.bye:
+            self.awaiting_bye.discard(client)
+            return
         if ping.version != p.PROTOCOL_VERSION:
             if client not in self.refused:
                 log.error(
@@ -127,6 +162,7 @@ class EngineIO(threading.Thread):
             self.refused.add(client)
         else:
             self.refused.discard(client)
+            self.greeted.add(client)
         self.send(client, self._pong(ping.sent))  # it carries our version: the gateway refuses too
 
     def _pong(self, sent: float) -> p.Pong:
@@ -136,15 +172,16 @@ class EngineIO(threading.Thread):
             self.status.draining, time.monotonic() - started if started else 0.0,
         )
 
-    def _forward(self) -> bool:
-        """Send what the step loop queued; False once it said it is done."""
+    def _forward(self) -> None:
+        """Send what the step loop queued; once it says it is done, start closing."""
         while True:
             try:
                 client, frame = self.outbox.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
-                return True
+                return
             if frame == _STOP and not client:
-                return False
+                self._start_closing()
+                return
             self._send_frame(client, frame)
 
     def send(self, client: bytes, msg: p.Message) -> None:
@@ -154,17 +191,23 @@ class EngineIO(threading.Thread):
         try:
             self.sock.send_multipart([client, frame], zmq.NOBLOCK)
         except zmq.ZMQError as exc:  # EHOSTUNREACH: it disconnected; EAGAIN: it stopped reading
+            self.awaiting_bye.discard(client)
             if client in self.last_seen:
                 log.warning("a gateway cannot be reached (%s); aborting its requests", exc.strerror)
-                del self.last_seen[client]
-                self.inbox.put((client, _GONE))
+                self._forget(client)
 
     def _forget_silent(self) -> None:
         now = time.monotonic()
         for client, seen in list(self.last_seen.items()):
             if now - seen > self.client_timeout:
-                del self.last_seen[client]
-                self.inbox.put((client, _GONE))
+                self._forget(client)
+
+    def _forget(self, client: bytes) -> None:
+        """A gateway taken as gone: its requests are aborted (by the step loop)."""
+        del self.last_seen[client]
+        self.greeted.discard(client)
+        self.awaiting_bye.discard(client)
+        self.inbox.put((client, _GONE))
 
     def _announce_drain(self) -> None:
         if self.status.draining and not self.announced_drain:
@@ -271,7 +314,7 @@ class EngineProc:
 
     def close(self) -> None:
         self.outbox.send_multipart([b"", _STOP])
-        self.io.join(10)
+        self.io.join(BYE_WAIT + 5)
         self.outbox.close()
         if not self.io.is_alive():  # else term() would wait on its socket; the process ends anyway
             self.zctx.term()

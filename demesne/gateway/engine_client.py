@@ -99,9 +99,13 @@ class EngineClient:
     def _connect(self, endpoint: str) -> EngineConn:
         sock = self._zctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
-        # Queue nothing for an engine that is not connected: a request sent then would run
-        # later on a restarted engine for a client that was already told 503.
-        sock.setsockopt(zmq.IMMEDIATE, 1)
+        # Not IMMEDIATE: with it, ZeroMQ drops the frames that arrived but were not yet read
+        # when the connection closes - a drained engine's last deltas. Without it those stay
+        # readable; nothing is queued for an engine that is not connected because every send
+        # checks `connected` (_try_send), and an engine refuses requests from a gateway that
+        # has not pinged that process (proc.py), so one queued in the moment the connection
+        # broke never runs on a restarted engine.
+        sock.setsockopt(zmq.IMMEDIATE, 0)
         sock.setsockopt(zmq.ROUTING_ID, self.identity)
         # A host that vanishes without closing the connection is noticed in ~25 s.
         sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
@@ -212,8 +216,10 @@ class EngineClient:
 
     @staticmethod
     def _try_send(engine: EngineConn, msg: p.Message) -> bool:
-        # A non-blocking send on an asyncio socket resolves at once: a future that holds
-        # zmq.Again when the engine is not connected (IMMEDIATE) or its queue is full.
+        """False when the engine is not connected (nothing is queued for it) or its queue is
+        full; a non-blocking send on an asyncio socket resolves at once."""
+        if not engine.connected:
+            return False
         sent = engine.sock.send(p.encode(msg), zmq.NOBLOCK)
         return sent.exception() is None
 
@@ -257,6 +263,8 @@ class EngineClient:
                 self._fail_inflight(engine, f"engine {engine.endpoint} restarted")
             engine.engine_id = pong.engine_id
             engine.prefix.clear()
+        if pong.closing:  # every reply before this pong has been read and delivered
+            self._try_send(engine, p.Ping(time.time(), bye=True))
         engine.stats = pong.stats
         engine.ponged.set()
         engine.info = pong.model
@@ -293,7 +301,10 @@ class EngineClient:
                 log.warning("engine %s closed the connection", engine.endpoint)
                 # The monitor is a socket of its own: frames the engine sent before closing
                 # (a drained engine's last deltas) may still wait unread on the data socket.
+                # The listener reads them first, however long that takes on a busy host.
                 await asyncio.sleep(DISCONNECT_GRACE)
+                while not engine.connected and engine.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    await asyncio.sleep(0.05)
                 if not engine.connected:
                     self._fail_inflight(engine, f"engine {engine.endpoint} went away")
 
