@@ -134,12 +134,37 @@ def test_an_evicted_conversation_is_restored_from_the_host_tier(low_thresholds):
     b = seq("b", list(range(200, 240)), 2)  # takes the only slot: a's stream is saved first
     sim.add(b)
     sim.run()
-    assert sim.tiers.counters.saves == 1
+    assert sim.tiers.counters.saves == 2  # its prompt + output, and its prompt alone
     sim.prefill = 0
     c = seq("c", a.tokens + [5], 1)
     sim.add(c)
     sim.run()
     assert sim.tiers.counters.restores == 1 and sim.prefill <= 2
+
+
+@pytest.mark.parametrize("n_swa", [0, 4])
+def test_the_same_prompt_again_is_restored_too(low_thresholds, n_swa):
+    """A slot's prompt is saved apart from prompt + output: the prompt sent again (a retry, a
+    regenerated answer) restores all of it, though a saved state cannot be cut on an SWA
+    model, and the conversation that continues restores prompt + output."""
+    sim = Sim(max_seqs=1, n_cells=96, budget=64, n_swa=n_swa)
+    a = seq("a", list(range(10, 50)), 6)
+    sim.add(a)
+    sim.run()
+    sim.add(seq("b", list(range(200, 240)), 1))
+    sim.run()
+    assert sim.tiers.counters.saves == 2
+    again = seq("again", a.tokens[: a.prompt_len], 6)
+    sim.add(again)
+    sim.run()
+    assert again.n_cached == a.prompt_len - 1 and again.tokens == a.tokens
+    sim.add(seq("b2", list(range(300, 340)), 1))
+    sim.run()
+    sim.prefill = 0
+    more = seq("more", a.tokens + [5, 6], 1)
+    sim.add(more)
+    sim.run()
+    assert more.n_cached == len(a.tokens) - 1 and sim.prefill == 3
 
 
 def test_a_restored_window_gap_is_not_cut_into(low_thresholds):

@@ -60,6 +60,7 @@ class Slot:
     owner: Sequence | None = None
     last_used: int = 0
     gap: int = 0  # positions [0, gap) lack sliding-window cells (a restored state)
+    prompt_end: int = 0  # while idle: held[:prompt_end] is its last request's prompt (less its last token)
     # A stream copy queued before the next decode (llama.cpp moves the data then): a slot
     # copied into is no source yet, and no restore or copy may overwrite either end; cutting
     # a source in place is fine (the copy runs before the decode writes).
@@ -145,6 +146,7 @@ class SlotScheduler:
         slot.last_used = next(self._clock)
         if self.prefix_cache:
             slot.held = np.asarray(seq.tokens[: seq.n_computed], np.int32)
+            slot.prompt_end = min(seq.prompt_len - 1, len(slot.held))
         else:
             self.kv.remove(slot.seq_id)
             slot.held, slot.gap = _EMPTY, 0
@@ -288,8 +290,21 @@ class SlotScheduler:
 
     def _save(self, slot: Slot, keep: int) -> None:
         """Before a slot's tokens beyond ``keep`` leave its stream: save them if worth it (a
-        cut of a few tokens, a re-rendered end of turn, is not)."""
-        if self.tiers and len(slot.held) >= keep + tiering.MIN_GAIN:
+        cut of a few tokens, a re-rendered end of turn, is not).
+
+        A saved state serves only prompts it is a prefix of (on an SWA model it cannot be cut:
+        it lacks the window below its last ``n_swa`` cells). Prompt + output serves the
+        conversation that continues; it would miss the same prompt sent again, a regenerated
+        answer or a branch after the prompt. So both are saved: the whole content, then the
+        stream is cut back to its last request's prompt (exact: the live stream has every
+        cell) and that is saved too."""
+        if not self.tiers or len(slot.held) < keep + tiering.MIN_GAIN:
+            return
+        self.tiers.save(slot.held, slot.seq_id)
+        cut = slot.prompt_end
+        if keep + tiering.MIN_GAIN <= cut < len(slot.held) and self._usable(slot, cut, len(slot.held)):
+            self.kv.remove(slot.seq_id, cut, -1)
+            slot.held = slot.held[:cut]
             self.tiers.save(slot.held, slot.seq_id)
 
     def _start(self, seq: Sequence, slot: Slot, n: int) -> bool:
