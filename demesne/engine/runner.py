@@ -241,19 +241,32 @@ class ModelRunner:
         ``n_swa`` cells of those layers, so it can be continued from its end only."""
         return max(0, llama_cpp.llama_model_n_swa(self.model))
 
-    def save_state(self, seq_id: int) -> bytes | None:
-        """A snapshot of every cell ``seq_id`` holds, or None if llama.cpp wrote nothing."""
+    def save_state(self, seq_id: int) -> bytearray | None:
+        """A snapshot of every cell ``seq_id`` holds, or None if llama.cpp wrote nothing.
+
+        Written straight into the buffer that is kept: a ctypes string buffer is zero-filled
+        and then copied out, 10 ms of the 12 a 1,000-token save took (llama.cpp's own copy
+        is 1 ms); a bytearray's zero pages cost nothing until llama.cpp writes them."""
         size = llama_cpp.llama_state_seq_get_size(self.ctx, seq_id)
         if size <= 0:
             return None
-        buf = ctypes.create_string_buffer(size)
-        written = llama_cpp.llama_state_seq_get_data(self.ctx, ctypes.cast(buf, ctypes.POINTER(ctypes.c_uint8)), size, seq_id)
-        return buf.raw[:written] if written > 0 else None
+        buf = bytearray(size)
+        dst = (ctypes.c_uint8 * size).from_buffer(buf)
+        written = llama_cpp.llama_state_seq_get_data(self.ctx, dst, size, seq_id)
+        del dst  # a bytearray with a live export cannot be resized
+        if written <= 0:
+            return None
+        if written < size:
+            del buf[written:]
+        return buf
 
-    def restore_state(self, data: bytes, seq_id: int) -> bool:
+    def restore_state(self, data: bytes | bytearray, seq_id: int) -> bool:
         """Put a snapshot's cells back under ``seq_id`` (new cells; none are shared). False
         when llama.cpp refuses it (no contiguous room, or a state of another layout)."""
-        src = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))  # no copy
+        if isinstance(data, bytearray):  # no copy either way
+            src = ctypes.cast((ctypes.c_uint8 * len(data)).from_buffer(data), ctypes.POINTER(ctypes.c_uint8))
+        else:
+            src = ctypes.cast(ctypes.c_char_p(data), ctypes.POINTER(ctypes.c_uint8))
         if llama_cpp.llama_state_seq_set_data(self.ctx, src, len(data), seq_id) == len(data):
             return True
         self.remove(seq_id)  # a refused state may have left cells behind
