@@ -1,7 +1,7 @@
 """Property-based fuzzing from demesne's own OpenAPI document (issue 9).
 
 schemathesis reads /openapi.json from the running server and generates requests for the
-completion and model endpoints: valid ones (every field within the document's bounds) and
+completion, model and token utility endpoints: valid ones (every field within the document's bounds) and
 invalid ones (at least one field outside them). Every answer must be a documented status
 with a body of the documented shape, never a 5xx; invalid requests must be refused; and
 the engine must still be running at the end.
@@ -40,6 +40,10 @@ OPERATIONS = [
     ("/v1/completions", "POST"),
     ("/v1/models", "GET"),
     ("/v1/models/{model}", "GET"),
+    ("/tokenize", "POST"),
+    ("/detokenize", "POST"),
+    ("/apply-template", "POST"),
+    ("/props", "GET"),
 ]
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
 

@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import dataclasses
 import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-import orjson
 from aiohttp import web
 
 from .. import protocol as p
 from .app_keys import CLIENT, CONFIG, FINGERPRINT, OBSERVABILITY
-from .chat_template import ClientText
 from .engine_client import EngineRefused, EngineUnavailable
 from .generation import ModelContext, Piece, generate_text
 from .logprobs import LogprobShaper
 from .observability import STATS, RequestStats
 from .sse import EventStream, SlowReader
 from .status import get_model, health, json_response, list_models, metrics, model_context, openapi
-from .tools import ToolStream, call_constraint, parse_calls, template_messages
+from .tools import ToolStream, call_constraint, parse_calls
 from .errors import ApiError, bad
 from .openai import (
     CompletionRequest,
@@ -30,7 +27,9 @@ from .openai import (
     parse_completion,
     usage,
 )
+from .prompts import calling, json_body, off_loop, prompt_tokens
 from .structured import schema_grammar
+from . import utilities
 
 log = logging.getLogger("demesne.gateway")
 
@@ -43,23 +42,19 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/openapi.json", openapi)
-
-
-async def _json_body(request: web.Request):
-    raw = await request.read()  # raises 413 past client_max_size
-    try:
-        return orjson.loads(raw)
-    except orjson.JSONDecodeError as exc:
-        raise bad(f"the request body is not valid JSON: {exc}", None, "invalid_json") from None
+    app.router.add_post("/tokenize", utilities.tokenize)
+    app.router.add_post("/detokenize", utilities.detokenize)
+    app.router.add_post("/apply-template", utilities.apply_template)
+    app.router.add_get("/props", utilities.props)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
-    body = await _json_body(request)
+    body = await json_body(request)
     return await _complete(request, parse_chat(body), _deadline(request, body))
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
-    body = await _json_body(request)
+    body = await json_body(request)
     return await _complete(request, parse_completion(body), _deadline(request, body))
 
 
@@ -82,41 +77,9 @@ def _deadline(request: web.Request, body: dict) -> float | None:
 # -- a completion, either endpoint ----------------------------------------------------------
 
 
-def _prompt_tokens(model: ModelContext, req: CompletionRequest) -> tuple[list[int], str]:
-    """Token ids of the prompt, and the name of the field they came from."""
-    if req.chat:
-        template = model.template
-        # What the client wrote is text, even where it spells a control token (ClientText).
-        client = ClientText(model.tokenizer.control_pattern)
-        tools = client.shield(req.tools.tools) if _calling(req) else None
-        messages = template_messages(client.shield(req.messages), tools, model.tool_format, template.supports_tools)
-        text = template.render(messages, tools=tools if template.supports_tools else None)
-        bos = not text.startswith(model.template.bos_token)
-        return model.tokenizer.encode_segments(client.segments(text), add_special=bos), "messages"
-    if isinstance(req.prompt, str):
-        return model.tokenizer.encode(req.prompt), "prompt"
-    if any(t < 0 or t >= model.info.n_vocab for t in req.prompt):
-        raise bad("'prompt' holds token ids outside the vocabulary", "prompt")
-    return list(req.prompt), "prompt"
-
-
-# Rendering and tokenizing a long prompt takes seconds (7 s for 7.8 MB): it runs off the event
-# loop, so other streams go on meanwhile (llama.cpp's tokenizer releases the GIL).
-_PROMPT_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="demesne-prompt")
-
-
-async def _off_loop(work):
-    return await asyncio.get_running_loop().run_in_executor(_PROMPT_POOL, work)
-
-
-def _calling(req: CompletionRequest) -> bool:
-    """Whether this request may call tools (``tool_choice: none`` renders no tools either)."""
-    return req.tools is not None and req.tools.choice != "none"
-
-
 def _constrain_calls(model: ModelContext, req: CompletionRequest) -> None:
     """The grammar that forces a call (required, named) or keeps one valid (auto)."""
-    if not _calling(req) or req.params.grammar:  # auto beside response_format: the format wins
+    if not calling(req) or req.params.grammar:  # auto beside response_format: the format wins
         return
     tokenizer = model.tokenizer
     grammar, patterns, tokens = call_constraint(
@@ -161,7 +124,7 @@ async def _complete(request: web.Request, req: CompletionRequest, deadline: floa
     model = model_context(request, req.model)
     client = request.app[CLIENT]
     try:
-        tokenized = await _off_loop(lambda: [_prompt_tokens(model, one) for one in _each_prompt(req)])
+        tokenized = await off_loop(lambda: [prompt_tokens(model, one) for one in _each_prompt(req)])
     except ValueError as exc:  # the chat template refused the conversation
         raise bad(str(exc), "messages") from None
     budgets = [_budget(model.info.n_ctx, len(prompt), req, field) for prompt, field in tokenized]
@@ -296,7 +259,7 @@ async def _collect(reply: _Reply) -> web.Response:
 
 def _final_choice(reply: _Reply, i: int, text: str, final: Piece) -> dict:
     lp = reply.logprobs[i].total if reply.logprobs else None
-    if not _calling(reply.req):
+    if not calling(reply.req):
         return reply.shaper.choice(i, text, final.finish, lp)
     content, calls = parse_calls(text, reply.req.tools, reply.model.tool_format)
     return reply.shaper.choice(i, content, _finish(final.finish, bool(calls)), lp, calls)
@@ -328,7 +291,7 @@ async def _stream_choices(sse: EventStream, reply: _Reply, item: tuple[int, Piec
     started: set[int] = set()
     finals: dict[int, Piece] = {}
     with_usage = req.include_usage
-    calls = [ToolStream(req.tools, reply.model.tool_format) for _ in range(reply.choices)] if _calling(req) else None
+    calls = [ToolStream(req.tools, reply.model.tool_format) for _ in range(reply.choices)] if calling(req) else None
     while True:
         index, piece = item
         if req.chat and index not in started:

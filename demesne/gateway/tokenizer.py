@@ -86,20 +86,25 @@ class Tokenizer:
             if token is not None:
                 self._pieces[token] = marker.encode()
 
-    def piece(self, token: int) -> bytes:
-        """The bytes a token stands for (empty for control tokens such as ``<eos>``)."""
+    def piece(self, token: int, special: bool = False) -> bytes:
+        """The bytes a token stands for (empty for control tokens such as ``<eos>``, unless
+        ``special``: then their text)."""
+        if special:
+            return self._to_piece(token, True)
         cached = self._pieces[token]
         if cached is None:
-            n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, False)
-            if n < 0:  # longer than the buffer: -n is the size it needs
-                self._buf = ctypes.create_string_buffer(-n)
-                n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, False)
-            cached = self._buf.raw[: max(n, 0)]
-            self._pieces[token] = cached
+            cached = self._pieces[token] = self._to_piece(token, False)
         return cached
 
-    def decode(self, tokens: list[int]) -> str:
-        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+    def _to_piece(self, token: int, special: bool) -> bytes:
+        n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, special)
+        if n < 0:  # longer than the buffer: -n is the size it needs
+            self._buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, token, self._buf, len(self._buf), 0, special)
+        return self._buf.raw[: max(n, 0)]
+
+    def decode(self, tokens: list[int], special: bool = False) -> str:
+        return b"".join(self.piece(t, special) for t in tokens).decode("utf-8", "replace")
 
 
 def _trie_regex(words: set[str]) -> str:
