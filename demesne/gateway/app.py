@@ -19,7 +19,7 @@ from .chat_template import ChatTemplate, TemplateError
 from .engine_client import EngineClient
 from .generation import ModelContext
 from .observability import STATS, Observability
-from .errors import ApiError
+from .errors import ApiError, body_for
 from .routes import setup_routes
 from .tokenizer import Tokenizer
 from .tool_formats import FORMATS, detect
@@ -35,18 +35,19 @@ async def error_middleware(request: web.Request, handler):
     except ApiError as exc:
         # 503 is always temporary here (an engine restarting, draining or busy): say when to retry.
         headers = {"Retry-After": "2"} if exc.status == 503 else None
-        return web.json_response(exc.body(), status=exc.status, headers=headers)
+        return web.json_response(body_for(request.path, exc), status=exc.status, headers=headers)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
         code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status)
-        body = ApiError(exc.status, f"{exc.reason}: {request.method} {request.path}", None, code).body()
+        body = body_for(request.path, ApiError(exc.status, f"{exc.reason}: {request.method} {request.path}", None, code))
         return web.json_response(body, status=exc.status)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception:
         log.exception("internal error on %s %s", request.method, request.path)
-        return web.json_response(ApiError(500, "internal server error", None, "internal_error").body(), status=500)
+        body = body_for(request.path, ApiError(500, "internal server error", None, "internal_error"))
+        return web.json_response(body, status=500)
 
 
 def observe_middleware(observability: Observability):

@@ -40,6 +40,7 @@ class Piece:
     logprobs: list | None = None
     released: int = 0  # bytes of the output let through so far (a stop string and what follows are not)
     lead: int | None = 0  # bytes of leading whitespace stripped; None while that may still grow
+    stop: str | None = None  # on the last piece: the stop string that ended the output, if one did
 
 
 class _Output:
@@ -56,6 +57,10 @@ class _Output:
     @property
     def stopped(self) -> bool:
         return self._matcher.stopped
+
+    @property
+    def matched(self) -> str | None:
+        return self._matcher.matched
 
     def add(self, tokens: list[int], final: bool) -> str:
         text = self._matcher.feed(self._detok.add(tokens))
@@ -110,7 +115,7 @@ async def generate_text(
             text = out.add(delta.tokens, delta.finish is not None)
             finish = p.FINISH_STOP if out.stopped else delta.finish
             extra = (delta.tokens, delta.logprobs) if delta.logprobs is not None else (None, None)
-            yield Piece(text, finish, n_prompt, n_out, cached, *extra, out.released, out.settled_lead(finish is not None))
+            yield Piece(text, finish, n_prompt, n_out, cached, *extra, out.released, out.settled_lead(finish is not None), out.matched)
             if finish is not None:
                 return
     finally:

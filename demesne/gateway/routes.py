@@ -46,6 +46,10 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/detokenize", utilities.detokenize)
     app.router.add_post("/apply-template", utilities.apply_template)
     app.router.add_get("/props", utilities.props)
+    from . import anthropic  # (it builds on this module)
+
+    app.router.add_post("/v1/messages", anthropic.messages)
+    app.router.add_post("/v1/messages/count_tokens", anthropic.count_tokens)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -121,6 +125,19 @@ def _each_prompt(req: CompletionRequest) -> list[CompletionRequest]:
 
 
 async def _complete(request: web.Request, req: CompletionRequest, deadline: float | None = None) -> web.StreamResponse:
+    reply = await start_reply(request, req, deadline)
+    try:
+        if req.stream:
+            return await _stream(request, reply)
+        return await _collect(reply)
+    finally:
+        await reply.pieces.aclose()
+
+
+async def start_reply(request: web.Request, req: CompletionRequest, deadline: float | None = None) -> Reply:
+    """Check a completion request against its model, send it to an engine (n choices: n
+    requests) and return its pieces to shape, whole or streamed. The caller closes
+    ``pieces``. Used by the OpenAI routes and by the other APIs translated onto them."""
     model = model_context(request, req.model)
     client = request.app[CLIENT]
     try:
@@ -155,17 +172,11 @@ async def _complete(request: web.Request, req: CompletionRequest, deadline: floa
     ]
     shaper = Shaper(req.chat, model.info.id, request.app[FINGERPRINT], legacy=bool(req.tools and req.tools.legacy))
     logprobs = [LogprobShaper(model.tokenizer, req.chat) for _ in streams] if req.params.logprobs >= 0 else None
-    reply = _Reply(req, model, shaper, _merge(streams), logprobs, len(streams), stats)
-    try:
-        if req.stream:
-            return await _stream(request, reply)
-        return await _collect(reply)
-    finally:
-        await reply.pieces.aclose()
+    return Reply(req, model, shaper, _merge(streams), logprobs, len(streams), stats)
 
 
 @dataclass(slots=True)
-class _Reply:
+class Reply:
     """What answering one request takes, whole or streamed."""
 
     req: CompletionRequest
@@ -226,7 +237,7 @@ async def _merge(streams: list) -> AsyncIterator[tuple[int, Piece]]:
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
-async def _next_piece(pieces) -> tuple[int, Piece]:
+async def next_piece(pieces) -> tuple[int, Piece]:
     try:
         return await pieces.__anext__()
     except EngineRefused as exc:
@@ -243,11 +254,11 @@ def _usage(finals: dict[int, Piece], n: int) -> dict:
     return usage(sum(f.prompt_tokens for f in firsts), completion, sum(f.cached_tokens for f in firsts))
 
 
-async def _collect(reply: _Reply) -> web.Response:
+async def _collect(reply: Reply) -> web.Response:
     texts: list[list[str]] = [[] for _ in range(reply.choices)]
     finals: dict[int, Piece] = {}
     while len(finals) < reply.choices:
-        index, piece = await _next_piece(reply.pieces)
+        index, piece = await next_piece(reply.pieces)
         texts[index].append(piece.text)
         if reply.logprobs is not None:
             reply.logprobs[index].add(piece)
@@ -257,27 +268,36 @@ async def _collect(reply: _Reply) -> web.Response:
     return json_response(reply.shaper.response(choices, reply.finished(finals)))
 
 
-def _final_choice(reply: _Reply, i: int, text: str, final: Piece) -> dict:
+def _final_choice(reply: Reply, i: int, text: str, final: Piece) -> dict:
     lp = reply.logprobs[i].total if reply.logprobs else None
     if not calling(reply.req):
         return reply.shaper.choice(i, text, final.finish, lp)
     content, calls = parse_calls(text, reply.req.tools, reply.model.tool_format)
-    return reply.shaper.choice(i, content, _finish(final.finish, bool(calls)), lp, calls)
+    return reply.shaper.choice(i, content, call_finish(final.finish, bool(calls)), lp, calls)
 
 
-def _finish(finish: str, called: bool) -> str:
+def call_finish(finish: str, called: bool) -> str:
     """"tool_calls" when the turn made calls, unless it was cut short (then "length", as OpenAI)."""
     return "tool_calls" if called and finish != p.FINISH_LENGTH else finish
 
 
-async def _stream(request: web.Request, reply: _Reply) -> web.StreamResponse:
-    # The first piece comes before the headers, so a refused request still gets its status.
-    item = await _next_piece(reply.pieces)
+async def _stream(request: web.Request, reply: Reply) -> web.StreamResponse:
+    async def write(sse: EventStream, item: tuple[int, Piece]) -> None:
+        await _stream_choices(sse, reply, item)
+        await sse.close()
+
+    return await stream_reply(request, reply, write)
+
+
+async def stream_reply(request: web.Request, reply: Reply, write) -> web.StreamResponse:
+    """An event stream that ``write(sse, first_piece)`` fills. The first piece comes before
+    the headers, so a refused request still gets its status; a reader that stalls past
+    ``--write-timeout`` is cut off."""
+    item = await next_piece(reply.pieces)
     sse = EventStream(request, request.app[CONFIG].write_timeout)
     await sse.open()
     try:
-        await _stream_choices(sse, reply, item)
-        await sse.close()
+        await write(sse, item)
     except SlowReader:  # closing the connection ends the handler; the engine requests are aborted
         log.warning("%s stopped reading its stream for %g s: closed", request.remote, sse.timeout)
         reply.stats.finish.append("write_timeout")
@@ -286,7 +306,7 @@ async def _stream(request: web.Request, reply: _Reply) -> web.StreamResponse:
     return sse.response
 
 
-async def _stream_choices(sse: EventStream, reply: _Reply, item: tuple[int, Piece]) -> None:
+async def _stream_choices(sse: EventStream, reply: Reply, item: tuple[int, Piece]) -> None:
     req, shaper = reply.req, reply.shaper
     started: set[int] = set()
     finals: dict[int, Piece] = {}
@@ -310,7 +330,7 @@ async def _stream_choices(sse: EventStream, reply: _Reply, item: tuple[int, Piec
                 if text:
                     await sse.send(shaper.chunk(index, text, with_usage=with_usage))
                 await _send_calls(sse, shaper, index, deltas, with_usage)
-                finish = _finish(finish, calls[index].called)
+                finish = call_finish(finish, calls[index].called)
             await sse.send(shaper.chunk(index, None if req.chat else "", finish, with_usage=with_usage))
             if len(finals) == reply.choices:
                 use = reply.finished(finals)
@@ -318,7 +338,7 @@ async def _stream_choices(sse: EventStream, reply: _Reply, item: tuple[int, Piec
                     await sse.send(shaper.usage_chunk(use))
                 return
         try:
-            item = await _next_piece(reply.pieces)
+            item = await next_piece(reply.pieces)
         except ApiError as exc:  # headers are gone: report in the stream, as OpenAI does
             await sse.send(exc.body())
             return

@@ -43,11 +43,15 @@ class EventStream:
             except OSError:  # not a TCP socket (tests, unix sockets): leave it
                 pass
 
-    async def send(self, obj: dict) -> None:
-        await self._within(self.response.write(b"data: " + orjson.dumps(obj) + b"\n\n"))
+    async def send(self, obj: dict, event: str | None = None) -> None:
+        """One event; ``event`` names it (Anthropic's streams name every event)."""
+        head = b"event: " + event.encode() + b"\n" if event else b""
+        await self._within(self.response.write(head + b"data: " + orjson.dumps(obj) + b"\n\n"))
 
-    async def close(self) -> None:
-        await self._within(self.response.write(b"data: [DONE]\n\n"))
+    async def close(self, done: bool = True) -> None:
+        """``done``: OpenAI's closing ``data: [DONE]`` (Anthropic's streams end without it)."""
+        if done:
+            await self._within(self.response.write(b"data: [DONE]\n\n"))
         try:
             await self._within(self.response.write_eof())
         except ConnectionResetError:  # the client had [DONE] and closed before the chunked end

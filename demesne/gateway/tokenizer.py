@@ -158,6 +158,7 @@ class StopMatcher:
         self._hold = max((len(s) for s in self.stops), default=1) - 1
         self._pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the text
 
     def feed(self, text: str) -> str:
         if self.stopped:
@@ -165,9 +166,11 @@ class StopMatcher:
         if not self.stops:
             return text
         buf = self._pending + text
-        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
+        found = [(i, n) for n, i in enumerate(buf.find(s) for s in self.stops) if i >= 0]
+        cut = min(found)[0] if found else -1
         if cut >= 0:
             self.stopped = True
+            self.matched = self.stops[min(found)[1]]
             self._pending = ""
             return buf[:cut]
         keep = self._partial_tail(buf)
