@@ -12,19 +12,12 @@ import pytest
 
 from conftest import API_KEY
 from test_e2e_api import openai_client
+from test_e2e_tools import WEATHER as CHAT_WEATHER
 
 pytestmark = pytest.mark.e2e
 
-WEATHER = {
-    "name": "get_weather",
-    "description": "The weather in a city",
-    "input_schema": {
-        "type": "object",
-        "properties": {"city": {"type": "string", "maxLength": 20}, "unit": {"enum": ["c", "f"]}},
-        "required": ["city", "unit"],
-        "additionalProperties": False,
-    },
-}
+_F = CHAT_WEATHER["function"]
+WEATHER = {"name": _F["name"], "description": _F["description"], "input_schema": _F["parameters"]}
 ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
 GREEDY = {"extra_body": {"temperature": 0.0}}  # (SDK 2.x has no temperature argument; older ones send it as a field)
 

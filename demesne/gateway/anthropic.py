@@ -37,14 +37,15 @@ from aiohttp import web
 
 from .errors import ApiError, anthropic_body, bad
 from .openai import parse_chat
-from .prompts import calling, json_body, off_loop, prompt_tokens
+from .prompts import calling, join_text, json_body, off_loop, prompt_tokens
 from .generation import Piece
-from .routes import Reply, call_finish, next_piece, start_reply, stream_reply
+from .routes import Reply, call_finish, next_piece, start_reply, stream_reply, whole_reply
 from .sse import EventStream
 from .status import json_response, model_context
-from .tools import ToolStream, parse_calls
+from .tools import ToolStream
 
 _CHOICES = {"auto": "auto", "any": "required", "none": "none"}
+_NOT_TEXT = ("image", "document")
 
 
 # -- the request ---------------------------------------------------------------------------
@@ -79,24 +80,10 @@ def to_chat(body: Any, *, counting: bool = False) -> dict:
     return chat
 
 
-def _text_blocks(value: Any, where: str) -> str:
-    """A string, or text blocks joined."""
-    if isinstance(value, str):
-        return value
-    if not isinstance(value, list):
-        raise bad(f"'{where}' must be a string or an array of text blocks", where, "invalid_type")
-    parts = []
-    for j, block in enumerate(value):
-        if not isinstance(block, dict) or block.get("type") != "text" or not isinstance(block.get("text"), str):
-            raise bad(f"'{where}[{j}]' must be a text block ({{\"type\": \"text\", \"text\": ...}})", f"{where}[{j}]")
-        parts.append(block["text"])
-    return "".join(parts)
-
-
 def _system(system: Any) -> list[dict]:
     if system is None:
         return []
-    text = _text_blocks(system, "system")
+    text = join_text(system, "system", unsupported=_NOT_TEXT)
     return [{"role": "system", "content": text}] if text else []
 
 
@@ -123,7 +110,7 @@ def _message(message: Any, where: str) -> list[dict]:
             results.append(_result(block, at))
         elif kind in ("thinking", "redacted_thinking") and role == "assistant":
             continue
-        elif kind in ("image", "document"):
+        elif kind in _NOT_TEXT:
             raise bad(f"'{at}': {kind} blocks are not supported; the served models read text", at, "unsupported_content")
         else:
             raise bad(f"'{at}' is not a content block a {role} message may hold", at)
@@ -149,7 +136,7 @@ def _result(block: dict, where: str) -> dict:
     if not isinstance(block.get("tool_use_id"), str):
         raise bad(f"'{where}.tool_use_id' must be a string", f"{where}.tool_use_id", "invalid_type")
     content = block.get("content", "")
-    text = _text_blocks(content, f"{where}.content")
+    text = join_text(content, f"{where}.content", unsupported=_NOT_TEXT)
     if block.get("is_error") is True:
         text = f"Error: {text}"
     return {"role": "tool", "tool_call_id": block["tool_use_id"], "content": text}
@@ -239,18 +226,9 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 
 async def _collect(reply: Reply, message_id: str, asked: list[str]) -> web.Response:
-    texts = []
-    while True:
-        _, piece = await next_piece(reply.pieces)
-        texts.append(piece.text)
-        if piece.finish is not None:
-            break
+    piece, text, calls = await whole_reply(reply)
     reply.finished({0: piece})
-    text, calls = "".join(texts), []
-    if calling(reply.req):
-        text, calls = parse_calls(text, reply.req.tools, reply.model.tool_format)
-        text = text or ""
-    content = ([{"type": "text", "text": text}] if text else []) + [_tool_use(c) for c in calls or ()]
+    content = ([{"type": "text", "text": text}] if text else []) + [_tool_use(c) for c in calls]
     stop_reason, stop_sequence = _stop(reply, piece.finish, bool(calls), piece.stop, asked)
     return json_response({
         "id": message_id, "type": "message", "role": "assistant", "model": reply.model.info.id,

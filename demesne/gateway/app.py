@@ -13,7 +13,8 @@ from aiohttp import web
 from .. import __version__
 from .. import protocol as p
 from ..config import GatewayConfig
-from .app_keys import CLIENT, CONFIG, FINGERPRINT, MODELS, OBSERVABILITY, STARTED
+from .app_keys import CLIENT, CONFIG, FINGERPRINT, MODELS, OBSERVABILITY, RESPONSES, STARTED
+from .response_store import ResponseStore
 from .auth import api_key_middleware
 from .chat_template import ChatTemplate, TemplateError
 from .engine_client import EngineClient
@@ -175,6 +176,7 @@ def init_app(config: GatewayConfig) -> web.Application:
     app[CONFIG] = config
     app[MODELS] = {}
     app[FINGERPRINT] = f"demesne-{__version__}"
+    app[RESPONSES] = ResponseStore(config.response_store)
     app[STARTED] = time.time()
     app[OBSERVABILITY] = observability
     app.on_response_prepare.append(_request_id_header)

@@ -8,6 +8,7 @@ from ..config import GatewayConfig
 from .engine_client import EngineClient
 from .generation import ModelContext
 from .observability import Observability
+from .response_store import ResponseStore
 
 CONFIG = web.AppKey("config", GatewayConfig)
 CLIENT = web.AppKey("engine_client", EngineClient)
@@ -15,3 +16,4 @@ MODELS = web.AppKey("models", dict[str, ModelContext])
 FINGERPRINT = web.AppKey("fingerprint", str)
 STARTED = web.AppKey("started", float)
 OBSERVABILITY = web.AppKey("observability", Observability)
+RESPONSES = web.AppKey("responses", ResponseStore)

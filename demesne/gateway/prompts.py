@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+from typing import Any
 
 import orjson
 from aiohttp import web
@@ -60,3 +61,23 @@ def prompt_tokens(model: ModelContext, req: CompletionRequest) -> tuple[list[int
     if any(t < 0 or t >= model.info.n_vocab for t in req.prompt):
         raise bad("'prompt' holds token ids outside the vocabulary", "prompt")
     return list(req.prompt), "prompt"
+
+
+def join_text(value: Any, where: str, kinds: tuple[str, ...] = ("text",), unsupported: tuple[str, ...] = ()) -> str:
+    """A string, or text parts (``{"type": one of kinds, "text": ...}``) joined, as the
+    Messages and Responses APIs send content; a part of an ``unsupported`` type (an image, a
+    file) is refused as such: the served models read text."""
+    if isinstance(value, str):
+        return value
+    if not isinstance(value, list):
+        raise bad(f"'{where}' must be a string or an array of text parts", where, "invalid_type")
+    parts = []
+    for j, part in enumerate(value):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind in kinds and isinstance(part.get("text"), str):
+            parts.append(part["text"])
+        elif kind in unsupported:
+            raise bad(f"'{where}[{j}]': {kind} is not supported; the served models read text", f"{where}[{j}]", "unsupported_content")
+        else:
+            raise bad(f"'{where}[{j}]' must be a text part ({{\"type\": \"{kinds[0]}\", \"text\": ...}})", f"{where}[{j}]")
+    return "".join(parts)

@@ -46,10 +46,14 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/detokenize", utilities.detokenize)
     app.router.add_post("/apply-template", utilities.apply_template)
     app.router.add_get("/props", utilities.props)
-    from . import anthropic  # (it builds on this module)
+    from . import anthropic  # (they build on this module)
 
     app.router.add_post("/v1/messages", anthropic.messages)
     app.router.add_post("/v1/messages/count_tokens", anthropic.count_tokens)
+    from . import responses
+
+    app.router.add_post("/v1/responses", responses.create)
+    app.router.add_get("/v1/responses/{response_id}", responses.retrieve)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
@@ -266,6 +270,22 @@ async def _collect(reply: Reply) -> web.Response:
             finals[index] = piece
     choices = [_final_choice(reply, i, "".join(texts[i]), finals[i]) for i in range(reply.choices)]
     return json_response(reply.shaper.response(choices, reply.finished(finals)))
+
+
+async def whole_reply(reply: Reply) -> tuple[Piece, str, list[dict]]:
+    """A one-choice reply read to its end: the last piece, the text and the tool calls
+    (OpenAI-shaped; the text without their markup)."""
+    texts = []
+    while True:
+        _, piece = await next_piece(reply.pieces)
+        texts.append(piece.text)
+        if piece.finish is not None:
+            break
+    text = "".join(texts)
+    if not calling(reply.req):
+        return piece, text, []
+    content, calls = parse_calls(text, reply.req.tools, reply.model.tool_format)
+    return piece, content or "", calls or []
 
 
 def _final_choice(reply: Reply, i: int, text: str, final: Piece) -> dict:
