@@ -92,6 +92,7 @@ GATEWAY_OPTIONS = [
     click.option("--tool-format", default="auto", type=click.Choice(TOOL_FORMATS), show_default=True, help="how the model writes tool calls (auto: from its chat template)"),
     click.option("--cors-origin", "cors_origins", multiple=True, help="browser origin allowed to call the API, e.g. https://app.example (repeatable; * for any) [default: none]"),
     click.option("--write-timeout", default=30.0, show_default=True, help="seconds a streaming client may take no bytes before its stream is closed and its requests aborted"),
+    click.option("--reasoning-format", default="auto", type=click.Choice(["auto", "deepseek", "none"]), show_default=True, help="split <think>...</think> reasoning out of replies (reasoning_content, thinking blocks, reasoning items): auto when the chat template writes it, deepseek always, none never"),
     click.option("--response-store", default=1000, show_default=True, help="finished /v1/responses kept in memory for previous_response_id and GET (least recently used dropped; 0: none)"),
     click.option("--request-timeout", default=0.0, show_default=True, help="seconds a completion may run before it ends with finish_reason length (0: no limit; a request's own 'timeout' may be shorter)"),
 ]
@@ -175,7 +176,7 @@ def gateway_cmd(log_level, **kw):
 @click.command("serve")
 @_apply(ENGINE_OPTIONS + GATEWAY_OPTIONS)
 @LOG_LEVEL
-def serve_cmd(log_level, host, port, api_keys, chat_template, heartbeat_timeout, tool_format, cors_origins, write_timeout, request_timeout, response_store, model, **engine_kw):
+def serve_cmd(log_level, host, port, api_keys, chat_template, heartbeat_timeout, tool_format, cors_origins, write_timeout, request_timeout, response_store, reasoning_format, model, **engine_kw):
     """Run an engine and a gateway together on this machine (the bundled model by default).
 
     The engine runs as a child process and is restarted if it dies; SIGTERM drains it."""
@@ -188,7 +189,7 @@ def serve_cmd(log_level, host, port, api_keys, chat_template, heartbeat_timeout,
         gateway_config = GatewayConfig(
             engines=(endpoint,), host=host, port=port, api_keys=tuple(api_keys), chat_template=chat_template, tool_format=tool_format,
             heartbeat_timeout=heartbeat_timeout, cors_origins=tuple(cors_origins), write_timeout=write_timeout, request_timeout=request_timeout,
-            response_store=response_store,
+            response_store=response_store, reasoning_format=reasoning_format,
         )
     except (ConfigError, ModelNotFound) as exc:
         remove_dir(directory)

@@ -169,6 +169,7 @@ class GatewayConfig:
     write_timeout: float = 30.0  # a streaming client that takes no bytes this long is cut off
     request_timeout: float = 0.0  # longest a completion may run, then it ends as "length" (0: no limit)
     response_store: int = 1000  # /v1/responses kept for previous_response_id (LRU; 0: none)
+    reasoning_format: str = "auto"  # split <think> blocks out of replies: auto (template writes them), deepseek, none
 
     def __post_init__(self) -> None:
         _require(len(self.engines) > 0, "at least one --engine endpoint is needed")
@@ -183,6 +184,7 @@ class GatewayConfig:
         _require(0 <= self.request_timeout <= 1e6, "--request-timeout must be in [0, 1e6] seconds (0: no limit)")
         _require(all(self.cors_origins), "a --cors-origin may not be empty")
         _require(0 <= self.response_store <= 10_000_000, "--response-store must be in [0, 10000000]")
+        _require(self.reasoning_format in ("auto", "deepseek", "none"), "--reasoning-format must be auto, deepseek or none")
         _require(self.tool_format in TOOL_FORMATS, f"--tool-format must be one of {TOOL_FORMATS}")
         if self.chat_template is not None:
             _require(os.path.isfile(self.chat_template), f"--chat-template {self.chat_template}: no such file")

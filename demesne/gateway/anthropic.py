@@ -226,9 +226,10 @@ async def messages(request: web.Request) -> web.StreamResponse:
 
 
 async def _collect(reply: Reply, message_id: str, asked: list[str]) -> web.Response:
-    piece, text, calls = await whole_reply(reply)
+    piece, reasoning, text, calls = await whole_reply(reply)
     reply.finished({0: piece})
-    content = ([{"type": "text", "text": text}] if text else []) + [_tool_use(c) for c in calls]
+    content = [{"type": "thinking", "thinking": reasoning, "signature": ""}] if reasoning else []
+    content += ([{"type": "text", "text": text}] if text else []) + [_tool_use(c) for c in calls]
     stop_reason, stop_sequence = _stop(reply, piece.finish, bool(calls), piece.stop, asked)
     return json_response({
         "id": message_id, "type": "message", "role": "assistant", "model": reply.model.info.id,
@@ -238,13 +239,14 @@ async def _collect(reply: Reply, message_id: str, asked: list[str]) -> web.Respo
 
 
 class _Blocks:
-    """The content blocks of a streamed message: a text block opened by the first text, a
-    tool_use block per call; the open one is closed when another starts or the message ends."""
+    """The content blocks of a streamed message: a thinking block for the reasoning, a text
+    block opened by the first text, a tool_use block per call; the open one is closed when
+    another starts or the message ends."""
 
     def __init__(self, sse: EventStream):
         self.sse = sse
         self.count = 0
-        self.open: tuple[str, int] | None = None  # ("text", -1) or ("call", call index)
+        self.open: tuple[str, int] | None = None  # ("text", -1), ("thinking", -1) or ("call", call index)
 
     async def _start(self, key: tuple[str, int], block: dict) -> None:
         await self.close()
@@ -267,6 +269,13 @@ class _Blocks:
             await self._start(("text", -1), {"type": "text", "text": ""})
         await self._delta({"type": "text_delta", "text": text})
 
+    async def thinking(self, text: str) -> None:
+        if not text:
+            return
+        if self.open != ("thinking", -1):
+            await self._start(("thinking", -1), {"type": "thinking", "thinking": "", "signature": ""})
+        await self._delta({"type": "thinking_delta", "thinking": text})
+
     async def calls(self, deltas: list[dict]) -> None:
         for d in deltas:
             if "id" in d:  # a call begins
@@ -287,10 +296,16 @@ async def _stream(request: web.Request, reply: Reply, message_id: str, asked: li
         await sse.send({"type": "ping"}, "ping")
         blocks = _Blocks(sse)
         tools = ToolStream(reply.req.tools, reply.model.tool_format) if calling(reply.req) else None
-        while True:
-            text, deltas = tools.feed(piece.text) if tools else (piece.text, [])
+        thinking = reply.splitter()
+
+        async def add(reasoning: str, answer: str) -> None:
+            await blocks.thinking(reasoning)
+            text, deltas = tools.feed(answer) if tools else (answer, [])
             await blocks.text(text)
             await blocks.calls(deltas)
+
+        while True:
+            await add(*(thinking.feed(piece.text) if thinking else ("", piece.text)))
             if piece.finish is not None:
                 break
             try:
@@ -299,6 +314,8 @@ async def _stream(request: web.Request, reply: Reply, message_id: str, asked: li
                 await sse.send(anthropic_body(exc.status, exc.message), "error")
                 await sse.close(done=False)
                 return
+        if thinking:
+            await add(*thinking.finish())
         if tools:
             text, deltas = tools.finish()
             await blocks.text(text)

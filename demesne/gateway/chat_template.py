@@ -100,9 +100,14 @@ class ChatTemplate:
         log.info("chat template: %s", template.origin)
         return template
 
-    def render(self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True) -> str:
+    def render(
+        self, messages: list[dict], tools: list[dict] | None = None, add_generation_prompt: bool = True, extra: dict | None = None
+    ) -> str:
+        """``extra``: more template variables (a request's ``chat_template_kwargs``, e.g.
+        ``enable_thinking``); they cannot replace the ones set here."""
         try:
             return self._template.render(
+                **(extra or {}),
                 messages=messages,
                 tools=tools,
                 add_generation_prompt=add_generation_prompt,

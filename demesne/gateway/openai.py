@@ -43,6 +43,8 @@ class CompletionRequest:
     n: int = 1
     tools: ToolSpec | None = None
     prompts: list | None = None  # completions: every prompt of a batch; each gets n choices
+    template_kwargs: dict | None = None  # chat: more chat template variables (chat_template_kwargs)
+    thinking_open: bool = False  # chat: the rendered prompt leaves a <think> block open (set when rendered)
 
 
 # -- field checks ------------------------------------------------------------------------
@@ -184,6 +186,7 @@ def parse_chat(body: Any) -> CompletionRequest:
         raise bad(str(exc), exc.param) from None
     clean = [_message(m, i) for i, m in enumerate(messages)]
     req = CompletionRequest(messages=clean, prompt=None, **_common(body, chat=True))
+    req.template_kwargs = _template_kwargs(body)
     try:
         req.tools = parse_tools(body)
         check_tool_messages(clean, messages)
@@ -203,6 +206,24 @@ def parse_chat(body: Any) -> CompletionRequest:
     elif top is not None:
         raise bad("'top_logprobs' needs 'logprobs': true", "top_logprobs")
     return req
+
+
+_RESERVED_TEMPLATE_VARS = frozenset({"messages", "tools", "add_generation_prompt", "bos_token", "eos_token"})
+MAX_TEMPLATE_KWARGS = 32
+
+
+def _template_kwargs(body: dict) -> dict | None:
+    """``chat_template_kwargs`` (as vLLM and llama-server take it): more variables for the
+    chat template, e.g. ``{"enable_thinking": false}``."""
+    kw = _typed(body, "chat_template_kwargs", dict)
+    if kw is None:
+        return None
+    if len(kw) > MAX_TEMPLATE_KWARGS:
+        raise bad(f"'chat_template_kwargs' takes at most {MAX_TEMPLATE_KWARGS} variables", "chat_template_kwargs")
+    for key in kw:
+        if not key.isidentifier() or key in _RESERVED_TEMPLATE_VARS:
+            raise bad(f"'chat_template_kwargs' may not set {key!r}", "chat_template_kwargs")
+    return kw
 
 
 def _message(m: Any, i: int) -> dict:
@@ -337,9 +358,14 @@ class Shaper:
     def _finish(self, finish: str | None) -> str | None:
         return "function_call" if self.legacy and finish == "tool_calls" else finish
 
-    def choice(self, index: int, text: str | None, finish: str, logprobs: dict | None = None, tool_calls: list | None = None) -> dict:
+    def choice(
+        self, index: int, text: str | None, finish: str, logprobs: dict | None = None, tool_calls: list | None = None,
+        reasoning: str | None = None,
+    ) -> dict:
         if self.chat:
             message = {"role": "assistant", "content": text, "refusal": None}
+            if reasoning:
+                message["reasoning_content"] = reasoning
             if tool_calls and self.legacy:  # the one call as function_call
                 message["function_call"] = tool_calls[0]["function"]
             elif tool_calls:
@@ -361,11 +387,14 @@ class Shaper:
         with_usage: bool = False,
         logprobs: dict | None = None,
         tool_calls: list | None = None,
+        reasoning: str | None = None,
     ) -> dict:
         if self.chat:
             delta: dict[str, Any] = {}
             if first:
                 delta["role"] = "assistant"
+            if reasoning:
+                delta["reasoning_content"] = reasoning
             if text is not None:
                 delta["content"] = text
             if tool_calls and self.legacy:

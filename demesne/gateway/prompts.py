@@ -17,6 +17,7 @@ from .chat_template import ClientText
 from .errors import bad
 from .generation import ModelContext
 from .openai import CompletionRequest
+from .reasoning import opens_thinking
 from .tools import template_messages
 
 _PROMPT_POOL = concurrent.futures.ThreadPoolExecutor(max_workers=2, thread_name_prefix="demesne-prompt")
@@ -47,7 +48,9 @@ def render_chat(model: ModelContext, req: CompletionRequest) -> tuple[ClientText
     client = ClientText(model.tokenizer.control_pattern)
     tools = client.shield(req.tools.tools) if calling(req) else None
     messages = template_messages(client.shield(req.messages), tools, model.tool_format, template.supports_tools)
-    return client, template.render(messages, tools=tools if template.supports_tools else None)
+    text = template.render(messages, tools=tools if template.supports_tools else None, extra=req.template_kwargs)
+    req.thinking_open = opens_thinking(text)
+    return client, text
 
 
 def prompt_tokens(model: ModelContext, req: CompletionRequest) -> tuple[list[int], str]:

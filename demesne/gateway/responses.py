@@ -162,6 +162,7 @@ class _Shape:
     def __init__(self, body: dict, reply: Reply, response_id: str):
         self.reply = reply
         self.message_id = _new_id("msg")
+        self.reasoning_id = _new_id("rs")
         self.response = {
             "id": response_id, "object": "response", "created_at": int(time.time()), "status": "in_progress",
             "error": None, "incomplete_details": None, "instructions": body.get("instructions"),
@@ -177,6 +178,10 @@ class _Shape:
     def message(self, text: str, status: str) -> dict:
         part = {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
         return {"type": "message", "id": self.message_id, "status": status, "role": "assistant", "content": [part]}
+
+    def reasoning(self, text: str, status: str) -> dict:
+        return {"type": "reasoning", "id": self.reasoning_id, "status": status, "summary": [],
+                "content": [{"type": "reasoning_text", "text": text}]}
 
     @staticmethod
     def call(call: dict, item_id: str, status: str) -> dict:
@@ -223,10 +228,11 @@ async def create(request: web.Request) -> web.StreamResponse:
 
 
 async def _collect(request: web.Request, reply: Reply, shape: _Shape, messages: list[dict]) -> web.Response:
-    piece, text, calls = await whole_reply(reply)
+    piece, reasoning, text, calls = await whole_reply(reply)
     shape.finish(piece, bool(calls))
     status = "completed" if shape.response["status"] == "completed" else "incomplete"
-    output = [shape.message(text, status)] if text or not calls else []
+    output = [shape.reasoning(reasoning, status)] if reasoning else []
+    output += [shape.message(text, status)] if text or not calls else []
     shape.response["output"] = output + [shape.call(c, _new_id("fc"), "completed") for c in calls]
     _remember(request, shape, messages, text, calls)
     return json_response(shape.response)
@@ -250,23 +256,28 @@ async def _stream(request: web.Request, reply: Reply, shape: _Shape, messages: l
         await ev.send("response.created", response=dict(shape.response))
         await ev.send("response.in_progress", response=dict(shape.response))
         tools = ToolStream(reply.req.tools, reply.model.tool_format) if calling(reply.req) else None
+        thinking = reply.splitter()
         output: list[dict] = []
-        texts: list[str] = []
         calls: dict[int, dict] = {}  # call index -> its output item
-        message_at: int | None = None
+        # The two items that grow by text deltas: where each sits in output, and its text.
+        at: dict[str, int] = {}
+        grown: dict[str, list[str]] = {"reasoning": [], "message": []}
 
-        async def add_text(text: str) -> None:
-            nonlocal message_at
+        async def grow(kind: str, text: str) -> None:
             if not text:
                 return
-            if message_at is None:
-                message_at = len(output)
-                output.append(shape.message("", "in_progress"))
-                await ev.send("response.output_item.added", output_index=message_at, item=output[message_at])
-                await ev.send("response.content_part.added", item_id=shape.message_id, output_index=message_at, content_index=0,
-                              part={"type": "output_text", "text": "", "annotations": []})
-            texts.append(text)
-            await ev.send("response.output_text.delta", item_id=shape.message_id, output_index=message_at, content_index=0, delta=text, logprobs=[])
+            item_id = shape.reasoning_id if kind == "reasoning" else shape.message_id
+            if kind not in at:
+                at[kind] = len(output)
+                output.append(shape.reasoning("", "in_progress") if kind == "reasoning" else shape.message("", "in_progress"))
+                await ev.send("response.output_item.added", output_index=at[kind], item=output[at[kind]])
+                if kind == "message":
+                    await ev.send("response.content_part.added", item_id=item_id, output_index=at[kind], content_index=0,
+                                  part={"type": "output_text", "text": "", "annotations": []})
+            grown[kind].append(text)
+            extra = {} if kind == "reasoning" else {"logprobs": []}
+            name = "response.reasoning_text.delta" if kind == "reasoning" else "response.output_text.delta"
+            await ev.send(name, item_id=item_id, output_index=at[kind], content_index=0, delta=text, **extra)
 
         async def add_calls(deltas: list[dict]) -> None:
             for d in deltas:
@@ -281,10 +292,14 @@ async def _stream(request: web.Request, reply: Reply, shape: _Shape, messages: l
                     item["arguments"] += piece_args
                     await ev.send("response.function_call_arguments.delta", item_id=item["id"], output_index=output.index(item), delta=piece_args)
 
-        while True:
-            text, deltas = tools.feed(piece.text) if tools else (piece.text, [])
-            await add_text(text)
+        async def add(reasoning: str, answer: str) -> None:
+            await grow("reasoning", reasoning)
+            text, deltas = tools.feed(answer) if tools else (answer, [])
+            await grow("message", text)
             await add_calls(deltas)
+
+        while True:
+            await add(*(thinking.feed(piece.text) if thinking else ("", piece.text)))
             if piece.finish is not None:
                 break
             try:
@@ -293,19 +308,26 @@ async def _stream(request: web.Request, reply: Reply, shape: _Shape, messages: l
                 await ev.send("error", code=exc.code, message=exc.message, param=exc.param)
                 await sse.close(done=False)
                 return
+        if thinking:
+            await add(*thinking.finish())
         if tools:
             text, deltas = tools.finish()
-            await add_text(text)
+            await grow("message", text)
             await add_calls(deltas)
         shape.finish(piece, bool(calls))
         status = "completed" if shape.response["status"] == "completed" else "incomplete"
-        full = "".join(texts)
-        if message_at is not None:
+        full = "".join(grown["message"])
+        if "reasoning" in at:
+            thought = "".join(grown["reasoning"])
+            output[at["reasoning"]] = shape.reasoning(thought, status)
+            await ev.send("response.reasoning_text.done", item_id=shape.reasoning_id, output_index=at["reasoning"], content_index=0, text=thought)
+            await ev.send("response.output_item.done", output_index=at["reasoning"], item=output[at["reasoning"]])
+        if "message" in at:
             done = shape.message(full, status)
-            output[message_at] = done
-            await ev.send("response.output_text.done", item_id=shape.message_id, output_index=message_at, content_index=0, text=full, logprobs=[])
-            await ev.send("response.content_part.done", item_id=shape.message_id, output_index=message_at, content_index=0, part=done["content"][0])
-            await ev.send("response.output_item.done", output_index=message_at, item=done)
+            output[at["message"]] = done
+            await ev.send("response.output_text.done", item_id=shape.message_id, output_index=at["message"], content_index=0, text=full, logprobs=[])
+            await ev.send("response.content_part.done", item_id=shape.message_id, output_index=at["message"], content_index=0, part=done["content"][0])
+            await ev.send("response.output_item.done", output_index=at["message"], item=done)
         for item in calls.values():
             item["status"] = "completed"
             at = output.index(item)

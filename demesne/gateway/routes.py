@@ -28,6 +28,7 @@ from .openai import (
     usage,
 )
 from .prompts import calling, json_body, off_loop, prompt_tokens
+from .reasoning import ThinkSplitter, splitter
 from .structured import schema_grammar
 from . import utilities
 
@@ -176,7 +177,8 @@ async def start_reply(request: web.Request, req: CompletionRequest, deadline: fl
     ]
     shaper = Shaper(req.chat, model.info.id, request.app[FINGERPRINT], legacy=bool(req.tools and req.tools.legacy))
     logprobs = [LogprobShaper(model.tokenizer, req.chat) for _ in streams] if req.params.logprobs >= 0 else None
-    return Reply(req, model, shaper, _merge(streams), logprobs, len(streams), stats)
+    reasoning = request.app[CONFIG].reasoning_format if req.chat else "none"
+    return Reply(req, model, shaper, _merge(streams), logprobs, len(streams), stats, reasoning)
 
 
 @dataclass(slots=True)
@@ -190,6 +192,20 @@ class Reply:
     logprobs: list[LogprobShaper] | None
     choices: int  # prompts times n
     stats: RequestStats
+    reasoning_format: str = "none"  # --reasoning-format for chat; "none" for completions
+
+    def splitter(self) -> ThinkSplitter | None:
+        """A reasoning splitter for one choice, if its reasoning is split out."""
+        return splitter(self.reasoning_format, self.model.template.source, self.req.thinking_open)
+
+    def split(self, text: str) -> tuple[str | None, str]:
+        """A whole reply's (reasoning, answer); reasoning None when not split."""
+        s = self.splitter()
+        if s is None:
+            return None, text
+        r1, c1 = s.feed(text)
+        r2, c2 = s.finish()
+        return r1 + r2, c1 + c2
 
     def finished(self, finals: dict[int, Piece]) -> dict:
         """The usage object; the request's figures for the access log."""
@@ -272,28 +288,29 @@ async def _collect(reply: Reply) -> web.Response:
     return json_response(reply.shaper.response(choices, reply.finished(finals)))
 
 
-async def whole_reply(reply: Reply) -> tuple[Piece, str, list[dict]]:
-    """A one-choice reply read to its end: the last piece, the text and the tool calls
-    (OpenAI-shaped; the text without their markup)."""
+async def whole_reply(reply: Reply) -> tuple[Piece, str | None, str, list[dict]]:
+    """A one-choice reply read to its end: the last piece, the reasoning (None when not
+    split), the text and the tool calls (OpenAI-shaped; the text without their markup)."""
     texts = []
     while True:
         _, piece = await next_piece(reply.pieces)
         texts.append(piece.text)
         if piece.finish is not None:
             break
-    text = "".join(texts)
+    reasoning, text = reply.split("".join(texts))
     if not calling(reply.req):
-        return piece, text, []
+        return piece, reasoning, text, []
     content, calls = parse_calls(text, reply.req.tools, reply.model.tool_format)
-    return piece, content or "", calls or []
+    return piece, reasoning, content or "", calls or []
 
 
 def _final_choice(reply: Reply, i: int, text: str, final: Piece) -> dict:
     lp = reply.logprobs[i].total if reply.logprobs else None
+    reasoning, text = reply.split(text)
     if not calling(reply.req):
-        return reply.shaper.choice(i, text, final.finish, lp)
+        return reply.shaper.choice(i, text, final.finish, lp, reasoning=reasoning)
     content, calls = parse_calls(text, reply.req.tools, reply.model.tool_format)
-    return reply.shaper.choice(i, content, call_finish(final.finish, bool(calls)), lp, calls)
+    return reply.shaper.choice(i, content, call_finish(final.finish, bool(calls)), lp, calls, reasoning=reasoning)
 
 
 def call_finish(finish: str, called: bool) -> str:
@@ -332,25 +349,37 @@ async def _stream_choices(sse: EventStream, reply: Reply, item: tuple[int, Piece
     finals: dict[int, Piece] = {}
     with_usage = req.include_usage
     calls = [ToolStream(req.tools, reply.model.tool_format) for _ in range(reply.choices)] if calling(req) else None
+    thinking = [reply.splitter() for _ in range(reply.choices)]
     while True:
         index, piece = item
         if req.chat and index not in started:
             await sse.send(shaper.chunk(index, "", first=True, with_usage=with_usage))
         started.add(index)
         part = reply.logprobs[index].add(piece) if reply.logprobs is not None else None
-        text, deltas = calls[index].feed(piece.text) if calls else (piece.text, [])
+        reasoning, answer = thinking[index].feed(piece.text) if thinking[index] else ("", piece.text)
+        if reasoning:
+            await sse.send(shaper.chunk(index, None, with_usage=with_usage, reasoning=reasoning))
+        text, deltas = calls[index].feed(answer) if calls else (answer, [])
         if text or part:
             await sse.send(shaper.chunk(index, text, with_usage=with_usage, logprobs=part))
         await _send_calls(sse, shaper, index, deltas, with_usage)
         if piece.finish is not None:
             finals[index] = piece
             finish = piece.finish
+            reasoning, answer = thinking[index].finish() if thinking[index] else ("", "")
+            if reasoning:
+                await sse.send(shaper.chunk(index, None, with_usage=with_usage, reasoning=reasoning))
             if calls:
-                text, deltas = calls[index].finish()
+                text, deltas = calls[index].feed(answer)
+                more, last = calls[index].finish()
+                text += more
+                deltas += last
                 if text:
                     await sse.send(shaper.chunk(index, text, with_usage=with_usage))
                 await _send_calls(sse, shaper, index, deltas, with_usage)
                 finish = call_finish(finish, calls[index].called)
+            elif answer:
+                await sse.send(shaper.chunk(index, answer, with_usage=with_usage))
             await sse.send(shaper.chunk(index, None if req.chat else "", finish, with_usage=with_usage))
             if len(finals) == reply.choices:
                 use = reply.finished(finals)
