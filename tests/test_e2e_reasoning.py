@@ -82,3 +82,17 @@ async def test_messages_and_responses_carry_reasoning_in_their_own_shapes(r1, mo
     assert resp.output[0].type == "reasoning" and resp.output[0].content[0].text
     events = [e async for e in await o.responses.create(model=model_id, input="What is 2 + 2?", max_output_tokens=8, temperature=0, stream=True)]
     assert "".join(e.delta for e in events if e.type == "response.reasoning_text.delta") == resp.output[0].content[0].text
+
+
+async def test_thinking_off_from_the_messages_and_responses_fields(qwen3, model_id):
+    """Anthropic's thinking {type: disabled} and Responses' reasoning {effort: none} reach the
+    template as enable_thinking false: Qwen 3's then adds its closed empty block to the prompt."""
+    a = anthropic.AsyncAnthropic(base_url=qwen3.url, api_key=API_KEY, max_retries=0)
+    on = await a.messages.count_tokens(model=model_id, messages=ASK)
+    off = await a.messages.count_tokens(model=model_id, messages=ASK, thinking={"type": "disabled"})
+    assert off.input_tokens > on.input_tokens
+    o = openai_client(qwen3)
+    kw = dict(model=model_id, input="What is 2 + 2?", max_output_tokens=1)
+    plain = await o.responses.create(**kw)
+    none = await o.responses.create(reasoning={"effort": "none"}, **kw)
+    assert none.usage.input_tokens == off.input_tokens > plain.usage.input_tokens == on.input_tokens

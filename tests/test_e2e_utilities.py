@@ -85,6 +85,7 @@ async def test_props_describe_the_model(server, http, model_id):
     assert props["model"] == model_id and props["n_ctx"] == card["context_length"] > 0
     assert props["default_generation_settings"]["n_ctx"] == props["n_ctx"]
     assert props["n_vocab"] == 262144 and props["bos_token"] == "<bos>" and props["chat_template"]
+    assert len(props["model_fingerprint"]) == 16  # the gateway sees the engine's file here
     async with http.get(f"{server.url}/props", params={"model": model_id}) as r:
         assert (await r.json())["model"] == model_id
     async with http.get(f"{server.url}/props", params={"model": "no-such-model"}) as r:

@@ -9,7 +9,9 @@ chat path's; only the shapes differ:
   an assistant's ``tool_use`` blocks become its tool calls and a user's ``tool_result`` blocks
   become tool messages (before the user's own text); ``thinking`` blocks an assistant turn
   carries back are dropped (they are not part of the prompt here); images and documents are
-  refused (400): the served models read text.
+  refused (400): the served models read text. ``thinking`` ``{"type": "disabled"}`` turns a
+  template's thinking off (``enable_thinking``); the reasoning comes back as ``thinking``
+  blocks (reasoning.py).
 - ``tools`` (``name``, ``description``, ``input_schema``) become function tools;
   ``tool_choice`` ``auto`` / ``any`` / ``tool`` / ``none`` become ``auto`` / ``required`` / a
   named function / ``none``; ``disable_parallel_tool_use`` is ``parallel_tool_calls: false``.
@@ -77,6 +79,12 @@ def to_chat(body: Any, *, counting: bool = False) -> dict:
         chat["tools"] = _tools(body["tools"])
     if body.get("tool_choice") is not None:
         chat.update(_tool_choice(body["tool_choice"]))
+    thinking = body.get("thinking")
+    if thinking is not None:  # on or off, for templates with the switch (Qwen 3's enable_thinking)
+        kind = thinking.get("type") if isinstance(thinking, dict) else None
+        if kind not in ("enabled", "disabled", "adaptive"):
+            raise bad("'thinking.type' must be enabled, disabled or adaptive", "thinking")
+        chat["chat_template_kwargs"] = {"enable_thinking": kind != "disabled"}
     return chat
 
 

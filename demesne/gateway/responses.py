@@ -126,6 +126,13 @@ def to_chat(body: dict, messages: list[dict]) -> dict:
         chat["tool_choice"] = {"type": "function", "function": {"name": choice.get("name")}}
     elif choice is not None:
         chat["tool_choice"] = choice
+    reasoning = body.get("reasoning")
+    if isinstance(reasoning, dict) and reasoning.get("effort") is not None:
+        effort = reasoning["effort"]
+        if effort not in ("none", "minimal", "low", "medium", "high", "xhigh"):
+            raise bad("'reasoning.effort' must be none, minimal, low, medium, high or xhigh", "reasoning.effort")
+        # On or off, for templates with the switch (Qwen 3's enable_thinking).
+        chat["chat_template_kwargs"] = {"enable_thinking": effort not in ("none", "minimal")}
     fmt = (body.get("text") or {}).get("format") if isinstance(body.get("text"), dict) else None
     if isinstance(fmt, dict) and fmt.get("type") == "json_schema":
         chat["response_format"] = {"type": "json_schema", "json_schema": {k: fmt[k] for k in ("name", "schema", "strict") if k in fmt}}

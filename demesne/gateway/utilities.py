@@ -8,6 +8,9 @@ serves one model needs none. Bad input is a 400 in OpenAI's error shape, as on `
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import os
 from typing import Any
 
 from aiohttp import web
@@ -20,6 +23,21 @@ from .prompts import json_body, off_loop, render_chat
 from .status import json_response, model_context
 
 MAX_DETOKENIZE = 1 << 20  # token ids in one /detokenize call
+
+
+@functools.lru_cache(maxsize=64)
+def _identity(path: str, size: int, mtime_ns: int) -> str:
+    return hashlib.sha256(f"{os.path.basename(path)}|{size}|{mtime_ns}".encode()).hexdigest()[:16]
+
+
+def _model_fingerprint(path: str) -> str | None:
+    """The model file's identity (name, size, modification time), hashed; None where this
+    gateway cannot see the engine's file (another host)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return _identity(path, st.st_size, st.st_mtime_ns)
 
 
 def pick_model(request: web.Request, model_id: Any) -> ModelContext:
@@ -118,6 +136,7 @@ async def props(request: web.Request) -> web.Response:
         "tool_call_format": model.tool_format.name,
         "bos_token": template.bos_token,
         "eos_token": template.eos_token,
+        "model_fingerprint": _model_fingerprint(info.path),
         "system_fingerprint": request.app[FINGERPRINT],
         "build_info": request.app[FINGERPRINT],
     })
