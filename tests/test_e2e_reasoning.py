@@ -96,3 +96,24 @@ async def test_thinking_off_from_the_messages_and_responses_fields(qwen3, model_
     plain = await o.responses.create(**kw)
     none = await o.responses.create(reasoning={"effort": "none"}, **kw)
     assert none.usage.input_tokens == off.input_tokens > plain.usage.input_tokens == on.input_tokens
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_a_reasoning_budget_ends_the_block_and_the_model_answers(r1, model_id, stream):
+    """R1's prompt opens the block and the base model never closes it: with a budget of 4
+    tokens the block is closed for it and the rest of max_tokens is the answer."""
+    kw = dict(model=model_id, messages=ASK, max_tokens=12, temperature=0, extra_body={"reasoning_budget": 4})
+    client = openai_client(r1)
+    if stream:
+        chunks = [c async for c in await client.chat.completions.create(stream=True, stream_options={"include_usage": True}, **kw)]
+        reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning_content") or "" for c in chunks if c.choices)
+        content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        usage = chunks[-1].usage
+    else:
+        out = await client.chat.completions.create(**kw)
+        reasoning, content, usage = out.choices[0].message.model_extra["reasoning_content"], out.choices[0].message.content, out.usage
+    assert reasoning.strip() and content.strip()
+    assert usage.completion_tokens == 12
+    a = anthropic.AsyncAnthropic(base_url=r1.url, api_key=API_KEY, max_retries=0)
+    msg = await a.messages.create(model=model_id, max_tokens=12, messages=ASK, thinking={"type": "enabled", "budget_tokens": 4})
+    assert [b.type for b in msg.content] == ["thinking", "text"] and msg.usage.output_tokens == 12

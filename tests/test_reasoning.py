@@ -95,3 +95,68 @@ def test_a_tool_call_after_reasoning_is_parsed_whole_and_streamed():
         deltas += tools.feed(split.finish()[1])[1] + tools.finish()[1]
         assert [d["function"]["name"] for d in deltas if "id" in d] == ["f"], cut
         assert json.loads("".join(d["function"].get("arguments", "") for d in deltas)) == {"x": 1}, cut
+
+
+def fake_engine(replies: dict[int, list[str]], calls: list, closed: list):
+    """make(tokens, n) of budgeted(): a reply of one piece per token, chosen by prompt length."""
+    from demesne.gateway.generation import Piece
+
+    def make(tokens: list[int], n: int):
+        calls.append((list(tokens), n))
+
+        async def gen():
+            try:
+                texts = replies[len(tokens)][:n]
+                for i, text in enumerate(texts):
+                    last = i == len(texts) - 1
+                    yield Piece(text, "length" if last else None, len(tokens), i + 1, 2)
+            finally:
+                closed.append(len(tokens))
+
+        return gen()
+
+    return make
+
+
+async def collect(gen) -> list:
+    return [piece async for piece in gen]
+
+
+@pytest.mark.parametrize("inside", [True, False])
+async def test_a_reasoning_budget_closes_the_block_and_the_answer_follows(inside):
+    from demesne.gateway.reasoning import CLOSING, budgeted
+
+    opening = [] if inside else ["<think>"]
+    thoughts = opening + ["a", "b", "c", "d", "e", "f"]
+    cut_at = len(opening) + 3  # tokens of the first request when the budget (3 + the tag) runs out
+    encode = lambda text: [ord(ch) for ch in text]  # noqa: E731
+    prompt = [1, 2, 3]
+    continuation = prompt + encode("".join(thoughts[:cut_at]) + CLOSING)
+    calls, closed = [], []
+    make = fake_engine({len(prompt): thoughts, len(continuation): ["Answer", " four", "."]}, calls, closed)
+    pieces = await collect(budgeted(make, prompt, 10, cut_at, encode, inside))
+    text = "".join(p.text for p in pieces)
+    assert text == "".join(thoughts[:cut_at]) + CLOSING + "Answer four."
+    assert calls == [(prompt, 10), (continuation, 10 - cut_at)] and closed[0] == len(prompt)
+    assert pieces[-1].finish == "length" and pieces[-1].prompt_tokens == 3 and pieces[-1].completion_tokens == cut_at + 3
+    r, c = run([p.text for p in pieces], inside)
+    assert r == "".join(thoughts[len(opening):cut_at]) + "\n" and c == "Answer four."
+
+
+async def test_a_block_closed_within_budget_is_one_request():
+    from demesne.gateway.reasoning import budgeted
+
+    calls, closed = [], []
+    make = fake_engine({3: ["<think>", "x", "</think>", "ok"]}, calls, closed)
+    pieces = await collect(budgeted(make, [1, 2, 3], 10, 5, lambda t: [0], False))
+    assert "".join(p.text for p in pieces) == "<think>x</think>ok" and len(calls) == 1
+
+
+async def test_a_zero_budget_closes_an_opened_block_at_once():
+    from demesne.gateway.reasoning import CLOSING, budgeted
+
+    encode = lambda text: [ord(ch) for ch in text]  # noqa: E731
+    calls, closed = [], []
+    make = fake_engine({3 + len(CLOSING): ["Four."]}, calls, closed)
+    pieces = await collect(budgeted(make, [1, 2, 3], 10, 0, encode, True))
+    assert [p.text for p in pieces] == ["Four."] and calls == [([1, 2, 3] + encode(CLOSING), 10)]

@@ -85,6 +85,8 @@ def to_chat(body: Any, *, counting: bool = False) -> dict:
         if kind not in ("enabled", "disabled", "adaptive"):
             raise bad("'thinking.type' must be enabled, disabled or adaptive", "thinking")
         chat["chat_template_kwargs"] = {"enable_thinking": kind != "disabled"}
+        if kind == "enabled" and thinking.get("budget_tokens") is not None:
+            chat["reasoning_budget"] = thinking["budget_tokens"]
     return chat
 
 

@@ -45,6 +45,7 @@ class CompletionRequest:
     prompts: list | None = None  # completions: every prompt of a batch; each gets n choices
     template_kwargs: dict | None = None  # chat: more chat template variables (chat_template_kwargs)
     thinking_open: bool = False  # chat: the rendered prompt leaves a <think> block open (set when rendered)
+    reasoning_budget: int | None = None  # chat: most tokens a <think> block may take (reasoning_budget)
 
 
 # -- field checks ------------------------------------------------------------------------
@@ -187,6 +188,9 @@ def parse_chat(body: Any) -> CompletionRequest:
     clean = [_message(m, i) for i, m in enumerate(messages)]
     req = CompletionRequest(messages=clean, prompt=None, **_common(body, chat=True))
     req.template_kwargs = _template_kwargs(body)
+    req.reasoning_budget = _integer(body, "reasoning_budget", None, 0, MAX_INT)
+    if req.reasoning_budget is not None and _typed(body, "logprobs", bool, False):
+        raise bad("'reasoning_budget' and 'logprobs' cannot be combined", "reasoning_budget")
     try:
         req.tools = parse_tools(body)
         check_tool_messages(clean, messages)

@@ -11,6 +11,10 @@ starts inside it, which :func:`splitter` sees from the rendered prompt.
 
 from __future__ import annotations
 
+import dataclasses
+
+from .generation import Piece
+
 OPEN, CLOSE = "<think>", "</think>"
 REASONING_FORMATS = ("auto", "deepseek", "none")
 
@@ -101,3 +105,53 @@ class ThinkSplitter:
         if self.state == "after":
             return "", ""  # whitespace after the block
         return "", held  # a reply of whitespace, or "<thi" that never became the tag
+
+
+CLOSING = "\n" + CLOSE + "\n\n"  # what ends a block cut at its budget
+
+
+async def budgeted(make, prompt: list[int], max_tokens: int, budget: int, encode, inside: bool):
+    """One choice's pieces, its reasoning held to ``budget`` tokens.
+
+    ``make(tokens, n)`` starts an engine request (generation.generate_text) and returns its
+    pieces. When the reply is still inside its ``<think>`` block after ``budget`` tokens, that
+    request is closed (the engine aborts it) and a second one continues from the prompt, the
+    reasoning so far and a closing ``</think>`` (``encode(reasoning_text)`` gives its tokens),
+    so the model answers; the prefix cache holds the prompt. The pieces read as one reply:
+    the closing tag is in the text, usage counts the original prompt and every output token.
+    A budget of 0 closes a block the prompt opened before anything is generated."""
+    split = ThinkSplitter(inside)
+    raw: list[str] = []
+    first: Piece | None = None
+    if not (budget == 0 and inside):
+        stream = make(prompt, max_tokens)
+        try:
+            async for piece in stream:
+                first = first or piece
+                raw.append(piece.text)
+                split.feed(piece.text)
+                cut = piece.finish is None and split.state == "inside" and piece.completion_tokens >= budget
+                if not cut:
+                    yield piece
+                    if piece.finish is not None:
+                        return
+                    continue
+                used = piece.completion_tokens
+                yield dataclasses.replace(piece, text=piece.text + CLOSING)
+                break
+            else:
+                return
+        finally:
+            await stream.aclose()
+    else:
+        used = 0
+    left = max_tokens - used
+    continuation = prompt + encode("".join(raw) + CLOSING)
+    if left <= 0:
+        yield Piece("", "length", len(prompt), used, first.cached_tokens if first else 0)
+        return
+    async for piece in make(continuation, left):
+        yield dataclasses.replace(
+            piece, prompt_tokens=len(prompt), completion_tokens=used + piece.completion_tokens,
+            cached_tokens=first.cached_tokens if first else piece.cached_tokens,
+        )

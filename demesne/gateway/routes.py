@@ -12,7 +12,7 @@ from aiohttp import web
 
 from .. import protocol as p
 from .app_keys import CLIENT, CONFIG, FINGERPRINT, OBSERVABILITY
-from .engine_client import EngineRefused, EngineUnavailable
+from .engine_client import EngineConn, EngineRefused, EngineUnavailable
 from .generation import ModelContext, Piece, generate_text
 from .logprobs import LogprobShaper
 from .observability import STATS, RequestStats
@@ -28,7 +28,7 @@ from .openai import (
     usage,
 )
 from .prompts import calling, json_body, off_loop, prompt_tokens
-from .reasoning import ThinkSplitter, splitter
+from .reasoning import CLOSING, ThinkSplitter, budgeted, splitter
 from .structured import schema_grammar
 from . import utilities
 
@@ -167,17 +167,27 @@ async def start_reply(request: web.Request, req: CompletionRequest, deadline: fl
     request[STATS] = stats
     # n choices are n requests with one prompt: the engine's prefix trie decodes it once.
     # Choice index = prompt index * n + i, as OpenAI numbers a batch's choices.
+    reasoning = request.app[CONFIG].reasoning_format if req.chat else "none"
+
+    def choice(prompt: list[int], max_tokens: int, engine: EngineConn, params: p.SamplingParams):
+        def start(tokens: list[int], n: int):
+            gen = p.Generate(client.new_request_id(), tokens, n, params)
+            return generate_text(client, engine, model, gen, stops, strip, deadline, stats)
+
+        def encode(text: str) -> list[int]:  # the model's reasoning as text, the closing tag as markup
+            return model.tokenizer.encode_segments([(text[: -len(CLOSING)], False), (CLOSING, True)], add_special=False)
+
+        if req.reasoning_budget is None or splitter(reasoning, model.template.source, req.thinking_open) is None:
+            return start(prompt, max_tokens)
+        return budgeted(start, prompt, max_tokens, req.reasoning_budget, encode, req.thinking_open)
+
     streams = [
-        generate_text(
-            client, engine, model, p.Generate(client.new_request_id(), prompt, max_tokens, _choice_params(req, i)),
-            stops, strip, deadline, stats,
-        )
+        choice(prompt, max_tokens, engine, _choice_params(req, i))
         for (prompt, _), max_tokens, engine in zip(tokenized, budgets, engines)
         for i in range(req.n)
     ]
     shaper = Shaper(req.chat, model.info.id, request.app[FINGERPRINT], legacy=bool(req.tools and req.tools.legacy))
     logprobs = [LogprobShaper(model.tokenizer, req.chat) for _ in streams] if req.params.logprobs >= 0 else None
-    reasoning = request.app[CONFIG].reasoning_format if req.chat else "none"
     return Reply(req, model, shaper, _merge(streams), logprobs, len(streams), stats, reasoning)
 
 
