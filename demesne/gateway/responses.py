@@ -85,7 +85,8 @@ def _item(item: Any, where: str, history: list[dict]) -> list[dict]:
         call = {"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}}
         last = history[-1] if history else None
         if last is not None and last["role"] == "assistant" and last.get("tool_calls"):
-            last["tool_calls"] = last["tool_calls"] + [call]  # one turn of several calls
+            # One turn of several calls (a new dict: the last turn may be a stored response's).
+            history[-1] = {**last, "tool_calls": last["tool_calls"] + [call]}
             return []
         return [{"role": "assistant", "content": None, "tool_calls": [call]}]
     if kind == "function_call_output":
