@@ -39,12 +39,11 @@ from aiohttp import web
 
 from .errors import ApiError, anthropic_body, bad
 from .openai import parse_chat
-from .prompts import calling, join_text, json_body, off_loop, prompt_tokens
+from .prompts import join_text, json_body, off_loop, prompt_tokens
 from .generation import Piece
-from .routes import Reply, call_finish, next_piece, start_reply, stream_reply, whole_reply
+from .routes import ChoiceParts, Reply, call_finish, next_piece, start_reply, stream_reply, whole_reply
 from .sse import EventStream
 from .status import json_response, model_context
-from .tools import ToolStream
 
 _CHOICES = {"auto": "auto", "any": "required", "none": "none"}
 _NOT_TEXT = ("image", "document")
@@ -305,17 +304,15 @@ async def _stream(request: web.Request, reply: Reply, message_id: str, asked: li
         await sse.send({"type": "message_start", "message": start}, "message_start")
         await sse.send({"type": "ping"}, "ping")
         blocks = _Blocks(sse)
-        tools = ToolStream(reply.req.tools, reply.model.tool_format) if calling(reply.req) else None
-        thinking = reply.splitter()
+        parts = ChoiceParts(reply)
 
-        async def add(reasoning: str, answer: str) -> None:
+        async def add(reasoning: str, text: str, deltas: list[dict]) -> None:
             await blocks.thinking(reasoning)
-            text, deltas = tools.feed(answer) if tools else (answer, [])
             await blocks.text(text)
             await blocks.calls(deltas)
 
         while True:
-            await add(*(thinking.feed(piece.text) if thinking else ("", piece.text)))
+            await add(*parts.feed(piece.text))
             if piece.finish is not None:
                 break
             try:
@@ -324,15 +321,10 @@ async def _stream(request: web.Request, reply: Reply, message_id: str, asked: li
                 await sse.send(anthropic_body(exc.status, exc.message), "error")
                 await sse.close(done=False)
                 return
-        if thinking:
-            await add(*thinking.finish())
-        if tools:
-            text, deltas = tools.finish()
-            await blocks.text(text)
-            await blocks.calls(deltas)
+        await add(*parts.finish())
         await blocks.close()
         reply.finished({0: piece})
-        stop_reason, stop_sequence = _stop(reply, piece.finish, bool(tools and tools.called), piece.stop, asked)
+        stop_reason, stop_sequence = _stop(reply, piece.finish, parts.called, piece.stop, asked)
         await sse.send({
             "type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": stop_sequence},
             "usage": {"output_tokens": piece.completion_tokens},

@@ -38,12 +38,11 @@ from .app_keys import RESPONSES
 from .errors import ApiError, bad
 from .generation import Piece
 from .openai import parse_chat
-from .prompts import calling, join_text, json_body
+from .prompts import join_text, json_body
 from .response_store import ResponseStore
-from .routes import Reply, call_finish, next_piece, start_reply, stream_reply, whole_reply
+from .routes import ChoiceParts, Reply, call_finish, next_piece, start_reply, stream_reply, whole_reply
 from .sse import EventStream
 from .status import json_response
-from .tools import ToolStream
 
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 
@@ -263,8 +262,7 @@ async def _stream(request: web.Request, reply: Reply, shape: _Shape, messages: l
         ev = _Events(sse)
         await ev.send("response.created", response=dict(shape.response))
         await ev.send("response.in_progress", response=dict(shape.response))
-        tools = ToolStream(reply.req.tools, reply.model.tool_format) if calling(reply.req) else None
-        thinking = reply.splitter()
+        parts = ChoiceParts(reply)
         output: list[dict] = []
         calls: dict[int, dict] = {}  # call index -> its output item
         # The two items that grow by text deltas: where each sits in output, and its text.
@@ -300,14 +298,13 @@ async def _stream(request: web.Request, reply: Reply, shape: _Shape, messages: l
                     item["arguments"] += piece_args
                     await ev.send("response.function_call_arguments.delta", item_id=item["id"], output_index=output.index(item), delta=piece_args)
 
-        async def add(reasoning: str, answer: str) -> None:
+        async def add(reasoning: str, text: str, deltas: list[dict]) -> None:
             await grow("reasoning", reasoning)
-            text, deltas = tools.feed(answer) if tools else (answer, [])
             await grow("message", text)
             await add_calls(deltas)
 
         while True:
-            await add(*(thinking.feed(piece.text) if thinking else ("", piece.text)))
+            await add(*parts.feed(piece.text))
             if piece.finish is not None:
                 break
             try:
@@ -316,12 +313,7 @@ async def _stream(request: web.Request, reply: Reply, shape: _Shape, messages: l
                 await ev.send("error", code=exc.code, message=exc.message, param=exc.param)
                 await sse.close(done=False)
                 return
-        if thinking:
-            await add(*thinking.finish())
-        if tools:
-            text, deltas = tools.finish()
-            await grow("message", text)
-            await add_calls(deltas)
+        await add(*parts.finish())
         shape.finish(piece, bool(calls))
         status = "completed" if shape.response["status"] == "completed" else "incomplete"
         full = "".join(grown["message"])

@@ -298,6 +298,34 @@ async def _collect(reply: Reply) -> web.Response:
     return json_response(reply.shaper.response(choices, reply.finished(finals)))
 
 
+class ChoiceParts:
+    """One choice's text as it streams, in the parts every API shapes: reasoning split off,
+    then tool-call deltas parsed from the answer (ToolStream), and the answer's text."""
+
+    def __init__(self, reply: Reply):
+        self.thinking = reply.splitter()
+        self.tools = ToolStream(reply.req.tools, reply.model.tool_format) if calling(reply.req) else None
+
+    @property
+    def called(self) -> bool:
+        return bool(self.tools and self.tools.called)
+
+    def feed(self, text: str) -> tuple[str, str, list[dict]]:
+        """(reasoning, answer text, call deltas) of a piece."""
+        reasoning, answer = self.thinking.feed(text) if self.thinking else ("", text)
+        text, deltas = self.tools.feed(answer) if self.tools else (answer, [])
+        return reasoning, text, deltas
+
+    def finish(self) -> tuple[str, str, list[dict]]:
+        """What is held at the end of the reply, in the same parts."""
+        reasoning, answer = self.thinking.finish() if self.thinking else ("", "")
+        if not self.tools:
+            return reasoning, answer, []
+        text, deltas = self.tools.feed(answer)
+        more, last = self.tools.finish()
+        return reasoning, text + more, deltas + last
+
+
 async def whole_reply(reply: Reply) -> tuple[Piece, str | None, str, list[dict]]:
     """A one-choice reply read to its end: the last piece, the reasoning (None when not
     split), the text and the tool calls (OpenAI-shaped; the text without their markup)."""
@@ -358,38 +386,26 @@ async def _stream_choices(sse: EventStream, reply: Reply, item: tuple[int, Piece
     started: set[int] = set()
     finals: dict[int, Piece] = {}
     with_usage = req.include_usage
-    calls = [ToolStream(req.tools, reply.model.tool_format) for _ in range(reply.choices)] if calling(req) else None
-    thinking = [reply.splitter() for _ in range(reply.choices)]
+    parts = [ChoiceParts(reply) for _ in range(reply.choices)]
+
+    async def send(index: int, reasoning: str, text: str, deltas: list[dict], logprobs: dict | None = None) -> None:
+        if reasoning:
+            await sse.send(shaper.chunk(index, None, with_usage=with_usage, reasoning=reasoning))
+        if text or logprobs:
+            await sse.send(shaper.chunk(index, text, with_usage=with_usage, logprobs=logprobs))
+        await _send_calls(sse, shaper, index, deltas, with_usage)
+
     while True:
         index, piece = item
         if req.chat and index not in started:
             await sse.send(shaper.chunk(index, "", first=True, with_usage=with_usage))
         started.add(index)
         part = reply.logprobs[index].add(piece) if reply.logprobs is not None else None
-        reasoning, answer = thinking[index].feed(piece.text) if thinking[index] else ("", piece.text)
-        if reasoning:
-            await sse.send(shaper.chunk(index, None, with_usage=with_usage, reasoning=reasoning))
-        text, deltas = calls[index].feed(answer) if calls else (answer, [])
-        if text or part:
-            await sse.send(shaper.chunk(index, text, with_usage=with_usage, logprobs=part))
-        await _send_calls(sse, shaper, index, deltas, with_usage)
+        await send(index, *parts[index].feed(piece.text), part)
         if piece.finish is not None:
             finals[index] = piece
-            finish = piece.finish
-            reasoning, answer = thinking[index].finish() if thinking[index] else ("", "")
-            if reasoning:
-                await sse.send(shaper.chunk(index, None, with_usage=with_usage, reasoning=reasoning))
-            if calls:
-                text, deltas = calls[index].feed(answer)
-                more, last = calls[index].finish()
-                text += more
-                deltas += last
-                if text:
-                    await sse.send(shaper.chunk(index, text, with_usage=with_usage))
-                await _send_calls(sse, shaper, index, deltas, with_usage)
-                finish = call_finish(finish, calls[index].called)
-            elif answer:
-                await sse.send(shaper.chunk(index, answer, with_usage=with_usage))
+            await send(index, *parts[index].finish())
+            finish = call_finish(piece.finish, parts[index].called)
             await sse.send(shaper.chunk(index, None if req.chat else "", finish, with_usage=with_usage))
             if len(finals) == reply.choices:
                 use = reply.finished(finals)
