@@ -31,7 +31,7 @@ from typing import Any, Callable, ClassVar
 
 import orjson
 
-PROTOCOL_VERSION = 2  # bump on any change of message shapes; peers of another version refuse
+PROTOCOL_VERSION = 3  # bump on any change of message shapes; peers of another version refuse
 
 # Why a request stopped: "stop" (end-of-generation token or stop string), "length"
 # (max_tokens or the context), "abort" (the gateway asked).
@@ -54,11 +54,13 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: minus this times how often it was generated
     repetition_penalty: float = 1.0  # llama.cpp: recent tokens' logits divided (or multiplied) by it
     logit_bias: list[list[float]] | None = None  # [[token id, bias], ...]
-    grammar: str | None = None  # GBNF the output must follow (structured output)
-    # Lazy grammar: regexes over the whole output so far; the grammar applies from the first
-    # group of the first one that matches (llama.cpp's grammar_lazy).
-    grammar_triggers: list[str] | None = None
-    grammar_trigger_tokens: list[int] | None = None  # ...or once one of these tokens is sampled
+    # An llguidance grammar the output must follow (Lark with inline %json schemas, or the
+    # JSON form of a schema): structured output and tool calls.
+    grammar: str | None = None
+    # Lazy: the grammar lets free text through until something in it opens the constrained
+    # part (a tool call); the engine then masks nothing until the grammar first refuses a token.
+    grammar_lazy: bool = False
+    grammar_param: str = "grammar"  # the request field the grammar came from, named in errors
 
     @property
     def penalized(self) -> bool:
@@ -78,7 +80,10 @@ MIN_REPETITION_PENALTY = 0.01  # tinier ones make a repeated token's logit infin
 MAX_REPETITION_PENALTY = 10.0
 MAX_BIAS = 100.0
 MAX_GRAMMAR_BYTES = 1 << 20
-MAX_TRIGGERS = 64
+# llguidance compiles recursively along chains of rules and of $refs (engine/constraints.py):
+MAX_GRAMMAR_RULES = 5000  # Lark rule definitions in a grammar
+MAX_GRAMMAR_REFS = 2000  # "$ref"s in its JSON schemas
+MAX_PARAM_NAME = 100
 INT64 = 1 << 63
 
 
@@ -97,8 +102,7 @@ def check_params(params: SamplingParams, n_vocab: int) -> tuple[str, str] | None
         ("repetition_penalty", MIN_REPETITION_PENALTY <= p.repetition_penalty <= MAX_REPETITION_PENALTY, f"must be in [{MIN_REPETITION_PENALTY:g}, {MAX_REPETITION_PENALTY:g}]"),
         ("logit_bias", _bias_ok(p.logit_bias, n_vocab), f"must map token ids in [0, {n_vocab}) to biases in [-100, 100]"),
         ("grammar", p.grammar is None or len(p.grammar) <= MAX_GRAMMAR_BYTES, "is too long"),
-        ("grammar_triggers", len(p.grammar_triggers or ()) + len(p.grammar_trigger_tokens or ()) <= MAX_TRIGGERS, "too many triggers"),
-        ("grammar_trigger_tokens", all(0 <= t < n_vocab for t in p.grammar_trigger_tokens or ()), "names tokens outside the vocabulary"),
+        ("grammar_param", len(p.grammar_param) <= MAX_PARAM_NAME, f"must be at most {MAX_PARAM_NAME} characters"),
     )
     for name, ok, message in checks:
         if not ok:

@@ -126,19 +126,6 @@ async def test_deeply_nested_schema_is_a_400(hostile, server, http, model_id):
     await assert_serving(http, hostile, server, model_id)
 
 
-def test_the_engine_refuses_a_grammar_too_deep_for_llama_cpp(tokenizer):
-    """The engine's own check, for a grammar that did not come through a gateway: a
-    GrammarError (a 400 from the engine), not a segfault of the engine process."""
-    from demesne.engine.grammar import GrammarError, Grammars
-
-    grammars = Grammars(tokenizer._vocab, tokenizer.n_vocab)
-    with pytest.raises(GrammarError, match="nests"):
-        grammars.new("root ::= " + '("a" ' * 30000 + ")?" * 30000)
-    with pytest.raises(GrammarError, match="longer"):
-        grammars.new('root ::= "' + "a" * (1 << 21) + '"')
-    grammars.new('root ::= "a" | "b"').close()  # an ordinary grammar still compiles
-
-
 # -- 500s ------------------------------------------------------------------------------------
 
 

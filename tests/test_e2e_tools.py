@@ -286,7 +286,7 @@ async def test_family_format_forced_call_round_trip(families, model_id, family):
     raw = "".join(t.token for t in first.choices[0].logprobs.content)  # the tokens as generated
     assert WRITES[family] in raw  # the format detected from the template
     message = first.choices[0].message
-    assert first.choices[0].finish_reason == "tool_calls" and len(message.tool_calls) == 1 and no_markup(message.content)
+    assert first.choices[0].finish_reason == "tool_calls" and len(message.tool_calls) == 1 and no_markup(message.content), raw
     call = message.tool_calls[0]
     check_call(call.function.name, call.function.arguments)
 

@@ -234,7 +234,7 @@ def test_protocol_error_is_a_value_error():
         {"t": "gen", "rid": "r", "prompt": [1], "max_tokens": 1, "params": {"top_k": "40"}},
         {"t": "gen", "rid": "r", "prompt": [1], "max_tokens": 1, "params": {"seed": 1.5}},
         {"t": "gen", "rid": "r", "prompt": [1], "max_tokens": 1, "params": {"logit_bias": [[1, "x"]]}},
-        {"t": "gen", "rid": "r", "prompt": [1], "max_tokens": 1, "params": {"grammar_triggers": "x"}},
+        {"t": "gen", "rid": "r", "prompt": [1], "max_tokens": 1, "params": {"grammar_lazy": "x"}},
         {"t": "deltas", "items": [{"rid": "a", "tokens": [1.5]}]},
         {"t": "err", "rid": "r", "status": "500", "message": "m"},
         {"t": "ping", "sent": "now"},
@@ -270,7 +270,7 @@ def test_huge_integers_reach_the_range_checks_not_numpy():
         ("top_k", 262145), ("seed", 2**64), ("seed", -(2**63) - 1), ("logprobs", 21), ("logprobs", -2),
         ("min_p", 1.5), ("presence_penalty", 2.5), ("frequency_penalty", -3.0), ("repetition_penalty", 0.0), ("repetition_penalty", 5e-324),
         ("repetition_penalty", 11.0), ("logit_bias", [[262144, 1.0]]), ("logit_bias", [[5, 101.0]]),
-        ("logit_bias", [[1.5, 1.0]]), ("grammar", "x" * (2**20 + 1)), ("grammar_trigger_tokens", [262144]),
+        ("logit_bias", [[1.5, 1.0]]), ("grammar", "x" * (2**20 + 1)), ("grammar_param", "x" * 101),
     ],
 )
 def test_out_of_range_parameters_are_named(field, value):

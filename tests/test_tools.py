@@ -5,13 +5,14 @@ each family's layout (tests/templates), and the grammars' shape."""
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 
 from pathlib import Path
 
 from demesne.gateway.chat_template import FALLBACK_TEMPLATE, ChatTemplate, TemplateError
-from demesne.gateway.tool_formats import FORMATS, GENERIC, HERMES, LLAMA3, MISTRAL, MISTRAL_V11, call_schema, detect, grammar, short_id
+from demesne.gateway.tool_formats import FORMATS, GENERIC, HERMES, LLAMA3, MISTRAL, MISTRAL_V11, detect, grammar, short_id
 from demesne.gateway.tools import (
     ToolError,
     ToolStream,
@@ -268,58 +269,58 @@ def test_tool_results_merge_into_one_user_turn_for_alternating_templates():
 # -- the grammar -----------------------------------------------------------------------------
 
 
-def fake_gbnf(schema):
-    fake_gbnf.seen = schema
-    return 'root ::= "{}"\n'
+def _args_schemas(text: str) -> list[dict]:
+    return [json.loads(line.split("%json ", 1)[1]) for line in text.splitlines() if "%json" in line]
 
 
 def test_forcing_grammar_names_only_allowed_tools():
-    call_constraint(spec(tool_choice={"type": "function", "function": {"name": "add"}}), HERMES, fake_gbnf)
-    assert fake_gbnf.seen["properties"]["name"] == {"const": "add"}
-    call_constraint(spec(tool_choice="required"), LLAMA3, fake_gbnf)
-    assert [v["properties"]["name"]["const"] for v in fake_gbnf.seen["oneOf"]] == ["get_weather", "add"]
-    assert all(set(v["required"]) == {"name", "parameters"} for v in fake_gbnf.seen["oneOf"])
+    text, lazy = call_constraint(spec(tool_choice={"type": "function", "function": {"name": "add"}}), HERMES)
+    assert not lazy and '"\\"add\\""' in text and "get_weather" not in text
+    text, lazy = call_constraint(spec(tool_choice="required"), LLAMA3)
+    assert not lazy and "get_weather" in text and '"\\"parameters\\""' in text
 
 
 @pytest.mark.parametrize("fmt", sorted(FORMATS))
-def test_grammar_root_follows_the_format(fmt):
+@pytest.mark.parametrize("lazy", [False, True])
+def test_grammar_follows_the_format(fmt, lazy):
+    import llguidance
+
     f = FORMATS[fmt]
-    root = next(line for line in grammar(f, [WEATHER], 4, fake_gbnf).splitlines() if line.startswith("root ::="))
+    text = grammar(f, [WEATHER], 4, lazy=lazy)
     for part in [p for o in f.openers for p in o.parts] + list(f.closer):
-        assert json.dumps(part) in root
-    assert ("{0,3}" in root) == (f.max_calls > 1)  # Llama 3.x templates take one call a turn
-    assert call_schema(f, [WEATHER])["required"] == ["name", f.args_key]
-    _, triggers, tokens = call_constraint(spec(), f, fake_gbnf)
-    assert tokens is None
-    assert triggers and all(t.endswith("$") for t in triggers)  # a match ends the output
+        assert json.dumps(part) in text or re.escape(part).replace("/", "\\/") in text
+    assert ("{0,3}" in text) == (f.max_calls > 1)  # Llama 3.x templates take one call a turn
+    assert ("[lazy]" in text) == lazy and text.startswith("%llguidance {}")
+    error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text)
+    assert not error, messages
 
 
-def real_gbnf(schema):
-    from demesne.gateway.structured import schema_grammar
-
-    return schema_grammar(schema, "tools")
-
-
-def test_pydantic_defs_resolve_per_tool():
+def test_each_tool_keeps_its_own_defs_and_forced_schemas_are_strict():
     def nested(name, field):
         params = {"$defs": {"P": {"type": "object", "properties": {field: {"type": "integer"}}}}, "type": "object", "properties": {"p": {"$ref": "#/$defs/P"}}}
         return {"type": "function", "function": {"name": name, "parameters": params}}
 
     tools = parse_tools({"tools": [nested("f", "x"), nested("g", "y")], "tool_choice": "required"})
-    schema = call_schema(GENERIC, tools.tools)
-    assert set(schema["$defs"]) == {"t0-P", "t1-P"}
-    refs = [v["properties"]["arguments"]["properties"]["p"]["$ref"] for v in schema["oneOf"]]
-    assert refs == ["#/$defs/t0-P", "#/$defs/t1-P"]
-    text, _, _ = call_constraint(tools, GENERIC, real_gbnf)
-    assert 't0-P-x-kv' in text and 't1-P-y-kv' in text  # each tool's own nested model
+    schemas = _args_schemas(call_constraint(tools, GENERIC)[0])
+    assert [list(s["$defs"]["P"]["properties"]) for s in schemas] == [["x"], ["y"]]
+    assert all(s["x-guidance"]["lenient"] is False for s in schemas)
+    auto = _args_schemas(call_constraint(parse_tools({"tools": [nested("f", "x")]}), GENERIC)[0])
+    assert auto[0]["x-guidance"]["lenient"] is True  # a call the model may make: unknown keywords ignored
 
 
-def test_a_schema_the_converter_refuses():
-    remote = {"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {"p": {"$ref": "https://example.com/p.json"}}}}}
-    with pytest.raises(Exception, match="cannot enforce"):
-        call_constraint(parse_tools({"tools": [remote], "tool_choice": "required"}), HERMES, real_gbnf)
-    text, triggers, _ = call_constraint(parse_tools({"tools": [remote]}), HERMES, real_gbnf)  # auto: JSON arguments still
-    assert triggers and "tc-call" in text
+def test_openers_that_are_one_token_trigger_by_token():
+    """A vocabulary with the opener as one token (Qwen's <tool_call>) opens a run on that
+    token; the spelled-out text still does too. A bare '{' never is one (generic, Llama's
+    JSON): those open on text alone, Llama's bare JSON only at the start."""
+    vocab = {"<tool_call>": 151657, "<|python_tag|>": 128010, "[TOOL_CALLS]": 5, "{": 90}
+    for name, fmt in FORMATS.items():
+        text, lazy = call_constraint(spec(), fmt, vocab.get)
+        start = next(line for line in text.splitlines() if line.startswith("start:"))
+        tokens = [t for t in vocab.values() if f"TEXT <[{t}]>" in start]
+        assert lazy and tokens == {"hermes": [151657], "llama3": [128010], "mistral": [5], "mistral-v11": [5], "generic": []}[name]
+        assert start.count("head") == len(fmt.openers)
+    bare = next(line for line in call_constraint(spec(), LLAMA3)[0].splitlines() if line.startswith("head0"))
+    assert bare.startswith("head0[lazy]: /[ \\t\\n]*/")
 
 
 def test_the_cli_offers_every_format():
@@ -366,21 +367,6 @@ def test_more_bad_tools(tool, param):
     with pytest.raises(ToolError) as info:
         parse_tools({"tools": [WEATHER, tool] if tool is WEATHER else [tool]})
     assert info.value.param == param
-
-
-def test_openers_that_are_one_token_trigger_by_token():
-    """A vocabulary with the opener as one token (Qwen's <tool_call>) triggers on it: no
-    pattern to search after every token. A bare '{' never does (generic, Llama's JSON)."""
-    vocab = {"<tool_call>": 151657, "<|python_tag|>": 128010, "[TOOL_CALLS]": 5, "{": 90}
-    expect = {"hermes": ([], [151657]), "mistral": ([], [5]), "mistral-v11": ([], [5])}
-    for name, fmt in FORMATS.items():
-        _, patterns, tokens = call_constraint(spec(), fmt, fake_gbnf, vocab.get)
-        if name in expect:
-            assert (patterns, tokens) == expect[name]
-        elif name == "llama3":  # the bare JSON at the start still needs its pattern
-            assert tokens == [128010] and len(patterns) == 1 and patterns[0].startswith("^")
-        else:
-            assert tokens is None and patterns
 
 
 def test_legacy_function_turns_become_tool_turns():

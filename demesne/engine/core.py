@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,7 +23,7 @@ from .budget import StepBudget
 from .faults import Faults
 from .request import Sequence
 from .runner import DecodeError, ModelRunner
-from .grammar import GrammarError, Grammars
+from .constraints import Constraint, Constraints, GrammarError
 from .sampler import Sampler, apply_penalties
 from .kv_store import KVStore
 from .scheduler import Scheduler, StepPlan
@@ -81,8 +82,9 @@ class Engine:
         self.scheduler = _scheduler(config, runner, self.tiers)
         self.sampler = Sampler(runner.n_vocab, config.max_seqs)  # at most one output row per sequence
         self.counters = Counters()
-        self.grammars = Grammars(runner.vocab, runner.n_vocab)
+        self.constraints = Constraints(runner.llg_tokenizer, runner.n_vocab, config.max_seqs)
         self.by_rid: dict[tuple[bytes, str], Sequence] = {}
+        self.compiling: dict[Sequence, Future] = {}  # waiting for their grammar (constraints.py)
         self.faults = Faults.from_env()
         self.step_budget = StepBudget(config.batch_size, config.step_target)
         self._failed_decodes = 0  # consecutive llama_decode failures (other than no KV slot)
@@ -100,7 +102,7 @@ class Engine:
 
     @property
     def has_work(self) -> bool:
-        return self.scheduler.has_work
+        return self.scheduler.has_work or bool(self.compiling)
 
     # -- requests in -------------------------------------------------------------------
 
@@ -117,21 +119,55 @@ class Engine:
                 tokens=list(req.prompt),
                 rng=self._rng_for(req),
             )
-            if req.params.grammar:
-                try:
-                    seq.grammar = self.grammars.new(req.params.grammar, req.params.grammar_triggers, req.params.grammar_trigger_tokens)
-                except GrammarError as exc:
-                    self.counters.requests_refused += 1
-                    return Error(req.rid, 400, str(exc), "invalid_grammar", "response_format")
             if req.params.logit_bias:
                 pairs = np.asarray(req.params.logit_bias, np.float64).reshape(-1, 2)
                 seq.bias_ids, seq.bias_values = pairs[:, 0].astype(np.int64), pairs[:, 1].astype(np.float32)
-            if self.scheduler.add(seq):
-                self.by_rid[client, req.rid] = seq
+            error = self._constrain(seq) if req.params.grammar else None
+            if error is None and seq.constraint is None and req.params.grammar:
+                return None  # its grammar is compiling; step() queues it when it is ready
+            if error is None:
+                error = self._queue(seq)
+            if error is None:
                 return None
-            error = Error(req.rid, 429, "the engine's queue is full; retry later", "engine_overloaded")
         self.counters.requests_refused += 1
         return error
+
+    def _constrain(self, seq: Sequence) -> Error | None:
+        """Give ``seq`` its grammar's matcher, or start compiling the grammar (then the
+        sequence waits in ``compiling``); an Error for a grammar that cannot be used."""
+        params = seq.params
+        try:
+            made = self.constraints.compile(params.grammar, params.grammar_lazy)
+        except GrammarError as exc:
+            return _grammar_error(seq, exc)
+        if isinstance(made, Constraint):
+            seq.constraint = made
+        else:
+            self.compiling[seq] = made
+            self.by_rid[seq.client, seq.rid] = seq
+        return None
+
+    def _queue(self, seq: Sequence) -> Error | None:
+        if self.scheduler.add(seq):
+            self.by_rid[seq.client, seq.rid] = seq
+            return None
+        return Error(seq.rid, 429, "the engine's queue is full; retry later", "engine_overloaded")
+
+    def _compiled(self) -> list[tuple[bytes, Error]]:
+        """Queue the sequences whose grammar has compiled; errors for those it failed."""
+        errors = []
+        for seq, future in [(s, f) for s, f in self.compiling.items() if f.done()]:
+            del self.compiling[seq]
+            del self.by_rid[seq.client, seq.rid]
+            try:
+                seq.constraint = future.result()
+                error = self._queue(seq)
+            except GrammarError as exc:
+                error = _grammar_error(seq, exc)
+            if error is not None:
+                self.counters.requests_refused += 1
+                errors.append((seq.client, error))
+        return errors
 
     def _check(self, client: bytes, req: Generate) -> Error | None:
         n_prompt = len(req.prompt)
@@ -174,9 +210,9 @@ class Engine:
         return gone
 
     def _release(self, seq: Sequence) -> None:
-        self.scheduler.finish(seq)
-        if seq.grammar is not None:
-            seq.grammar.close()
+        if self.compiling.pop(seq, None) is None:
+            self.scheduler.finish(seq)
+        seq.constraint = None
         del self.by_rid[seq.client, seq.rid]
 
     # -- the step ----------------------------------------------------------------------
@@ -187,12 +223,13 @@ class Engine:
         plan = None
         t0 = time.perf_counter()
         try:
+            refused = self._compiled() if self.compiling else []
             self.scheduler.token_budget = self.step_budget.tokens(self.scheduler)
             plan = self.scheduler.schedule()
-            if not plan:  # only requests waiting on a disk read (tiers.py): do not spin
+            if not plan:  # only requests waiting on a disk read or a grammar: do not spin
                 time.sleep(0.002)
-                return []
-            return self._run(plan)
+                return refused
+            return refused + self._run(plan)
         except Exception as exc:  # noqa: BLE001 - contained: this step's requests fail
             return self._fail_step(plan, exc)
         finally:
@@ -202,10 +239,14 @@ class Engine:
         outputs = self._fill_batch(plan)
         self.faults.before_decode(self.counters.steps + self.counters.step_faults)
         t0 = time.perf_counter()
+        # Masks of the constrained rows are computed on another thread while llama.cpp decodes.
+        self.constraints.start_masks([(row, s.constraint) for row, s in enumerate(outputs) if s.constraint])
         try:
             logits = self.runner.decode()
         except DecodeError as exc:
             return self._on_decode_error(plan, exc)
+        finally:
+            self.constraints.wait()
         self._failed_decodes = 0
         self.scheduler.decoded()
         t1 = time.perf_counter()
@@ -253,23 +294,24 @@ class Engine:
         self.sampler.prepare([s.params for s in outputs])
         tokens = self.sampler.sample(logits, [s.rng for s in outputs])
         for row, seq in enumerate(outputs):
-            if seq.grammar is not None:
-                tokens[row] = self._constrain(seq, logits, row, int(tokens[row]))
+            if seq.constraint is not None:
+                token = self.constraints.pick(row, seq.constraint, int(tokens[row]), logits[row], lambda: self._resample(logits, row, seq))
+                tokens[row] = -1 if token is None else token  # -1: the grammar failed
         return tokens
 
-    def _constrain(self, seq: Sequence, logits: np.ndarray, row: int, token: int) -> int:
-        """The sampled token if the grammar allows it, else one drawn from what it allows."""
-        if not seq.grammar.allows(token):
-            logits[row] = seq.grammar.mask(logits[row])  # logprobs then show the constrained row
-            self.sampler.prepare([seq.params])
-            token = int(self.sampler.sample(logits[row : row + 1], [seq.rng])[0])
-        seq.grammar.accept(token)
-        return token
+    def _resample(self, logits: np.ndarray, row: int, seq: Sequence) -> int:
+        """Sample one row again (its refused tokens at -inf, so logprobs show the constrained row)."""
+        self.sampler.prepare([seq.params])
+        return int(self.sampler.sample(logits[row : row + 1], [seq.rng])[0])
 
-    def _advance(self, outputs: list[Sequence], tokens: np.ndarray, logits: np.ndarray) -> list[tuple[bytes, Delta]]:
-        deltas = []
+    def _advance(self, outputs: list[Sequence], tokens: np.ndarray, logits: np.ndarray) -> list[tuple[bytes, Delta | Error]]:
+        deltas: list[tuple[bytes, Delta | Error]] = []
         eog = self.runner.eog
         for row, (seq, token) in enumerate(zip(outputs, tokens.tolist())):
+            if token < 0:
+                message = f"the output's grammar failed: {seq.constraint.error()}"
+                deltas += self._fail([seq], message, 400, "grammar_failed")
+                continue
             if eog[token]:
                 seq.finish = FINISH_STOP
             else:
@@ -399,13 +441,16 @@ class Engine:
             "kv_cells_used": self.scheduler.cells_used(),
             "kv_cells_total": self.runner.n_ctx,
             **self.scheduler.cache_stats(),
-            "grammar_masks_total": self.grammars.masks,
-            "grammar_full_masks_total": self.grammars.full_masks,
+            "grammars_compiled_total": self.constraints.compiled,
+            "constraint_masks_total": self.constraints.masked_rows,
+            "constraint_refusals_total": self.constraints.refused,
+            "constraint_mask_wait_seconds_total": self.constraints.mask_seconds,
             **(self.tiers.stats() if self.tiers else {}),
         }
 
     def close(self) -> None:
         """Flush what the disk tier still has to write."""
+        self.constraints.close()
         if self.tiers:
             self.tiers.close(self.scheduler.spill)
 
@@ -441,6 +486,15 @@ def _tiers(config: EngineConfig, runner: ModelRunner) -> Tiers | None:
     where = f", then up to {config.disk_cache_size >> 20} MiB in {config.disk_cache}" if config.disk_cache else ""
     log.info("prefix KV tiers: %d MiB of host memory%s", host >> 20, where)
     return Tiers(runner, store)
+
+
+def _grammar_error(seq: Sequence, exc: GrammarError) -> Error:
+    param = seq.params.grammar_param
+    return Error(seq.rid, 400, f"'{param}' cannot be enforced: {_clipped(str(exc))}", "invalid_grammar", param)
+
+
+def _clipped(text: str, most: int = 500) -> str:
+    return text if len(text) <= most else text[:most] + "..."
 
 
 def _on_path(node, nodes: set) -> bool:

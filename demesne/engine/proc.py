@@ -325,6 +325,7 @@ def serve_engine(config: EngineConfig) -> None:
     engine = None
     try:
         engine = Engine(config, runner)
+        engine.constraints.warm()  # llguidance's tokenizer, built beside the first steps
         proc = EngineProc(config, engine)
         signal.signal(signal.SIGTERM, lambda *_: proc.drain())
         signal.signal(signal.SIGINT, lambda *_: proc.drain())

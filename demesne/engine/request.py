@@ -43,7 +43,7 @@ class Sequence:
     logprobs: list = field(default_factory=list)  # unsent entries, one per unsent token
     bias_ids: np.ndarray | None = None  # logit_bias as arrays, built once
     bias_values: np.ndarray | None = None
-    grammar: object | None = None  # grammar.Grammar while the output is constrained
+    constraint: object | None = None  # constraints.Constraint while the output is constrained
 
     @property
     def n_remaining(self) -> int:

@@ -15,6 +15,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import warnings
 
 import llama_cpp
 import numpy as np
@@ -195,6 +196,17 @@ class ModelRunner:
             return ""
         raw = llama_cpp.llama_vocab_get_text(self.vocab, token)
         return raw.decode("utf-8", "replace") if raw else ""
+
+    def llg_tokenizer(self):
+        """llguidance's tokenizer for this vocabulary (constraints.py), every end-of-generation
+        token an end of the grammar's output. Slow (seconds for 262k tokens): call it once,
+        off the step loop."""
+        from llguidance.llamacpp import lltokenizer_from_vocab
+
+        # It reads each token's attributes through a call llama-cpp-python marks deprecated:
+        # one warning per token, 262,144 of them, otherwise.
+        warnings.filterwarnings("ignore", "llama_token_get_attr is deprecated", DeprecationWarning)
+        return lltokenizer_from_vocab(self.vocab, eos_token=np.flatnonzero(self.eog).tolist())
 
     def bos_eos_text(self) -> tuple[str, str]:
         return (

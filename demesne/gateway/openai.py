@@ -14,7 +14,8 @@ from typing import Any
 
 from ..protocol import INT64, MAX_REPETITION_PENALTY, MIN_REPETITION_PENALTY, SamplingParams
 from .errors import bad
-from .structured import check_schema, schema_grammar, strict_strings
+from .schemas import check_schema
+from .structured import output_grammar
 from .tools import ToolError, ToolSpec, assistant_calls, check_tool_messages, legacy_call, legacy_history, parse_tools
 
 MAX_STOP_STRINGS = 4
@@ -124,8 +125,13 @@ def _sampling(body: dict) -> SamplingParams:
         # Down to 0.01: a repeated token's logit is divided by it, and 5e-324 made it infinite.
         repetition_penalty=_number(body, "repetition_penalty", 1.0, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY),
         logit_bias=_logit_bias(body),
-        grammar=response_grammar(body),
+        **_grammar(body),
     )
+
+
+def _grammar(body: dict) -> dict:
+    made = output_grammar(body)
+    return {} if made is None else {"grammar": made[0], "grammar_param": made[1]}
 
 
 def _logit_bias(body: dict) -> list[list[float]] | None:
@@ -200,7 +206,8 @@ def parse_chat(body: Any) -> CompletionRequest:
         where = "functions" if req.tools.legacy else "tools"
         check_schema(tool["function"]["parameters"], f"{where}[{i}].function.parameters")
     if req.tools is not None and req.tools.forced and req.params.grammar:
-        raise bad("a forced tool call and response_format cannot be combined", "response_format")
+        field = req.params.grammar_param.split(".")[0]
+        raise bad(f"a forced tool call and '{field}' cannot be combined", field)
     top = _typed(body, "top_logprobs", int)
     if _typed(body, "logprobs", bool, False):
         top = 0 if top is None else top
@@ -300,29 +307,6 @@ def _prompts(prompt: Any) -> list:
         if not isinstance(one, str):
             raise bad("'prompt' must be a string, an array of token ids, or an array of either", "prompt", "invalid_type")
     return batch
-
-
-def response_grammar(body: dict) -> str | None:
-    """The GBNF grammar ``response_format`` asks for: any JSON object, or a JSON schema."""
-    fmt = _typed(body, "response_format", dict)
-    kind = fmt.get("type") if fmt else None
-    if kind in (None, "text"):
-        return None
-    from llama_cpp.llama_grammar import JSON_GBNF
-
-    if kind == "json_object":
-        return strict_strings(JSON_GBNF)
-    if kind != "json_schema":
-        raise bad(f"response_format type must be text, json_object or json_schema, got {kind!r}", "response_format.type")
-    spec = fmt.get("json_schema")
-    schema = spec.get("schema") if isinstance(spec, dict) else None
-    if not isinstance(schema, dict):
-        raise bad("response_format.json_schema.schema must be a JSON schema object", "response_format.json_schema.schema", "invalid_type")
-    param = "response_format.json_schema.schema"
-    unsupported = check_schema(schema, param)
-    if unsupported:
-        raise bad(f"unsupported JSON schema features: {', '.join(unsupported)}", param, "unsupported_schema")
-    return schema_grammar(schema, param)
 
 
 # -- responses -------------------------------------------------------------------------------

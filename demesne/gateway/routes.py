@@ -29,7 +29,6 @@ from .openai import (
 )
 from .prompts import calling, json_body, off_loop, prompt_tokens
 from .reasoning import CLOSING, ThinkSplitter, budgeted, splitter
-from .structured import schema_grammar
 from . import utilities
 
 log = logging.getLogger("demesne.gateway")
@@ -90,13 +89,8 @@ def _constrain_calls(model: ModelContext, req: CompletionRequest) -> None:
     """The grammar that forces a call (required, named) or keeps one valid (auto)."""
     if not calling(req) or req.params.grammar:  # auto beside response_format: the format wins
         return
-    tokenizer = model.tokenizer
-    grammar, patterns, tokens = call_constraint(
-        req.tools, model.tool_format, lambda schema: schema_grammar(schema, "tools"), tokenizer.one_token
-    )
-    if not tokenizer.grammar_compiles(grammar):
-        raise bad("the tools' parameter schemas do not make a grammar", "tools", "invalid_grammar")
-    req.params.grammar, req.params.grammar_triggers, req.params.grammar_trigger_tokens = grammar, patterns, tokens
+    grammar, lazy = call_constraint(req.tools, model.tool_format, model.tokenizer.one_token)
+    req.params.grammar, req.params.grammar_lazy, req.params.grammar_param = grammar, lazy, "tools"
 
 
 def _budget(n_ctx: int, n_prompt: int, req: CompletionRequest, field: str) -> int:
@@ -150,8 +144,6 @@ async def start_reply(request: web.Request, req: CompletionRequest, deadline: fl
     except ValueError as exc:  # the chat template refused the conversation
         raise bad(str(exc), "messages") from None
     budgets = [_budget(model.info.n_ctx, len(prompt), req, field) for prompt, field in tokenized]
-    if req.params.grammar and not model.tokenizer.grammar_compiles(req.params.grammar):
-        raise bad("the grammar for response_format does not compile", "response_format", "invalid_grammar")
     _constrain_calls(model, req)
     if any(not 0 <= t < model.info.n_vocab for t, _ in req.params.logit_bias or ()):
         raise bad(f"'logit_bias' names token ids outside the vocabulary [0, {model.info.n_vocab})", "logit_bias")

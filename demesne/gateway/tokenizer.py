@@ -66,13 +66,6 @@ class Tokenizer:
                     texts.add(text.decode("utf-8", "replace"))
         return re.compile(_trie_regex(texts)) if texts else None
 
-    def grammar_compiles(self, grammar: str) -> bool:
-        sampler = llama_cpp.llama_sampler_init_grammar(self._vocab, grammar.encode("utf-8"), b"root")
-        if not sampler:
-            return False
-        llama_cpp.llama_sampler_free(sampler)
-        return True
-
     def one_token(self, text: str) -> int | None:
         """The id of the one token that is exactly ``text`` (special tokens included), if any."""
         ids = self.encode(text, add_special=False)

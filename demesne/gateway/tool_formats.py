@@ -32,9 +32,12 @@ is forced is what is parsed.
 from __future__ import annotations
 
 import hashlib
+import json
 import re
-from collections.abc import Callable, Collection
+from collections.abc import Callable
 from dataclasses import dataclass
+
+from .schemas import JSON_WS, enforced, lark_literal
 
 Parts = tuple[str, ...]
 
@@ -144,145 +147,111 @@ def short_id(call_id: str) -> str:
 
 
 # -- the grammar -------------------------------------------------------------------------------
+#
+# An llguidance grammar in its Lark dialect (engine/constraints.py compiles it). Each tool's
+# parameters are an inline ``%json`` schema; the call object around them is written out here,
+# name first, so that a lazy grammar can start inside it (Llama 3's bare ``{"name"``).
 
-WS_RULE = "tc-ws ::= [ \\t\\n]{0,4}"
-
-
-def _gbnf_parts(parts: Parts) -> str:
-    return " tc-ws ".join(_gbnf_literal(p) for p in parts)
-
-
-def _gbnf_literal(text: str) -> str:
-    return '"' + text.replace("\\", "\\\\").replace('"', '\\"') + '"'
+MARKUP_WS = "/[ \\t\\n]{0,4}/"  # between markers, as the parser allows (tool_parser.py)
 
 
-def call_schema(fmt: ToolFormat, tools: list[dict]) -> dict:
-    """The JSON schema of one call to any of ``tools`` (name first, then its arguments).
+def grammar(
+    fmt: ToolFormat, tools: list[dict], max_calls: int, lazy: bool = False, strict: bool = True,
+    one_token: Callable[[str], int | None] = lambda text: None,
+) -> str:
+    """The grammar of a run of 1..max_calls calls to ``tools`` in ``fmt``'s markup: the whole
+    output (forced), or free text until a call opens and the run from there (``lazy``).
 
-    Each tool's ``$defs`` (pydantic writes nested models there) move to the root under a
-    per-tool prefix, and its local ``$ref``s follow, so they resolve inside the wrapper.
+    A marker the vocabulary has as one token (``one_token(text)`` its id: Qwen's
+    ``<tool_call>``, Llama's ``<|python_tag|>``) may be written as that token or spelled out.
+    A lazy grammar opens a run at an opener's token, or at the first text that matches an
+    opener's trigger units (a lazy lexeme: llguidance matches it as the text grows, with no
+    search over the output).
     """
-    defs: dict = {}
-    variants = []
-    for i, t in enumerate(tools):
-        params = _hoist_defs(t["function"]["parameters"], f"t{i}-", defs)
-        variants.append(
-            {
-                "type": "object",
-                "properties": {"name": {"const": t["function"]["name"]}, fmt.args_key: params},
-                "required": ["name", fmt.args_key],
-                "additionalProperties": False,
-            }
-        )
-    schema = variants[0] if len(variants) == 1 else {"oneOf": variants}
-    return {**schema, "$defs": defs} if defs else schema
-
-
-_LOCAL_REF = re.compile(r"^#/(\$defs|definitions)/")
-
-
-def _hoist_defs(params: dict, prefix: str, defs: dict) -> dict:
-    def rewrite(node):
-        if isinstance(node, dict):
-            out = {k: rewrite(v) for k, v in node.items() if k not in ("$defs", "definitions")}
-            ref = node.get("$ref")
-            if isinstance(ref, str) and _LOCAL_REF.match(ref):
-                out["$ref"] = "#/$defs/" + prefix + _LOCAL_REF.sub("", ref)
-            return out
-        if isinstance(node, list):
-            return [rewrite(v) for v in node]
-        return node
-
-    for key in ("$defs", "definitions"):
-        for name, sub in (params.get(key) or {}).items():
-            defs[prefix + name] = rewrite(sub)
-    return rewrite(params)
-
-
-def grammar(fmt: ToolFormat, tools: list[dict], max_calls: int, schema_to_gbnf: Callable[[dict], str]) -> str:
-    """GBNF for a run of 1..max_calls calls to ``tools`` in ``fmt``'s markup.
-
-    The root accepts every opener (a lazy grammar may be triggered by any of them), and
-    whitespace wherever the parser allows it.
-    """
-    if fmt.named_args:
-        body = _named_calls(tools, schema_to_gbnf)
-    else:
-        body = re.sub(r"^root ::=", "tc-call ::=", schema_to_gbnf(call_schema(fmt, tools)), flags=re.M)
-    opens = [_gbnf_parts(o.parts) for o in fmt.openers if o.parts]
-    bare = any(not o.parts for o in fmt.openers)  # a run may also start with no opener at all
-    start = f"({' | '.join(opens)})" + ("?" if bare else "") if opens else ""
-    sep = "(" + " | ".join(_gbnf_parts(s) for s in fmt.separators) + ")"
+    mark = _Markers(one_token)
     more = min(max_calls, fmt.max_calls) - 1
-    calls = "tc-call" + (f" (tc-ws {sep} tc-ws tc-call){{0,{more}}}" if more > 0 else "")
-    close = f" tc-ws {_gbnf_parts(fmt.closer)}" if fmt.closer else ""
-    root = f"root ::= tc-ws {start} tc-ws {calls}{close}".replace("tc-ws  tc-ws", "tc-ws")
-    return f"{body}\n{root}\n{WS_RULE}\n"
-
-
-def _named_calls(tools: list[dict], schema_to_gbnf: Callable[[dict], str]) -> str:
-    """``tc-call`` for name[ARGS]{...}: each tool's name, then its own arguments rule (one
-    conversion of a wrapper object whose properties are the tools' parameter schemas)."""
-    defs: dict = {}
-    props = {f"tc-args-{i}": _hoist_defs(t["function"]["parameters"], f"t{i}-", defs) for i, t in enumerate(tools)}
-    wrapper = {"type": "object", "properties": props, **({"$defs": defs} if defs else {})}
-    body = re.sub(r"^root ::=", "tc-wrapper ::=", schema_to_gbnf(wrapper), flags=re.M)
-    calls = " | ".join(f'{_gbnf_literal(t["function"]["name"] + "[ARGS]")} tc-args-{i}' for i, t in enumerate(tools))
-    return f"{body}\ntc-call ::= {calls}"
-
-
-# -- lazy triggers (tool_choice auto) ---------------------------------------------------------
-
-# The head of a call object as llama.cpp's schema grammar writes it: '{', '"name"', ':', '"',
-# with at most one space between (its ``space`` rule also takes one).
-_HEAD: Parts = ("{", '"name"', ":", '"')
-
-
-def triggers(fmt: ToolFormat, names: list[str], by_token: Collection[str] = ()) -> list[str]:
-    """Regexes for llama.cpp's lazy grammar, which searches the output so far with each after
-    every token and starts the grammar at the first group of a match.
-
-    Each match must *end* the output (``$``) inside text the grammar accepts: the group is an
-    opener's leading units followed by any prefix of the rest of the opener and the head of
-    a call. Were the output allowed to run on past that (a token such as ``>Paris`` closing
-    ``<tool_call``), llama.cpp would hand the grammar text it rejects, and it aborts the
-    process rather than refuse. Only the bare-JSON opener is anchored at the start (``^``).
-    No leading ``[\\s\\S]*?``: searching for the opener directly costs a fifth as much, and
-    the search runs over the whole output after every token (0.12 ms a token at 3000 tokens
-    on this machine, against 0.66 ms).
-
-    Openers in ``by_token`` are left out: they are single tokens of the model's vocabulary,
-    and llama.cpp triggers on those tokens themselves, at no cost per token.
-    """
-    if fmt.named_args:  # the opener, then a prefix of an allowed name, "[ARGS]" and "{"
-        if fmt.openers[0].parts[0] in by_token:
-            return []
-        heads = "|".join(prefix_re(name + "[ARGS]{") for name in names)
-        return ["(" + re.escape(fmt.openers[0].parts[0]) + f"(?:{heads})?)$"]
-    patterns = []
-    for opener in fmt.openers:
-        if opener.parts and opener.parts[0] in by_token:
+    seps = " | ".join(mark.parts(sep) for sep in fmt.separators)
+    close = f" MWS {mark.parts(fmt.closer)}" if fmt.closer else ""
+    rules = [
+        "%llguidance {}",
+        f"MWS: {MARKUP_WS}",
+        f"JWS: /{JSON_WS}/",
+        *_call_rules(fmt, tools, strict),
+        "more: " + (f"(MWS ({seps}) MWS call){{0,{more}}}" if more > 0 else '""') + close,
+    ]
+    starts = ["TEXT"] if lazy else []
+    for i, opener in enumerate(fmt.openers):
+        if not lazy:
+            starts.append(_after(fmt, opener, 0, mark))
             continue
-        units = [(_WS_RE, p) for p in opener.parts] + [(_WS_RE if opener.parts else "", _HEAD[0])]
-        units += [(" ?", p) for p in _HEAD[1:]]
-        units[0] = ("", units[0][1])
-        need, rest = units[: opener.trigger_units], units[opener.trigger_units :]
-        fixed = "".join(sep + re.escape(literal) for sep, literal in need)
-        lead = r"^\s*" if opener.start_only else ""
-        patterns.append(f"{lead}({fixed}{_prefix_re(rest)})$")
-    return patterns
+        k = opener.trigger_units
+        first = (list(opener.parts) + list(_HEAD))[0]
+        token = one_token(first) if k == 1 and opener.parts else None
+        if token is not None:
+            starts.append(f"TEXT <[{token}]> {_after(fmt, opener, 1, mark)}")
+        units = (list(opener.parts) + ([] if fmt.named_args else list(_HEAD)))[:k]
+        lead = "/[ \\t\\n]*/" if opener.start_only else "TEXT"
+        rules.append(f"head{i}[lazy]: {lead} /{_WS_RE.join(_regex(u) for u in units)}/")
+        starts.append(f"head{i} {_after(fmt, opener, k, mark)}")
+    if lazy:
+        rules.append("TEXT: /(.|\\n)*/")
+    rules.insert(1, "start: " + " | ".join(starts))
+    return "\n".join(rules) + "\n"
+
+
+# The head of a call object, where a lazy grammar may take trigger units from.
+_HEAD: Parts = ("{", '"name"')
+
+
+def _after(fmt: ToolFormat, opener: Opener, k: int, mark: _Markers) -> str:
+    """The run once its first ``k`` units (the opener's parts, then the call's head) are
+    written."""
+    if k <= len(opener.parts) or fmt.named_args:
+        return "".join(f"MWS {mark.one(p)} " for p in opener.parts[k:]) + "MWS call more"
+    head = _HEAD[k - len(opener.parts) :]
+    return " ".join(f"JWS {lark_literal(u)}" for u in head) + " call_tail more"
+
+
+def _call_rules(fmt: ToolFormat, tools: list[dict], strict: bool) -> list[str]:
+    """``call`` (and ``call_tail``, after a call object's head): one call to any of
+    ``tools``, its arguments an inline JSON schema."""
+    rules = []
+    for i, tool in enumerate(tools):
+        fn = tool["function"]
+        params = fn.get("parameters")
+        schema = enforced(params if isinstance(params, dict) else {"type": "object"}, strict)
+        rules.append(f"args{i}: %json {json.dumps(schema, ensure_ascii=False)}")
+        if fmt.named_args:
+            rules.append(f"fn{i}: {lark_literal(fn['name'] + '[ARGS]')} args{i}")
+        else:
+            key = lark_literal(json.dumps(fmt.args_key))
+            rules.append(f"fn{i}: {lark_literal(json.dumps(fn['name']))} JWS \",\" JWS {key} JWS \":\" JWS args{i}")
+    fns = " | ".join(f"fn{i}" for i in range(len(tools)))
+    if fmt.named_args:
+        return rules + [f"call: {fns}"]
+    return rules + [f'call: "{{" JWS {lark_literal(_HEAD[1])} call_tail', f'call_tail: JWS ":" JWS ({fns}) JWS "}}"']
+
+
+class _Markers:
+    """Lark for markers: a literal, or also its token where the vocabulary has one."""
+
+    def __init__(self, one_token: Callable[[str], int | None]):
+        self.one_token = one_token
+
+    def one(self, text: str) -> str:
+        token = self.one_token(text) if len(text) > 1 else None
+        return f"(<[{token}]> | {lark_literal(text)})" if token is not None else lark_literal(text)
+
+    def parts(self, parts: Parts) -> str:
+        return " MWS ".join(self.one(p) for p in parts)
 
 
 _WS_RE = "[ \\t\\n]{0,4}"
 
 
-def _prefix_re(units: list[tuple[str, str]]) -> str:
-    """A regex for any prefix of the units' text (each a separator regex, then a literal)."""
-    if not units:
-        return ""
-    (sep, literal), rest = units[0], units[1:]
-    chain = prefix_re(literal, _prefix_re(rest))
-    return f"(?:{sep}(?:{chain})?)?" if sep else f"(?:{chain})?"
+def _regex(text: str) -> str:
+    """``text`` as a regex inside Lark's ``/.../``."""
+    return re.escape(text).replace("/", "\\/")
 
 
 def token_openers(fmt: ToolFormat) -> list[str]:

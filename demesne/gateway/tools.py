@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .tool_formats import ToolFormat, grammar, short_id, token_openers, triggers
+from .tool_formats import ToolFormat, grammar, short_id
 from .tool_parser import Call, CallParser, Events
 
 MAX_PARALLEL = 4  # calls one forced turn may hold
@@ -307,29 +307,17 @@ def _short_ids(m: dict) -> dict:
 # -- constraining decoding ------------------------------------------------------------------
 
 
-def call_constraint(
-    spec: ToolSpec, fmt: ToolFormat, schema_to_gbnf, one_token: Callable[[str], int | None] = lambda text: None
-) -> tuple[str, list[str] | None, list[int] | None]:
-    """(grammar, trigger patterns, trigger tokens) for a request: ``required`` or a named tool
-    forces a call from the first token; ``auto`` lets the model write text until it opens a
-    call, then keeps the call valid (llama.cpp's lazy grammar). ``one_token(text)``: the
-    token id if the vocabulary has the text as one token (that opener triggers by token)."""
+def call_constraint(spec: ToolSpec, fmt: ToolFormat, one_token: Callable[[str], int | None] = lambda text: None) -> tuple[str, bool]:
+    """(grammar, lazy) for a request: ``required`` or a named tool forces a call from the
+    first token; ``auto`` lets the model write text until it opens a call, then keeps the
+    call valid (lazy). A forced call's schemas are enforced strictly (a keyword llguidance
+    cannot enforce is refused, naming it); a call the model merely may make ignores such
+    keywords rather than refuse the request. ``one_token(text)``: the token id if the
+    vocabulary has the text as one token (that marker may be written as the token)."""
     allowed = [t for t in spec.tools if spec.choice != "named" or t["function"]["name"] == spec.named]
     most = MAX_PARALLEL if spec.parallel and spec.choice != "named" else 1
-    try:
-        text = grammar(fmt, allowed, most, schema_to_gbnf)
-    except Exception:  # the schema converter's refusal, in whatever form it raises it
-        if spec.forced:  # a call we cannot enforce is refused
-            raise
-        # auto: a schema the converter refuses still gets well-formed JSON arguments
-        loose = [{**t, "function": {**t["function"], "parameters": {"type": "object"}}} for t in allowed]
-        text = grammar(fmt, loose, most, schema_to_gbnf)
-    if spec.forced:
-        return text, None, None
-    tokens = {opener: one_token(opener) for opener in token_openers(fmt)}
-    tokens = {opener: token for opener, token in tokens.items() if token is not None}
-    patterns = triggers(fmt, [t["function"]["name"] for t in allowed], tokens)
-    return text, patterns, list(tokens.values()) or None
+    lazy = not spec.forced
+    return grammar(fmt, allowed, most, lazy=lazy, strict=spec.forced, one_token=one_token), lazy
 
 
 # -- reading calls out of the model's text ----------------------------------------------------
