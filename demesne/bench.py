@@ -227,9 +227,44 @@ BENCH_TOOLS = [
 ]
 
 
+# A --constrain run's output: records enough that every request runs to max_tokens, so that
+# constrained and free requests (the latter with --ignore-eos) produce the same lengths.
+BENCH_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "records": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {"name": {"type": "string", "maxLength": 24}, "count": {"type": "integer", "minimum": 0, "maximum": 9999}},
+                "required": ["name", "count"],
+            },
+            "minItems": 200,
+        }
+    },
+    "required": ["records"],
+}
+RECORD_TOOL = {"type": "function", "function": {"name": "record", "description": "Store records", "parameters": BENCH_SCHEMA}}
+
+
+def body_extras(tool_choice: str | None = None, constrain: str | None = None, ignore_eos: bool = False) -> dict:
+    """Request fields beside the prompt: tools offered with ``tool_choice``; ``constrain``:
+    every reply follows BENCH_SCHEMA, as JSON (``json_schema``) or as the arguments of a
+    forced call (``tool_call``); ``ignore_eos``: every reply runs to max_tokens."""
+    extras: dict = {}
+    if tool_choice is not None:
+        extras |= {"tools": BENCH_TOOLS, "tool_choice": tool_choice}
+    if constrain == "json_schema":
+        extras["response_format"] = {"type": "json_schema", "json_schema": {"name": "records", "schema": BENCH_SCHEMA}}
+    elif constrain == "tool_call":
+        extras |= {"tools": [RECORD_TOOL], "tool_choice": {"type": "function", "function": {"name": "record"}}}
+    if ignore_eos:
+        extras["ignore_eos"] = True
+    return extras
+
+
 def _request_body(
-    endpoint: str, model: str, prompt: str | list[dict], max_tokens: int, temperature: float,
-    tool_choice: str | None = None,
+    endpoint: str, model: str, prompt: str | list[dict], max_tokens: int, temperature: float, extras: dict | None = None,
 ) -> dict:
     """A streamed request; for chat, `prompt` is the user message or the whole message list."""
     body = {
@@ -241,11 +276,9 @@ def _request_body(
     }
     if endpoint == "chat":
         body["messages"] = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
-        if tool_choice is not None:
-            body["tools"], body["tool_choice"] = BENCH_TOOLS, tool_choice
     else:
         body["prompt"] = prompt
-    return body
+    return body | (extras or {})
 
 
 def _chunk_text(chunk: dict) -> str:
@@ -332,7 +365,7 @@ async def run_bench(
     model: str | None = None,
     temperature: float = 0.0,
     endpoint: str = "completions",
-    tool_choice: str | None = None,
+    extras: dict | None = None,
     progress: bool = True,
 ) -> BenchResult:
     """Send `requests` streaming requests, at most `concurrency` at a time, and time them."""
@@ -342,7 +375,7 @@ async def run_bench(
     prompts = build_prompts(requests, prompt_tokens, shared_prefix_tokens)
     async with _client(concurrency) as session:
         model = model or await fetch_model(session, url, api_key)
-        bodies = [_request_body(endpoint, model, p, max_tokens, temperature, tool_choice) for p in prompts]
+        bodies = [_request_body(endpoint, model, p, max_tokens, temperature, extras) for p in prompts]
         with tqdm(total=requests, file=sys.stderr, disable=not progress, unit="req") as bar:
             start = time.perf_counter()
             results = await _drive(session, url + path, bodies, headers, concurrency, bar)
@@ -535,6 +568,9 @@ def format_conversations(result: ConversationResult) -> str:
 @click.option("--endpoint", type=click.Choice(["completions", "chat"]), default="completions", show_default=True)
 @click.option("--tool-choice", type=click.Choice(["auto", "required"]), default=None,
               help="Chat only: offer two tools with this tool_choice (required: every reply is a grammar-forced call).")
+@click.option("--constrain", type=click.Choice(["json_schema", "tool_call"]), default=None,
+              help="Every reply follows a long JSON schema: as response_format, or as a forced call's arguments (chat only).")
+@click.option("--ignore-eos", is_flag=True, help="Every reply runs to --max-tokens (to compare with --constrain).")
 @click.option("--conversations", default=None, type=click.IntRange(min=1),
               help="Chat only: run this many multi-turn conversations instead of --requests single prompts.")
 @click.option("--turns", default=4, show_default=True, type=click.IntRange(min=1),
@@ -545,10 +581,13 @@ def format_conversations(result: ConversationResult) -> str:
               help="Words in each user turn.")
 @click.option("--no-progress", is_flag=True, help="Do not draw a progress bar.")
 def bench(url, api_key, model, concurrency, n_requests, prompt_tokens, shared_prefix_tokens, max_tokens,
-          temperature, endpoint, tool_choice, conversations, turns, system_tokens, turn_tokens, no_progress):
+          temperature, endpoint, tool_choice, constrain, ignore_eos, conversations, turns, system_tokens, turn_tokens,
+          no_progress):
     """Measure throughput and latency of an OpenAI-compatible server with streamed requests."""
-    if tool_choice and endpoint != "chat":
-        raise click.UsageError("--tool-choice needs --endpoint chat")
+    if (tool_choice or constrain == "tool_call") and endpoint != "chat":
+        raise click.UsageError("--tool-choice and --constrain tool_call need --endpoint chat")
+    if tool_choice and constrain:
+        raise click.UsageError("--tool-choice and --constrain cannot be combined")
     if conversations and (endpoint != "chat" or tool_choice):
         raise click.UsageError("--conversations needs --endpoint chat and no --tool-choice")
     common = {"concurrency": concurrency, "max_tokens": max_tokens, "api_key": api_key, "model": model,
@@ -560,7 +599,7 @@ def bench(url, api_key, model, concurrency, n_requests, prompt_tokens, shared_pr
         else:
             result = asyncio.run(run_bench(
                 url, requests=n_requests, prompt_tokens=prompt_tokens, shared_prefix_tokens=shared_prefix_tokens,
-                endpoint=endpoint, tool_choice=tool_choice, **common,
+                endpoint=endpoint, extras=body_extras(tool_choice, constrain, ignore_eos), **common,
             ))
     except (aiohttp.ClientError, KeyError, IndexError) as exc:
         # Only the model lookup can get here; the requests themselves record their errors.

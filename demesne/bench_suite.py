@@ -24,7 +24,7 @@ from pathlib import Path
 
 import click
 
-from demesne.bench import BenchResult, format_result, run_bench
+from demesne.bench import BenchResult, body_extras, format_result, run_bench
 
 LOG_PATH = Path(".bench/serve.log")
 STOP_TIMEOUT_S = 15
@@ -165,7 +165,7 @@ def main(levels, n_requests, prompt_tokens, shared_prefix_tokens, max_tokens, en
         results = asyncio.run(run_levels(
             f"http://127.0.0.1:{port}/v1", levels, n_requests, prompt_tokens=prompt_tokens,
             shared_prefix_tokens=shared_prefix_tokens, max_tokens=max_tokens, api_key=api_key,
-            temperature=temperature, endpoint=endpoint, tool_choice=tool_choice, progress=not no_progress,
+            temperature=temperature, endpoint=endpoint, extras=body_extras(tool_choice), progress=not no_progress,
         ))
         click.echo("\n== summary ==\n" + summary_table(results))
     finally:

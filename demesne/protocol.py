@@ -54,6 +54,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: minus this times how often it was generated
     repetition_penalty: float = 1.0  # llama.cpp: recent tokens' logits divided (or multiplied) by it
     logit_bias: list[list[float]] | None = None  # [[token id, bias], ...]
+    ignore_eos: bool = False  # never end the output with an end-of-generation token (benchmarks)
     # An llguidance grammar the output must follow (Lark with inline %json schemas, or the
     # JSON form of a schema): structured output and tool calls.
     grammar: str | None = None

@@ -24,6 +24,7 @@ from demesne.bench import (
     format_conversations,
     format_result,
     percentile,
+    body_extras,
     run_bench,
     run_conversations,
 )
@@ -243,7 +244,7 @@ async def test_run_bench_measures_a_streaming_server(fake, endpoint):
 async def test_run_bench_with_tools_times_streamed_calls(fake):
     server, url = fake
     result = await run_bench(url, concurrency=2, requests=4, prompt_tokens=16, shared_prefix_tokens=0, max_tokens=5,
-                             api_key=API_KEY, endpoint="chat", tool_choice="required", progress=False)
+                             api_key=API_KEY, endpoint="chat", extras=body_extras("required"), progress=False)
     assert len(result.ok) == 4 and result.output_tokens == 20
     assert all(b["tool_choice"] == "required" and {t["function"]["name"] for t in b["tools"]} == {"lookup", "add"} for b in server.bodies)
     assert all(r.ttft is not None and len(r.itls) == 4 for r in result.ok)  # call deltas count as output
@@ -252,6 +253,17 @@ async def test_run_bench_with_tools_times_streamed_calls(fake):
 def test_tool_choice_needs_the_chat_endpoint():
     out = CliRunner().invoke(bench, ["--tool-choice", "required"])
     assert out.exit_code == 2 and "--endpoint chat" in out.output
+    out = CliRunner().invoke(bench, ["--constrain", "tool_call"])
+    assert out.exit_code == 2 and "--endpoint chat" in out.output
+
+
+def test_constrained_runs_ask_for_long_outputs():
+    """--constrain makes every reply follow a schema long enough to run to max_tokens;
+    --ignore-eos makes free replies run that long too, so the two compare."""
+    schema = body_extras(constrain="json_schema")["response_format"]["json_schema"]["schema"]
+    assert schema["properties"]["records"]["minItems"] >= 100
+    call = body_extras(constrain="tool_call", ignore_eos=True)
+    assert call["tool_choice"]["function"]["name"] == call["tools"][0]["function"]["name"] and call["ignore_eos"] is True
 
 
 async def test_run_bench_records_errors_without_raising(fake):

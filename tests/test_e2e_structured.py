@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import openai
 import pytest
@@ -120,3 +121,60 @@ async def test_unsupported_formats_are_400(server, model_id, response_format, pa
     assert info.value.body["param"] == param
     if "not" in json.dumps(response_format) or "uniqueItems" in json.dumps(response_format):
         assert "not" in info.value.body["message"] or "uniqueItems" in info.value.body["message"]
+
+
+# -- the other ways to constrain an output (llguidance makes them cheap) -------------------------
+
+
+async def _content(server, model_id, **fields) -> tuple[str, str]:
+    out = await client(server).chat.completions.create(
+        model=model_id, messages=[{"role": "user", "content": "Answer."}], max_tokens=40, temperature=1.0, seed=3, **fields
+    )
+    return out.choices[0].message.content, out.choices[0].finish_reason
+
+
+@pytest.mark.parametrize(
+    "fields, check",
+    [
+        ({"response_format": {"type": "regex", "regex": "[A-Z][a-z]{2,8} [0-9]{2}"}}, lambda t: re.fullmatch("[A-Z][a-z]{2,8} [0-9]{2}", t)),
+        ({"response_format": {"type": "grammar", "grammar": 'start: "It is " ("red" | "blue") "."'}}, lambda t: t in ("It is red.", "It is blue.")),
+        ({"extra_body": {"grammar": 'root ::= "n=" [0-9] [0-9]?'}}, lambda t: re.fullmatch("n=[0-9]{1,2}", t)),  # llama-server's GBNF
+        ({"extra_body": {"json_schema": CHOICE}}, lambda t: json.loads(t) in ({"answer": "yes"}, {"answer": "no"})),
+        ({"extra_body": {"structured_outputs": {"choice": ["alpha", "beta", "gamma"]}}}, lambda t: t in ("alpha", "beta", "gamma")),
+        ({"extra_body": {"guided_regex": "(yes|no), [0-9]"}}, lambda t: re.fullmatch("(yes|no), [0-9]", t)),
+        ({"extra_body": {"guided_json": LIST}}, lambda t: check_list(json.loads(t)) is None),
+    ],
+    ids=["regex", "lark", "gbnf", "json_schema-field", "vllm-choice", "vllm-regex", "vllm-json"],
+)
+async def test_every_way_to_constrain_the_output(server, model_id, fields, check):
+    text, finish = await _content(server, model_id, **fields)
+    assert finish == "stop" and check(text), text
+
+
+@pytest.mark.parametrize(
+    "fields, param, words",
+    [
+        ({"response_format": {"type": "regex", "regex": "(unclosed"}}, "response_format.regex", "regex"),
+        ({"response_format": {"type": "grammar", "grammar": "start: undefined_rule"}}, "response_format.grammar", "undefined_rule"),
+        ({"extra_body": {"guided_json": {"type": "array", "contains": {"const": 1}}}}, "guided_json", '"contains"'),
+    ],
+)
+async def test_what_llguidance_refuses_is_a_400_on_its_field(server, model_id, fields, param, words):
+    with pytest.raises(openai.BadRequestError) as info:
+        await _content(server, model_id, **fields)
+    assert info.value.body["param"] == param and words in info.value.body["message"], info.value.body
+
+
+async def test_tool_schemas_are_strict_when_forced_and_lenient_when_merely_allowed(server, model_id):
+    tool = {"type": "function", "function": {"name": "tag", "parameters": {"type": "object", "properties": {"tags": {"type": "array", "items": {"type": "string", "maxLength": 8}, "uniqueItems": True, "maxItems": 3}}, "required": ["tags"]}}}
+    c = client(server)
+    with pytest.raises(openai.BadRequestError) as info:
+        await c.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Tag it."}], tools=[tool], tool_choice="required", max_tokens=40)
+    assert info.value.body["param"] == "tools" and "uniqueItems" in info.value.body["message"]
+    out = await c.chat.completions.create(model=model_id, messages=[{"role": "user", "content": "Tag it."}], tools=[tool], max_tokens=40, temperature=0)
+    assert out.choices[0].finish_reason in ("stop", "tool_calls", "length")
+
+
+async def test_ignore_eos_runs_to_max_tokens(server, model_id):
+    out = await client(server).completions.create(model=model_id, prompt="The end.", max_tokens=48, temperature=0, extra_body={"ignore_eos": True})
+    assert out.choices[0].finish_reason == "length" and out.usage.completion_tokens == 48

@@ -83,8 +83,9 @@ class Constraint:
 class Constraints:
     """Compiles grammars for one vocabulary, and masks the constrained rows of each step."""
 
-    def __init__(self, build_tokenizer: Callable[[], llguidance.LLTokenizer], n_vocab: int, max_rows: int):
+    def __init__(self, build_tokenizer: Callable[[], llguidance.LLTokenizer], n_vocab: int, max_rows: int, eos: int):
         self.n_vocab = n_vocab
+        self.eos = eos  # what a row emits once its grammar is complete (whatever its logits say)
         self._words = (n_vocab + 31) // 32
         self.masks = np.zeros((max_rows, self._words), np.int32)  # bit t of row r: token t allowed
         self._cache: OrderedDict[str, llguidance.LLMatcher | str] = OrderedDict()
@@ -98,7 +99,8 @@ class Constraints:
         self.compiled = 0  # grammars compiled (cache misses)
         self.masked_rows = 0  # row masks computed
         self.refused = 0  # sampled tokens a grammar refused (the row was masked and sampled again)
-        self.mask_seconds = 0.0  # time the step waited for masks after llama_decode
+        self.mask_seconds = 0.0  # time spent computing masks ahead (on the mask thread)
+        self.mask_wait_seconds = 0.0  # ...of which the step waited for, after llama_decode
 
     # -- compiling -----------------------------------------------------------------------
 
@@ -154,9 +156,11 @@ class Constraints:
             self._pending = self._masker.submit(self._fill, hot)
 
     def _fill(self, hot: list[tuple[llguidance.LLMatcher, int]]) -> None:
+        t0 = time.perf_counter()
         if self._llg is None:
             self._llg = llguidance.LLExecutor()
         self._llg.unsafe_compute_mask_ptr(hot, self.masks.ctypes.data, self._words * 4, self.masks.shape[0])
+        self.mask_seconds += time.perf_counter() - t0
 
     def wait(self) -> None:
         """Block until the masks started by :meth:`start_masks` are written."""
@@ -164,13 +168,15 @@ class Constraints:
         if pending is not None:
             t0 = time.perf_counter()
             pending.result()
-            self.mask_seconds += time.perf_counter() - t0
+            self.mask_wait_seconds += time.perf_counter() - t0
 
     def pick(self, row: int, c: Constraint, token: int, logits: np.ndarray, resample: Callable[[], int]) -> int | None:
         """The token row ``row`` emits, fed to its matcher: the sampled ``token`` if the
         grammar allows it, else one ``resample()`` draws after the refused tokens of
         ``logits`` (the row, masked in place) are set to -inf. None when the grammar failed
         (an error inside llguidance, a limit it hit): the request must end."""
+        if c.matcher.is_stopped() and not c.matcher.is_error():
+            return self.eos  # the grammar is complete: the output ends (even with ignore_eos)
         if c.hot:
             allowed = bool((self.masks[row, token >> 5] >> (token & 31)) & 1)
         elif c.matcher.try_consume_tokens([token]) == 1:

@@ -82,7 +82,8 @@ class Engine:
         self.scheduler = _scheduler(config, runner, self.tiers)
         self.sampler = Sampler(runner.n_vocab, config.max_seqs)  # at most one output row per sequence
         self.counters = Counters()
-        self.constraints = Constraints(runner.llg_tokenizer, runner.n_vocab, config.max_seqs)
+        self._eog_ids = np.flatnonzero(runner.eog)
+        self.constraints = Constraints(runner.llg_tokenizer, runner.n_vocab, config.max_seqs, int(self._eog_ids[0]))
         self.by_rid: dict[tuple[bytes, str], Sequence] = {}
         self.compiling: dict[Sequence, Future] = {}  # waiting for their grammar (constraints.py)
         self.faults = Faults.from_env()
@@ -289,6 +290,8 @@ class Engine:
         for row, seq in enumerate(outputs):  # in place, in llama.cpp's logits buffer
             if seq.bias_ids is not None:
                 logits[row, seq.bias_ids] += seq.bias_values
+            if seq.params.ignore_eos:
+                logits[row, self._eog_ids] = -np.inf
             if seq.params.penalized:
                 apply_penalties(logits[row], seq.tokens, seq.prompt_len, seq.params)
         self.sampler.prepare([s.params for s in outputs])
@@ -444,7 +447,8 @@ class Engine:
             "grammars_compiled_total": self.constraints.compiled,
             "constraint_masks_total": self.constraints.masked_rows,
             "constraint_refusals_total": self.constraints.refused,
-            "constraint_mask_wait_seconds_total": self.constraints.mask_seconds,
+            "constraint_mask_seconds_total": self.constraints.mask_seconds,
+            "constraint_mask_wait_seconds_total": self.constraints.mask_wait_seconds,
             **(self.tiers.stats() if self.tiers else {}),
         }
 

@@ -125,6 +125,7 @@ def _sampling(body: dict) -> SamplingParams:
         # Down to 0.01: a repeated token's logit is divided by it, and 5e-324 made it infinite.
         repetition_penalty=_number(body, "repetition_penalty", 1.0, MIN_REPETITION_PENALTY, MAX_REPETITION_PENALTY),
         logit_bias=_logit_bias(body),
+        ignore_eos=_typed(body, "ignore_eos", bool, False),  # llama-server's and vLLM's extension
         **_grammar(body),
     )
 
@@ -253,8 +254,11 @@ def _message(m: Any, i: int) -> dict:
             raise bad(str(exc), exc.param) from None
         if calls:
             out["tool_calls"] = calls
-    if isinstance(m.get("name"), str):
-        out["name"] = m["name"]
+    name = m.get("name")
+    if name is not None:
+        if not isinstance(name, str):
+            raise bad(f"'{where}.name' must be a string", f"{where}.name", "invalid_type")
+        out["name"] = name
     return out
 
 

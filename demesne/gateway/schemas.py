@@ -3,9 +3,16 @@
 :func:`check_schema` holds a client's schema to bounds without recursion (llguidance compiles
 a schema recursively, and a deep enough one would overflow its stack). :func:`enforced` is the
 schema handed to llguidance: its options (bounded whitespace; strict: a keyword it cannot
-enforce is an error) and bounds on integers that have none, so a model cannot write digits
-forever: at most 18 digits, within the 64 bits clients and databases read (llama.cpp's
-converter allowed 16; llguidance goes through doubles, and 2**63 - 1 overflows there).
+enforce is an error), and two defaults that keep a model from writing forever, both only
+ever narrowing what the schema allows (so the output still validates against it):
+
+- an integer without bounds gets 18 digits at most, within the 64 bits clients and databases
+  read (llama.cpp's converter allows 16; llguidance goes through doubles, where 2**63 - 1
+  overflows);
+- an object that lists its ``properties`` and says nothing of others gets no others, as
+  llama.cpp's converter and XGrammar's strict mode read it (OpenAI's strict mode demands it
+  be written out). A schema using ``allOf`` is left as it is: its parts may add properties
+  to one another.
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ def enforced(schema: dict, strict: bool = True) -> dict:
     ``strict``: a keyword llguidance cannot enforce is an error; lenient: ignored (the
     arguments of calls a model merely may make)."""
     options = {"whitespace_pattern": JSON_WS, "lenient": not strict}
-    return {**_bounded(schema, "schema"), "x-guidance": options}
+    return {**_narrowed(schema, "schema", closed=not _uses(schema, "allOf")), "x-guidance": options}
 
 
 def lark_literal(text: str) -> str:
@@ -36,21 +43,42 @@ def lark_literal(text: str) -> str:
     return json.dumps(text, ensure_ascii=False)
 
 
-def _bounded(node: Any, kind: str) -> Any:
-    """A copy of ``node`` whose integer schemas without a bound get one (``kind`` as
-    in :func:`check_schema`; the depth is already bounded there)."""
+_OTHER_PROPERTIES = ("additionalProperties", "patternProperties", "unevaluatedProperties")
+
+
+def _narrowed(node: Any, kind: str, closed: bool) -> Any:
+    """A copy of ``node`` with the defaults above (``kind`` as in :func:`check_schema`; the
+    depth is already bounded there)."""
     if isinstance(node, list):
-        return [_bounded(item, kind) for item in node]
+        return [_narrowed(item, kind, closed) for item in node]
     if not isinstance(node, dict):
         return node
-    out = {key: _bounded(value, _child(kind, key)) for key, value in node.items()}
+    out = {key: _narrowed(value, _child(kind, key), closed) for key, value in node.items()}
+    if kind != "schema":
+        return out
     types = node.get("type")
-    if kind == "schema" and (types == "integer" or isinstance(types, list) and "integer" in types):
+    if types == "integer" or isinstance(types, list) and "integer" in types:
         if "minimum" not in node and "exclusiveMinimum" not in node:
             out["minimum"] = -LARGEST_INTEGER
         if "maximum" not in node and "exclusiveMaximum" not in node:
             out["maximum"] = LARGEST_INTEGER
+    if closed and isinstance(node.get("properties"), dict) and not any(k in node for k in _OTHER_PROPERTIES):
+        out["additionalProperties"] = False
     return out
+
+
+def _uses(schema: Any, keyword: str) -> bool:
+    """Whether ``keyword`` is a keyword anywhere in ``schema`` (not a property name or data)."""
+    stack = [(schema, "schema")]
+    while stack:
+        node, kind = stack.pop()
+        if isinstance(node, list):
+            stack.extend((item, kind) for item in node)
+        elif isinstance(node, dict):
+            if kind == "schema" and keyword in node:
+                return True
+            stack.extend((value, _child(kind, key)) for key, value in node.items())
+    return False
 
 
 MAX_SCHEMA_DEPTH = 64  # objects and arrays inside one another, the schema's own JSON
