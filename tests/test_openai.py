@@ -493,6 +493,7 @@ def test_every_structured_output_field_becomes_one_grammar(fields, param):
         ({"response_format": {"type": "grammar", "grammar": {"syntax": "ebnf", "definition": "x"}}}, "response_format.grammar"),
         ({"grammar": 'root ::= "a'}, "grammar"),  # GBNF the converter cannot read
         ({"grammar": "x" * (2**18 + 1)}, "grammar"),
+        ({"grammar": "root ::= r0\n" + "\n".join(f'r{i} ::= "a" r{i + 1}' for i in range(1000))}, "grammar"),  # GBNF past 16 KiB
     ],
 )
 def test_bad_structured_output_fields_are_refused(fields, param):

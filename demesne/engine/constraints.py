@@ -126,7 +126,10 @@ class Constraints:
         return _constraint(template, lazy)
 
     def _compile(self, grammar: str, lazy: bool) -> Constraint:
-        tokenizer = self._tokenizer.result()  # (submitted before this compile: warm())
+        try:
+            tokenizer = self._tokenizer.result()  # (submitted before this compile: warm())
+        except Exception as exc:  # noqa: BLE001 - every constrained request gets this, not a crash
+            raise GrammarError(f"constrained decoding is unavailable: llguidance's tokenizer failed ({exc})") from None
         with self._cache_lock:  # another request may have compiled it meanwhile
             template = self._cache.get(grammar)
         if template is None:
@@ -227,11 +230,18 @@ def _timed(build: Callable[[], llguidance.LLTokenizer]) -> llguidance.LLTokenize
 
 def _big_stack_pool(stack_bytes: int) -> ThreadPoolExecutor:
     """A one-thread pool whose thread has ``stack_bytes`` of stack (the size applies to
-    threads started while it is set; the pool starts its thread on the first submit)."""
-    pool = ThreadPoolExecutor(1, thread_name_prefix="demesne-grammar")
-    old = threading.stack_size(stack_bytes)
-    try:
-        pool.submit(lambda: None).result()
-    finally:
-        threading.stack_size(old)
-    return pool
+    threads started while it is set; the pool starts its thread on the first submit). Where
+    the system refuses a stack that large (a low ``ulimit -v``), a quarter of it, and so on."""
+    while True:
+        pool = ThreadPoolExecutor(1, thread_name_prefix="demesne-grammar")
+        old = threading.stack_size(stack_bytes)
+        try:
+            pool.submit(lambda: None).result()
+            return pool
+        except RuntimeError:  # "can't start new thread"
+            if stack_bytes <= 8 << 20:
+                raise
+            log.warning("cannot start a thread with %d MiB of stack; trying less", stack_bytes >> 20)
+            stack_bytes //= 4
+        finally:
+            threading.stack_size(old)

@@ -165,6 +165,9 @@ class Engine:
                 error = self._queue(seq)
             except GrammarError as exc:
                 error = _grammar_error(seq, exc)
+            except Exception as exc:  # noqa: BLE001 - this request fails, nothing else
+                log.exception("compiling request %s's grammar failed", seq.rid)
+                error = Error(seq.rid, 500, f"internal error compiling the grammar: {type(exc).__name__}", "engine_error")
             if error is not None:
                 self.counters.requests_refused += 1
                 errors.append((seq.client, error))

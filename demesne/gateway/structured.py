@@ -22,6 +22,7 @@ from .errors import bad
 from .schemas import check_schema, enforced, lark_literal
 
 MAX_GRAMMAR_CHARS = MAX_GRAMMAR_BYTES // 4  # a character is at most 4 bytes of UTF-8
+MAX_GBNF_CHARS = 16384
 MAX_CHOICES = 1024  # strings of a guided_choice
 
 
@@ -93,8 +94,13 @@ def _regex(text: Any, param: str) -> str:
 
 
 def _lark(text: Any, param: str) -> str:
-    """A grammar in llguidance's Lark dialect, or GBNF (llama.cpp's), told apart by ``::=``."""
+    """A grammar in llguidance's Lark dialect, or GBNF (llama.cpp's), told apart by ``::=``.
+    GBNF is converted here, by llguidance's Python converter: its time grows with the square
+    of the grammar's length (0.45 s at 16 KiB, 13 s at 96 KiB), so GBNF is held to
+    :data:`MAX_GBNF_CHARS` (llama.cpp's own grammars are a few KiB)."""
     _text(text, param, "a grammar")
+    if "::=" in text and len(text) > MAX_GBNF_CHARS:
+        raise bad(f"a GBNF grammar may be at most {MAX_GBNF_CHARS} characters long (Lark up to {MAX_GRAMMAR_CHARS})", param, "grammar_too_complex")
     try:
         return llguidance.grammar_from("grammar", text)
     except Exception as exc:  # noqa: BLE001 - the GBNF converter's refusals, whatever they raise
