@@ -152,7 +152,7 @@ def short_id(call_id: str) -> str:
 # parameters are an inline ``%json`` schema; the call object around them is written out here,
 # name first, so that a lazy grammar can start inside it (Llama 3's bare ``{"name"``).
 
-MARKUP_WS = "/[ \\t\\n]{0,4}/"  # between markers, as the parser allows (tool_parser.py)
+_WS_RE = "[ \\t\\n]{0,4}"  # between markers, as the parser allows (tool_parser.py)
 
 
 def grammar(
@@ -174,7 +174,7 @@ def grammar(
     close = f" MWS {mark.parts(fmt.closer)}" if fmt.closer else ""
     rules = [
         "%llguidance {}",
-        f"MWS: {MARKUP_WS}",
+        f"MWS: /{_WS_RE}/",
         f"JWS: /{JSON_WS}/",
         *_call_rules(fmt, tools, strict),
         "more: " + (f"(MWS ({seps}) MWS call){{0,{more}}}" if more > 0 else '""') + close,
@@ -185,8 +185,7 @@ def grammar(
             starts.append(_after(fmt, opener, 0, mark))
             continue
         k = opener.trigger_units
-        first = (list(opener.parts) + list(_HEAD))[0]
-        token = one_token(first) if k == 1 and opener.parts else None
+        token = one_token(opener.parts[0]) if k == 1 and opener.parts else None
         if token is not None:
             starts.append(f"TEXT <[{token}]> {_after(fmt, opener, 1, mark)}")
         units = (list(opener.parts) + ([] if fmt.named_args else list(_HEAD)))[:k]
@@ -244,9 +243,6 @@ class _Markers:
 
     def parts(self, parts: Parts) -> str:
         return " MWS ".join(self.one(p) for p in parts)
-
-
-_WS_RE = "[ \\t\\n]{0,4}"
 
 
 def _regex(text: str) -> str:
