@@ -38,7 +38,7 @@ def _request(name: str, schema: dict) -> dict:
         "extra_body": {"min_p": 0.05},
         "n": CHOICES,
         "seed": 7,
-        "max_tokens": 600,
+        "max_tokens": 1000,  # room for a long string to close; a loop that never closes still fails
     }
 
 
