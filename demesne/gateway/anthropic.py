@@ -41,7 +41,7 @@ from .errors import ApiError, anthropic_body, bad
 from .openai import parse_chat
 from .prompts import join_text, json_body, off_loop, prompt_tokens
 from .generation import Piece
-from .routes import ChoiceParts, Reply, call_finish, next_piece, start_reply, stream_reply, whole_reply
+from .routes import ChoiceParts, Reply, call_finish, follow_one, start_reply, stream_reply, whole_reply
 from .sse import EventStream
 from .status import json_response, model_context
 
@@ -311,17 +311,13 @@ async def _stream(request: web.Request, reply: Reply, message_id: str, asked: li
             await blocks.text(text)
             await blocks.calls(deltas)
 
-        while True:
-            await add(*parts.feed(piece.text))
-            if piece.finish is not None:
-                break
-            try:
-                _, piece = await next_piece(reply.pieces)
-            except ApiError as exc:  # headers are gone: report in the stream, as Anthropic does
-                await sse.send(anthropic_body(exc.status, exc.message), "error")
-                await sse.close(done=False)
-                return
-        await add(*parts.finish())
+        async def failed(exc: ApiError) -> None:  # headers are gone: report in the stream, as Anthropic does
+            await sse.send(anthropic_body(exc.status, exc.message), "error")
+            await sse.close(done=False)
+
+        piece = await follow_one(reply, parts, piece, add, failed)
+        if piece is None:
+            return
         await blocks.close()
         reply.finished({0: piece})
         stop_reason, stop_sequence = _stop(reply, piece.finish, parts.called, piece.stop, asked)

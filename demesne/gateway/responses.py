@@ -40,7 +40,7 @@ from .generation import Piece
 from .openai import parse_chat
 from .prompts import join_text, json_body
 from .response_store import ResponseStore
-from .routes import ChoiceParts, Reply, call_finish, next_piece, start_reply, stream_reply, whole_reply
+from .routes import ChoiceParts, Reply, call_finish, follow_one, start_reply, stream_reply, whole_reply
 from .sse import EventStream
 from .status import json_response
 
@@ -303,17 +303,13 @@ async def _stream(request: web.Request, reply: Reply, shape: _Shape, messages: l
             await grow("message", text)
             await add_calls(deltas)
 
-        while True:
-            await add(*parts.feed(piece.text))
-            if piece.finish is not None:
-                break
-            try:
-                _, piece = await next_piece(reply.pieces)
-            except ApiError as exc:  # headers are gone: report in the stream
-                await ev.send("error", code=exc.code, message=exc.message, param=exc.param)
-                await sse.close(done=False)
-                return
-        await add(*parts.finish())
+        async def failed(exc: ApiError) -> None:  # headers are gone: report in the stream
+            await ev.send("error", code=exc.code, message=exc.message, param=exc.param)
+            await sse.close(done=False)
+
+        piece = await follow_one(reply, parts, piece, add, failed)
+        if piece is None:
+            return
         shape.finish(piece, bool(calls))
         status = "completed" if shape.response["status"] == "completed" else "incomplete"
         full = "".join(grown["message"])

@@ -318,6 +318,24 @@ class ChoiceParts:
         return reasoning, text + more, deltas + last
 
 
+async def follow_one(reply: Reply, parts: ChoiceParts, piece: Piece, add, failed) -> Piece | None:
+    """Stream a one-choice reply from ``piece`` (its first) on: each piece's ``parts``, then
+    what they hold back at the end, go to ``add(reasoning, text, call deltas)``; the finishing
+    piece is returned. An engine error once the headers are gone goes to ``failed(ApiError)``
+    and None is returned (each API reports it in its own stream event)."""
+    while True:
+        await add(*parts.feed(piece.text))
+        if piece.finish is not None:
+            break
+        try:
+            _, piece = await next_piece(reply.pieces)
+        except ApiError as exc:
+            await failed(exc)
+            return None
+    await add(*parts.finish())
+    return piece
+
+
 async def whole_reply(reply: Reply) -> tuple[Piece, str | None, str, list[dict]]:
     """A one-choice reply read to its end: the last piece, the reasoning (None when not
     split), the text and the tool calls (OpenAI-shaped; the text without their markup)."""
