@@ -226,8 +226,10 @@ class Engine:
         to send. Never raises: a fault fails the requests of this step and nothing else."""
         plan = None
         t0 = time.perf_counter()
+        # Outside the try: these requests have left by_rid, so their errors must go out even
+        # if the step fails (_compiled contains its own faults, request by request).
+        refused = self._compiled() if self.compiling else []
         try:
-            refused = self._compiled() if self.compiling else []
             self.scheduler.token_budget = self.step_budget.tokens(self.scheduler)
             plan = self.scheduler.schedule()
             if not plan:  # only requests waiting on a disk read or a grammar: do not spin
@@ -235,7 +237,7 @@ class Engine:
                 return refused
             return refused + self._run(plan)
         except Exception as exc:  # noqa: BLE001 - contained: this step's requests fail
-            return self._fail_step(plan, exc)
+            return refused + self._fail_step(plan, exc)
         finally:
             self.counters.longest_step_seconds = max(self.counters.longest_step_seconds, time.perf_counter() - t0)
 
