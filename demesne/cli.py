@@ -14,7 +14,7 @@ from collections.abc import Callable
 import click
 
 from .bench import bench
-from .config import CACHE_TYPES, FLASH_ATTN, KV_LAYOUTS, SPLIT_MODES, TOOL_FORMATS, ConfigError, EngineConfig, GatewayConfig, default_engine_endpoint, parse_size
+from .config import CACHE_TYPES, FLASH_ATTN, KV_LAYOUTS, ROUTES, SPLIT_MODES, TOOL_FORMATS, ConfigError, EngineConfig, GatewayConfig, default_engine_endpoint, parse_size
 from .model import ModelNotFound, resolve_model
 
 log = logging.getLogger("demesne")
@@ -119,6 +119,9 @@ def _run_async(coro):
     return uvloop.run(coro)
 
 
+LINK_TIMEOUT = click.option("--link-timeout", default=2.0, show_default=True, help="TCP: seconds that sent data may go unacknowledged before the link is taken as cut and its requests fail (the kernel acknowledges for a busy process, so a slow step never trips it; 0: the system's)")
+INSECURE = click.option("--insecure", is_flag=True, help="allow TCP without CURVE keys: anyone who can reach the port can use the engine")
+
 # -- engine --------------------------------------------------------------------------------
 
 
@@ -137,6 +140,10 @@ def run_engine(config: EngineConfig, log_level: str = "info") -> None:
 @click.command("engine")
 @_apply(ENGINE_OPTIONS)
 @click.option("--listen", default=default_engine_endpoint, show_default="ipc://$XDG_RUNTIME_DIR/demesne/engine.sock, else /tmp/demesne-$UID/engine.sock", help="ZeroMQ endpoint to bind")
+@click.option("--curve-key", type=click.Path(dir_okay=False), help="this engine's secret key file (NAME.key_secret from `demesne keygen`): gateways reach it with CURVE, authenticated and encrypted")
+@click.option("--curve-clients", type=click.Path(file_okay=False), help="directory of the public keys (*.key) of the gateways this engine admits")
+@INSECURE
+@LINK_TIMEOUT
 @LOG_LEVEL
 def engine_cmd(model, listen, log_level, **kw):
     """Run one engine: the model on one accelerator, behind a ZeroMQ socket."""
@@ -152,22 +159,53 @@ def engine_cmd(model, listen, log_level, **kw):
 
 @click.command("gateway")
 @_apply(GATEWAY_OPTIONS)
-@click.option("--engine", "engines", multiple=True, default=[default_engine_endpoint()], show_default=True, help="engine endpoint (repeatable)")
-@click.option("--model", type=click.Path(dir_okay=False), help="local copy of the engine's GGUF, when its path is not readable here")
+@click.option("--engine", "engines", multiple=True, show_default=default_engine_endpoint(), help="engine endpoint (repeatable) [default: the local one, unless --engines-file]")
+@click.option("--engines-file", type=click.Path(dir_okay=False), help="more engines, one per line: `ENDPOINT [ENGINE_PUBLIC_KEY_FILE]` (# comments); re-read on SIGHUP: new engines are connected, unlisted ones finish their requests and are dropped")
+@click.option("--route", default="prefix", type=click.Choice(ROUTES), show_default=True, help="how a request's engine is chosen among its model's: the one most likely to hold its prefix (weighed against load), or round-robin")
 @click.option("--route-slack", default=4, show_default=True, help="with several engines: send a request to the engine holding more of its prefix unless it has this many more requests in flight than the least loaded")
+@click.option("--curve-key", type=click.Path(dir_okay=False), help="this gateway's secret key file (NAME.key_secret from `demesne keygen`), for engines on TCP")
+@click.option("--engine-key", type=click.Path(dir_okay=False), help="the public key file (NAME.key) of the engines on TCP (a line of --engines-file may name its own)")
+@INSECURE
+@LINK_TIMEOUT
+@click.option("--vocab-cache", type=click.Path(file_okay=False), help="where vocabularies received from engines are kept [default: $XDG_CACHE_HOME/demesne/vocab]")
+@click.option("--model", hidden=True, help="ignored: the gateway gets the vocabulary and template from its engines")
 @LOG_LEVEL
-def gateway_cmd(log_level, **kw):
-    """Run one gateway: HTTP on the outside, engines over ZeroMQ on the inside."""
+def gateway_cmd(log_level, model, **kw):
+    """Run one gateway: HTTP on the outside, engines over ZeroMQ on the inside.
+
+    It needs no model file: each engine sends its model's vocabulary and chat template."""
     from .gateway.app import serve_gateway
 
     _setup_logging(log_level)
+    if model:
+        log.warning("--model is ignored: the gateway gets each model's vocabulary and template from its engines")
+    if not kw["engines"] and not kw["engines_file"]:
+        kw["engines"] = (default_engine_endpoint(),)
     try:
-        if kw["model"]:
-            kw["model"] = resolve_model(kw["model"])
         config = GatewayConfig(**{**kw, "engines": tuple(kw["engines"]), "api_keys": tuple(kw["api_keys"])})
-    except (ConfigError, ModelNotFound) as exc:
+    except ConfigError as exc:
         _fail(str(exc))
     _run_async(serve_gateway(config))
+
+
+@click.command("keygen")
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.argument("names", nargs=-1, required=True)
+def keygen_cmd(directory, names):
+    """Write CURVE key pairs for engines and gateways on TCP: DIRECTORY/NAME.key (public, to
+    copy to the peers) and DIRECTORY/NAME.key_secret (mode 0600, stays on this host).
+
+    \b
+    Engine host:  demesne-engine --listen tcp://10.0.0.5:5700 --curve-key engine.key_secret --curve-clients gateways/
+    Gateway host: demesne-gateway --engine tcp://10.0.0.5:5700 --curve-key gateway.key_secret --engine-key engine.key"""
+    from .curve import keygen
+
+    for name in names:
+        try:
+            public, secret = keygen(directory, name)
+        except ConfigError as exc:
+            _fail(str(exc))
+        click.echo(f"{public}  (public: copy to the peers)\n{secret}  (secret: keep on this host)")
 
 
 # -- serve: one engine and one gateway -----------------------------------------------------
@@ -215,5 +253,6 @@ main.add_command(serve_cmd)
 main.add_command(engine_cmd)
 main.add_command(gateway_cmd)
 main.add_command(bench)
+main.add_command(keygen_cmd)
 engine_main = engine_cmd
 gateway_main = gateway_cmd

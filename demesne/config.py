@@ -10,6 +10,7 @@ CACHE_TYPES = ("f16", "q8_0", "q4_0")
 SPLIT_MODES = ("none", "layer", "row")
 FLASH_ATTN = ("auto", "on", "off")
 KV_LAYOUTS = ("streams", "unified")  # engine/slots.py, engine/scheduler.py
+ROUTES = ("prefix", "round-robin")  # gateway/routing.py
 TOOL_FORMATS = ("auto", "hermes", "llama3", "mistral", "mistral-v11", "generic")  # gateway/tool_formats.py
 
 
@@ -60,6 +61,17 @@ def _require(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+def is_tcp(endpoint: str) -> bool:
+    return endpoint.startswith("tcp://")
+
+
+def _check_file(path: str | None, flag: str) -> None:
+    _require(path is None or os.path.isfile(path), f"{flag} {path}: no such file")
+
+
+LINK_TIMEOUT = 2.0  # seconds of unacknowledged TCP data that mean the link to a peer is cut
+
+
 @dataclass(frozen=True, slots=True)
 class EngineConfig:
     model: str  # path to a GGUF file
@@ -91,6 +103,11 @@ class EngineConfig:
     step_target: float = 0.5  # seconds a step aims at while streams decode (prompt chunks shrink)
     drain_timeout: float = 60.0  # on SIGTERM: seconds to finish running requests before exiting
     gateway_timeout: float = 30.0  # a gateway silent this long is gone: its requests are failed
+    # CURVE (curve.py): this engine's secret key file and the directory of gateways' public keys.
+    curve_key: str | None = None
+    curve_clients: str | None = None
+    insecure: bool = False  # TCP without keys, on a network trusted for it
+    link_timeout: float = LINK_TIMEOUT
 
     def __post_init__(self) -> None:
         _require(self.ctx_size >= 256, f"--ctx-size must be at least 256, got {self.ctx_size}")
@@ -122,6 +139,17 @@ class EngineConfig:
         _require(self.step_target >= 0, "--step-target must be >= 0 (0: no time budget)")
         _require(self.drain_timeout >= 0, "--drain-timeout must be >= 0")
         _require(self.gateway_timeout >= 2, "--gateway-timeout must be at least 2 s (gateways ping every 0.5 s)")
+        _require(
+            (self.curve_key is None) == (self.curve_clients is None),
+            "--curve-key and --curve-clients go together: the engine's key pair and the gateways it admits",
+        )
+        _check_file(self.curve_key, "--curve-key")
+        _require(
+            not is_tcp(self.listen) or self.curve_key is not None or self.insecure,
+            f"--listen {self.listen} is TCP: give --curve-key and --curve-clients (demesne keygen), or"
+            " --insecure if anyone who can reach the port may use this engine",
+        )
+        _require(0 <= self.link_timeout <= 600, "--link-timeout must be in [0, 600] seconds (0: the system's)")
 
     @property
     def streams(self) -> bool:
@@ -156,7 +184,7 @@ class GatewayConfig:
     host: str = "127.0.0.1"
     port: int = 9090
     api_keys: tuple[str, ...] = ()
-    model: str | None = None  # local copy of the GGUF when the engine's path is not readable here
+    engines_file: str | None = None  # more engines, one per line (`ENDPOINT [KEY]`), re-read on SIGHUP
     chat_template: str | None = None  # a Jinja file overriding the model's template
     tool_format: str = "auto"  # how the model writes tool calls; auto: detected from the template
     max_body_bytes: int = 8 * 1024 * 1024
@@ -170,9 +198,24 @@ class GatewayConfig:
     request_timeout: float = 0.0  # longest a completion may run, then it ends as "length" (0: no limit)
     response_store: int = 1000  # /v1/responses kept for previous_response_id (LRU; 0: none)
     reasoning_format: str = "auto"  # split <think> blocks out of replies: auto (template writes them), deepseek, none
+    route: str = "prefix"  # how a request's engine is chosen among those of its model
+    # CURVE (curve.py): this gateway's secret key file, and the public key of the engines on TCP
+    # (each line of --engines-file may name its own).
+    curve_key: str | None = None
+    engine_key: str | None = None
+    insecure: bool = False  # TCP engines without keys, on a network trusted for it
+    link_timeout: float = LINK_TIMEOUT
+    vocab_cache: str | None = None  # where vocabularies from engines are kept (default: the cache dir)
 
     def __post_init__(self) -> None:
-        _require(len(self.engines) > 0, "at least one --engine endpoint is needed")
+        _require(len(self.engines) > 0 or self.engines_file is not None, "at least one --engine endpoint (or --engines-file) is needed")
+        _check_file(self.engines_file, "--engines-file")
+        _check_file(self.curve_key, "--curve-key")
+        _check_file(self.engine_key, "--engine-key")
+        _require(self.route in ROUTES, f"--route must be one of {ROUTES}")
+        _require(0 <= self.link_timeout <= 600, "--link-timeout must be in [0, 600] seconds (0: the system's)")
+        for endpoint in self.engines:
+            self.check_engine(endpoint, self.engine_key)
         _require(0 <= self.port < 65536, f"--port must be in [0, 65535], got {self.port}")
         _require(all(self.api_keys), "an API key may not be empty")
         _require(
@@ -188,3 +231,41 @@ class GatewayConfig:
         _require(self.tool_format in TOOL_FORMATS, f"--tool-format must be one of {TOOL_FORMATS}")
         if self.chat_template is not None:
             _require(os.path.isfile(self.chat_template), f"--chat-template {self.chat_template}: no such file")
+
+    def check_engine(self, endpoint: str, key: str | None) -> None:
+        """An engine this gateway may connect to: on TCP, with CURVE keys unless --insecure."""
+        _require("://" in endpoint, f"not an engine endpoint: {endpoint!r} (e.g. tcp://10.0.0.5:5700, ipc:///run/demesne/engine-0.sock)")
+        if key is not None:
+            _require(self.curve_key is not None, f"engine {endpoint} has a public key: give this gateway's own --curve-key too")
+            _check_file(key, f"the key of engine {endpoint}")
+        _require(
+            not is_tcp(endpoint) or key is not None or self.insecure,
+            f"engine {endpoint} is on TCP: give --curve-key and --engine-key (demesne keygen), or --insecure"
+            " on a trusted network",
+        )
+
+    def engine_list(self) -> list[tuple[str, str | None]]:
+        """Every engine to connect to, with its public key file: --engine, then --engines-file
+        (read now; each line ``ENDPOINT [KEYFILE]``, ``#`` comments)."""
+        listed = [(endpoint, self.engine_key) for endpoint in self.engines]
+        if self.engines_file is not None:
+            try:
+                with open(self.engines_file) as f:
+                    lines = f.read().splitlines()
+            except OSError as exc:
+                raise ConfigError(f"cannot read --engines-file {self.engines_file}: {exc.strerror}") from None
+            for number, line in enumerate(lines, 1):
+                words = line.split("#", 1)[0].split()
+                if not words:
+                    continue
+                _require(len(words) <= 2, f"{self.engines_file}:{number}: expected `ENDPOINT [KEYFILE]`")
+                key = words[1] if len(words) == 2 else self.engine_key
+                try:
+                    self.check_engine(words[0], key)
+                except ConfigError as exc:
+                    raise ConfigError(f"{self.engines_file}:{number}: {exc}") from None
+                listed.append((words[0], key))
+        endpoints = [e for e, _ in listed]
+        duplicate = next((e for e in endpoints if endpoints.count(e) > 1), None)
+        _require(duplicate is None, f"engine {duplicate} is listed twice")
+        return listed

@@ -5,10 +5,11 @@ one orjson-encoded frame: a dict whose ``"t"`` key names the message type. Both 
 import this module and nothing else defines the wire format.
 
 Gateway -> engine: ``Ping`` (heartbeat; answered with ``Pong`` at once, even mid-step),
-``Generate``, ``Abort``.
+``Generate``, ``Abort``, ``GetVocab``.
 Engine -> gateway: ``Pong`` (version, model info, counters, draining), ``Deltas`` (new tokens
 for many requests at once, one frame per gateway per step), ``Error`` (a request the engine
-refused or failed). An engine that is about to exit sends a closing ``Pong`` after its last
+refused or failed), ``Vocab`` (the model's vocabulary-only GGUF, asked for once per model by a
+gateway that does not have it cached: gateways need no model file). An engine that is about to exit sends a closing ``Pong`` after its last
 reply and waits for each gateway's ``Ping`` with ``bye``, so no reply dies with the connection.
 
 Every frame is checked against the field types declared here before it becomes a message:
@@ -31,7 +32,7 @@ from typing import Any, Callable, ClassVar
 
 import orjson
 
-PROTOCOL_VERSION = 3  # bump on any change of message shapes; peers of another version refuse
+PROTOCOL_VERSION = 4  # bump on any change of message shapes; peers of another version refuse
 
 # Why a request stopped: "stop" (end-of-generation token or stop string), "length"
 # (max_tokens or the context), "abort" (the gateway asked).
@@ -85,6 +86,10 @@ MAX_GRAMMAR_BYTES = 1 << 20
 MAX_GRAMMAR_RULES = 5000  # Lark rule definitions in a grammar
 MAX_GRAMMAR_REFS = 2000  # "$ref"s in its JSON schemas
 MAX_PARAM_NAME = 100
+MAX_VOCAB_BYTES = 64 << 20  # a vocabulary-only GGUF (Gemma's 262,144 tokens: 6.5 MB)
+# The largest frame either side reads (ZeroMQ's MAXMSGSIZE): a Vocab in base64, or a prompt of
+# a million tokens with a grammar.
+MAX_FRAME_BYTES = 96 << 20
 INT64 = 1 << 63
 
 
@@ -129,6 +134,9 @@ class ModelInfo:
     chat_template: str | None
     bos_token: str
     eos_token: str
+    fingerprint: str = ""  # the model's identity: engines claiming one id must agree on it
+    vocab_digest: str = ""  # sha256 of its vocabulary-only GGUF (ask with GetVocab)
+    vocab_bytes: int = 0
 
 
 @dataclass(slots=True)
@@ -211,8 +219,25 @@ class Error(Message):
     param: str | None = None
 
 
+@dataclass(slots=True)
+class GetVocab(Message):
+    """Ask for the vocabulary-only GGUF with this digest (ModelInfo.vocab_digest)."""
+
+    TAG: ClassVar[str] = "getvocab"
+    digest: str
+
+
+@dataclass(slots=True)
+class Vocab(Message):
+    """The vocabulary-only GGUF, base64 (empty when the engine has none of that digest)."""
+
+    TAG: ClassVar[str] = "vocab"
+    digest: str
+    data: str
+
+
 _TYPES: dict[str, type[Message]] = {
-    cls.TAG: cls for cls in (Ping, Pong, Generate, Abort, Deltas, Error)
+    cls.TAG: cls for cls in (Ping, Pong, Generate, Abort, Deltas, Error, GetVocab, Vocab)
 }
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import os
 import shutil
 import signal
@@ -18,7 +19,9 @@ import aiohttp
 import pytest
 
 from demesne.config import EngineConfig
+from demesne import protocol as p
 from demesne.engine.core import Engine
+from demesne.engine.model_card import read_card
 from demesne.engine.runner import ModelRunner
 from demesne.gateway.tokenizer import Tokenizer
 from demesne.model import resolve_model
@@ -73,6 +76,16 @@ async def wait_for(predicate, timeout: float, interval: float = 0.2):
             return value
         await asyncio.sleep(interval)
     raise AssertionError(f"condition not met within {timeout}s")
+
+
+def fake_model(model_id: str, model_path: str, n_ctx: int = 4096) -> tuple[p.ModelInfo, p.Vocab]:
+    """What a fake engine on the real model announces, and its answer to GetVocab."""
+    card = read_card(model_path)
+    info = p.ModelInfo(
+        model_id, model_path, n_ctx, 262144, None, "<bos>", "<eos>",
+        card.fingerprint, card.vocab_digest, len(card.vocab),
+    )
+    return info, p.Vocab(card.vocab_digest, base64.b64encode(card.vocab).decode())
 
 
 def free_port() -> int:

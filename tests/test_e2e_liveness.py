@@ -15,7 +15,7 @@ import pytest
 import zmq
 import zmq.asyncio
 
-from conftest import BIN, free_port, wait_healthy
+from conftest import BIN, fake_model, free_port, wait_healthy
 from demesne import protocol as p
 
 pytestmark = pytest.mark.e2e
@@ -236,7 +236,7 @@ async def test_replies_sent_before_an_engine_closes_all_arrive(processes, model_
     sock = zctx.socket(zmq.ROUTER)
     sock.setsockopt(zmq.SNDHWM, 0)  # the whole burst is queued at once
     sock.bind(endpoint)
-    model = p.ModelInfo(model_id, model_path, 4096, 262144, None, "<bos>", "<eos>")
+    model, vocab = fake_model(model_id, model_path)
     token = tokenizer.encode(" word")[-1]
     n = 300
 
@@ -246,6 +246,8 @@ async def test_replies_sent_before_an_engine_closes_all_arrive(processes, model_
             msg = p.decode(frame)
             if isinstance(msg, p.Ping):
                 await sock.send_multipart([client, p.encode(p.Pong(msg.sent, "burst", model, {}))])
+            elif isinstance(msg, p.GetVocab):
+                await sock.send_multipart([client, p.encode(vocab)])
             elif isinstance(msg, p.Generate):
                 for i in range(n):
                     last = i == n - 1

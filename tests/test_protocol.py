@@ -17,6 +17,8 @@ from demesne.protocol import (
     SamplingParams,
     check_params,
     decode,
+    GetVocab,
+    Vocab,
     encode,
     request_id,
 )
@@ -93,6 +95,8 @@ def test_generate_greedy_params_stay_greedy():
 
 def test_abort_roundtrip():
     assert roundtrip(Abort(rid="req-7")).rid == "req-7"
+    assert roundtrip(GetVocab(digest="ab" * 32)).digest == "ab" * 32
+    assert roundtrip(Vocab(digest="ab" * 32, data="R0dVRg==")).data == "R0dVRg=="
 
 
 def test_deltas_roundtrip_rebuilds_every_delta():

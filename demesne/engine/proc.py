@@ -16,6 +16,8 @@ gateway that was only stalled ends those streams with an error instead of waitin
 
 from __future__ import annotations
 
+import base64
+import dataclasses
 import logging
 import os
 import queue
@@ -26,11 +28,14 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 
 import zmq
+from zmq.utils.monitor import parse_monitor_message
 
+from .. import curve
 from .. import protocol as p
 from .. import sockets
-from ..config import EngineConfig
+from ..config import ConfigError, EngineConfig
 from .core import Engine
+from .model_card import GGUFError, ModelCard, read_card
 from .runner import ModelRunner
 
 log = logging.getLogger("demesne.engine")
@@ -55,9 +60,13 @@ class Status:
 class EngineIO(threading.Thread):
     """Owns the ROUTER socket: pings answered at once, requests queued, replies sent."""
 
-    def __init__(self, zctx: zmq.Context, config: EngineConfig, engine_id: str, model: p.ModelInfo, status: Status):
+    def __init__(self, zctx: zmq.Context, config: EngineConfig, engine_id: str, card: ModelCard, model: p.ModelInfo, status: Status):
         super().__init__(name="engine-io", daemon=True)
-        self.engine_id, self.model, self.status = engine_id, model, status
+        self.engine_id, self.card, self.status = engine_id, card, status
+        self.model = dataclasses.replace(
+            model, fingerprint=card.fingerprint, vocab_digest=card.vocab_digest, vocab_bytes=len(card.vocab),
+        )
+        self._vocab_frame: bytes | None = None  # the Vocab message, encoded on first request
         self.client_timeout = config.gateway_timeout
         self.inbox: queue.SimpleQueue = queue.SimpleQueue()
         self.sock = zctx.socket(zmq.ROUTER)
@@ -65,6 +74,14 @@ class EngineIO(threading.Thread):
         self.sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a send to a gone gateway raises
         self.sock.setsockopt(zmq.ROUTER_HANDOVER, 1)  # a gateway that reconnects keeps its id
         self.sock.setsockopt(zmq.SNDHWM, SEND_HWM)
+        self.sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)  # a peer cannot make us hold more
+        self.refusals = curve.OnceLog(log)
+        self.auth = None
+        if config.curve_key is not None:
+            self.auth = curve.serve_curve(zctx, self.sock, config.curve_key, config.curve_clients, self.refusals)
+        if config.listen.startswith("tcp://"):
+            curve.set_link_timeout(self.sock, config.link_timeout)
+        self.monitor = self.sock.get_monitor_socket(curve.HANDSHAKE_EVENTS & ~zmq.EVENT_HANDSHAKE_SUCCEEDED)
         sockets.bind(self.sock, config.listen)
         self.outbox_endpoint = f"inproc://demesne-outbox-{id(self):x}"
         self.outbox = zctx.socket(zmq.PULL)
@@ -86,18 +103,36 @@ class EngineIO(threading.Thread):
         poller = zmq.Poller()
         poller.register(self.sock, zmq.POLLIN)
         poller.register(self.outbox, zmq.POLLIN)
+        poller.register(self.monitor, zmq.POLLIN)
         while not self._closed():
             ready = dict(poller.poll(100))
             if self.sock in ready:
                 self._receive()
             if self.outbox in ready:
                 self._forward()
+            if self.monitor in ready:
+                self._handshake_failed()
             self._forget_silent()
             self._announce_drain()
         if self.awaiting_bye:
             log.warning("closing without a bye from %d gateways: their last replies may be lost", len(self.awaiting_bye))
+        self.sock.disable_monitor()
+        self.monitor.close()
         self.sock.close(linger=2000)
         self.outbox.close()
+        if self.auth is not None:
+            self.auth.stop()
+
+    def _handshake_failed(self) -> None:
+        """A peer failed the handshake: logged once per kind (a refused key is logged, with the
+        key, by the authenticator)."""
+        event = parse_monitor_message(self.monitor.recv_multipart())
+        if event["event"] == zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL:
+            why = {
+                zmq.PROTOCOL_ERROR_ZMTP_MECHANISM_MISMATCH: "a peer without CURVE keys tried to connect (a gateway without --curve-key and --engine-key, or not a gateway)",
+                zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC: "a peer failed the CURVE handshake (a gateway whose --engine-key is not this engine's public key)",
+            }.get(event["value"], f"a peer failed the handshake (ZeroMQ protocol error {event['value']:#x})")
+            self.refusals(("protocol", event["value"]), "%s", why)
 
     def _closed(self) -> bool:
         if self.closing_until is None:
@@ -136,6 +171,8 @@ class EngineIO(threading.Thread):
             return
         if isinstance(msg, p.Ping):
             self._on_ping(client, msg)
+        elif isinstance(msg, p.GetVocab):
+            self._send_frame(client, self._vocab(msg.digest))
         elif self.closing_until is not None:  # the step loop is gone
             if isinstance(msg, p.Generate):
                 self.send(client, p.Error(msg.rid, 503, "the engine is shutting down; retry", "engine_draining"))
@@ -164,6 +201,13 @@ class EngineIO(threading.Thread):
             self.refused.discard(client)
             self.greeted.add(client)
         self.send(client, self._pong(ping.sent))  # it carries our version: the gateway refuses too
+
+    def _vocab(self, digest: str) -> bytes:
+        if digest != self.card.vocab_digest:
+            return p.encode(p.Vocab(digest, ""))
+        if self._vocab_frame is None:
+            self._vocab_frame = p.encode(p.Vocab(digest, base64.b64encode(self.card.vocab).decode()))
+        return self._vocab_frame
 
     def _pong(self, sent: float) -> p.Pong:
         started = self.status.step_started
@@ -219,14 +263,14 @@ class EngineIO(threading.Thread):
 class EngineProc:
     """The step loop, in the main thread; the socket belongs to :class:`EngineIO`."""
 
-    def __init__(self, config: EngineConfig, engine: Engine):
+    def __init__(self, config: EngineConfig, engine: Engine, card: ModelCard):
         self.config = config
         self.engine = engine
         # Unique per process: a gateway that sees it change knows the KV cache is new.
         engine_id = f"{config.model_id}@{config.listen}#{os.getpid()}.{time.time_ns():x}"
         self.zctx = zmq.Context()
         self.status = Status(stats=engine.stats())
-        self.io = EngineIO(self.zctx, config, engine_id, engine.model_info, self.status)
+        self.io = EngineIO(self.zctx, config, engine_id, card, engine.model_info, self.status)
         self.outbox = self.zctx.socket(zmq.PUSH)
         self.outbox.setsockopt(zmq.LINGER, -1)
         self.outbox.setsockopt(zmq.SNDHWM, 0)
@@ -321,12 +365,18 @@ class EngineProc:
 
 
 def serve_engine(config: EngineConfig) -> None:
+    try:
+        card = read_card(config.model)
+    except (GGUFError, OSError) as exc:
+        raise ConfigError(f"cannot read {config.model}: {exc}") from None
+    if len(card.vocab) > p.MAX_VOCAB_BYTES:
+        raise ConfigError(f"{config.model}: its vocabulary and metadata take {len(card.vocab)} bytes, more than gateways accept ({p.MAX_VOCAB_BYTES})")
     runner = ModelRunner(config)
     engine = None
     try:
         engine = Engine(config, runner)
         engine.constraints.warm()  # llguidance's tokenizer, built beside the first steps
-        proc = EngineProc(config, engine)
+        proc = EngineProc(config, engine, card)
         signal.signal(signal.SIGTERM, lambda *_: proc.drain())
         signal.signal(signal.SIGINT, lambda *_: proc.drain())
         proc.run()

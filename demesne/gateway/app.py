@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import threading
 import time
 from collections.abc import Awaitable
 
@@ -19,6 +20,7 @@ from .auth import api_key_middleware
 from .chat_template import ChatTemplate, TemplateError
 from .engine_client import EngineClient
 from .generation import ModelContext
+from .models import ModelRegistry, VocabCache
 from .observability import STATS, Observability
 from .errors import ApiError, body_for
 from .routes import setup_routes
@@ -131,35 +133,41 @@ async def _request_id_header(request: web.Request, response: web.StreamResponse)
         response.headers["X-Request-Id"] = ",".join(stats.rids)
 
 
-def _model_loader(app: web.Application):
-    def on_model(info: p.ModelInfo) -> None:
-        config = app[CONFIG]
-        path = config.model or info.path
-        try:
-            tokenizer = Tokenizer(path)
-        except OSError as exc:
-            log.error("%s; pass --model with a local copy of the engine's GGUF", exc)
-            return
+def _model_builder(config: GatewayConfig):
+    """The context of one served model, from its ModelInfo and vocabulary file (runs in a
+    thread: loading a vocabulary and scanning it take a while)."""
+
+    def build(info: p.ModelInfo, vocab_path: str) -> ModelContext:
+        tokenizer = Tokenizer(vocab_path)
         try:
             template = ChatTemplate.select(config.chat_template, info.chat_template, info.bos_token, info.eos_token)
         except (TemplateError, OSError) as exc:
-            log.error("%s; chat requests use the built-in fallback template", exc)
+            log.error("%s; chat requests to %s use the built-in fallback template", exc, info.id)
             template = ChatTemplate.select(None, None, info.bos_token, info.eos_token)
         fmt = FORMATS[config.tool_format] if config.tool_format != "auto" else detect(template.source)
         tokenizer.render_special(fmt.special)  # Llama's <|python_tag|>, Mistral's [TOOL_CALLS]
         tokenizer.control_pattern  # built now (a pass over the vocabulary), not on the first chat request
-        app[MODELS][info.id] = ModelContext(info, tokenizer, template, fmt)
-        log.info("serving model %s (context %d tokens, tool calls in the %s format)", info.id, info.n_ctx, fmt.name)
+        log.info("model %s: context %d tokens, tool calls in the %s format", info.id, info.n_ctx, fmt.name)
+        return ModelContext(info, tokenizer, template, fmt)
 
-    return on_model
+    return build
 
 
-async def _engine_client_ctx(app: web.Application):
-    client = EngineClient(app[CONFIG], on_model=_model_loader(app))
-    app[CLIENT] = client
-    await client.start()
-    yield
-    await client.close()
+def _engine_client_ctx(registry: ModelRegistry):
+    async def engine_client(app: web.Application):
+        config = app[CONFIG]
+        client = EngineClient(config, registry)
+        app[CLIENT] = client
+        await client.start()
+        reloads = config.engines_file is not None and threading.current_thread() is threading.main_thread()
+        if reloads:  # SIGHUP re-reads the engine list
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, client.reload)
+        yield
+        if reloads:
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        await client.close()
+
+    return engine_client
 
 
 def init_app(config: GatewayConfig) -> web.Application:
@@ -174,7 +182,8 @@ def init_app(config: GatewayConfig) -> web.Application:
         log.warning("NO API KEY IS SET: anyone who can reach %s:%d can use this server", config.host, config.port)
     app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes)
     app[CONFIG] = config
-    app[MODELS] = {}
+    registry = ModelRegistry(_model_builder(config), VocabCache(config.vocab_cache))
+    app[MODELS] = registry.contexts
     app[FINGERPRINT] = f"demesne-{__version__}"
     app[RESPONSES] = ResponseStore(config.response_store)
     app[STARTED] = time.time()
@@ -182,7 +191,7 @@ def init_app(config: GatewayConfig) -> web.Application:
     app.on_response_prepare.append(_request_id_header)
     if cors is not None:
         app.on_response_prepare.append(cors.on_response_prepare)
-    app.cleanup_ctx.append(_engine_client_ctx)
+    app.cleanup_ctx.append(_engine_client_ctx(registry))
     setup_routes(app)
     return app
 

@@ -11,7 +11,17 @@ can take *new* requests and whether its *running* requests are lost are differen
   once, TCP keepalive for a vanished host) or that restarted (a new engine id) has lost its
   requests: they fail at once with :class:`EngineUnavailable` (the gateway answers 503);
 - an engine that is draining (SIGTERM) finishes its requests and gets no new ones;
-- an engine of another protocol version is refused, with one log line and a clear 503.
+- an engine of another protocol version, or claiming a model id that a live engine serves
+  with another fingerprint (models.py), is refused, with one log line and a clear 503;
+- an engine whose model this gateway has not loaded yet (its vocabulary is on its way) waits.
+
+A cut link (no TCP acknowledgement for ``--link-timeout`` seconds; the kernel acknowledges for
+a busy process, so this is never a slow engine) closes the connection, which fails its requests
+as above. Engines on TCP are reached with CURVE (curve.py); a failed handshake is logged once.
+
+The engine list is ``--engine`` plus ``--engines-file``; :meth:`EngineClient.reload` (SIGHUP)
+re-reads the file: new engines are connected, engines no longer listed take no new requests
+and are closed once their requests have finished.
 
 ZeroMQ reconnects by itself; the first compatible Pong after that makes the engine usable.
 """
@@ -19,24 +29,36 @@ ZeroMQ reconnects by itself; the first compatible Pong after that makes the engi
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
+import itertools
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
+from .. import curve
 from .. import protocol as p
-from ..config import GatewayConfig
+from ..config import ConfigError, GatewayConfig, is_tcp
+from .models import ModelRegistry
 from .routing import BLOCK, PrefixIndex, block_hashes, choose
 
 log = logging.getLogger("demesne.gateway")
 
 
 DISCONNECT_GRACE = 0.5  # seconds for the listener to read what came before a disconnect
+VOCAB_TIMEOUT = 120.0  # seconds to receive a vocabulary (megabytes over a slow link)
+# Why a CURVE handshake failed, by monitor event (and, for protocol errors, its value).
+_HANDSHAKE_FAILURES = {
+    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused this gateway's public key (add it to the engine's --curve-clients)",
+    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "failed the CURVE handshake (is --engine-key that engine's public key?)",
+    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "failed the handshake (one side uses CURVE and the other does not, or the keys do not match)",
+}
 
 
 class EngineUnavailable(RuntimeError):
@@ -55,13 +77,17 @@ class EngineRefused(RuntimeError):
 class EngineConn:
     endpoint: str
     sock: zmq.asyncio.Socket
+    key: str | None = None  # the engine's public key file (CURVE)
     info: p.ModelInfo | None = None
     stats: dict[str, float] = field(default_factory=dict)
     monitor: zmq.asyncio.Socket | None = None  # connection events of sock
     connected: bool = False  # the socket monitor's view of the connection
     responsive: bool = False  # answered a heartbeat within heartbeat_timeout
     draining: bool = False
-    refused: str | None = None  # why this gateway will not use it (protocol version)
+    refused: str | None = None  # why this gateway will not use it (protocol version, model clash)
+    handshake: str | None = None  # why the last handshake failed, until one succeeds
+    ready: bool = False  # this gateway has loaded its model (models.py)
+    retired: bool = False  # no longer listed: finishes its requests, then is closed
     last_seen: float = 0.0
     inflight: set[str] = field(default_factory=set)
     ponged: asyncio.Event = field(default_factory=asyncio.Event)
@@ -69,6 +95,7 @@ class EngineConn:
     prefix: PrefixIndex = field(default_factory=PrefixIndex)  # what we think it holds
     routed: int = 0  # requests sent here
     routed_cached: int = 0  # prompt tokens the routing expected it to hold
+    tasks: list[asyncio.Task] = field(default_factory=list)
 
     @property
     def alive(self) -> bool:
@@ -77,7 +104,7 @@ class EngineConn:
 
     @property
     def routable(self) -> bool:
-        return self.alive and not self.draining
+        return self.alive and self.ready and not self.draining and not self.retired
 
     @property
     def load(self) -> int:
@@ -85,20 +112,26 @@ class EngineConn:
 
 
 class EngineClient:
-    def __init__(self, config: GatewayConfig, on_model: Callable[[p.ModelInfo], None] | None = None):
+    def __init__(self, config: GatewayConfig, registry: ModelRegistry):
         self.config = config
-        self.on_model = on_model  # called once per model id, when an engine first reports it
+        self.registry = registry
         self._zctx = zmq.asyncio.Context()
         self.identity = uuid.uuid4().bytes  # engines key our requests by it, with their ids
-        self.engines = [self._connect(ep) for ep in config.engines]
+        self.engines: list[EngineConn] = []
         self._queues: dict[str, asyncio.Queue] = {}
         self._owner: dict[str, EngineConn] = {}
-        self._known_models: set[str] = set()
+        self._vocab_waiters: dict[tuple[EngineConn, str], asyncio.Future] = {}
+        self.known_models: set[str] = set()  # every model id an engine has reported
         self._tasks: list[asyncio.Task] = []
+        self._turn = itertools.count()  # --route round-robin
+        self._once = curve.OnceLog(log)
 
-    def _connect(self, endpoint: str) -> EngineConn:
+    def _connect(self, endpoint: str, key: str | None) -> EngineConn:
         sock = self._zctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)  # a peer cannot make us hold more
+        if key is not None:
+            curve.client_curve(sock, self.config.curve_key, key)
         # Not IMMEDIATE: with it, ZeroMQ drops the frames that arrived but were not yet read
         # when the connection closes - a drained engine's last deltas. Without it those stay
         # readable; nothing is queued for an engine that is not connected because every send
@@ -112,31 +145,68 @@ class EngineClient:
         sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 10)
         sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 5)
         sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
-        monitor = sock.get_monitor_socket(zmq.EVENT_CONNECTED | zmq.EVENT_DISCONNECTED)
+        if is_tcp(endpoint):
+            curve.set_link_timeout(sock, self.config.link_timeout)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | curve.HANDSHAKE_EVENTS)
         sock.connect(endpoint)
-        return EngineConn(endpoint, sock, monitor=monitor)
+        engine = EngineConn(endpoint, sock, key, monitor=monitor)
+        loop = asyncio.get_running_loop()
+        engine.tasks = [loop.create_task(self._listen(engine)), loop.create_task(self._watch(engine))]
+        self.engines.append(engine)
+        return engine
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._tasks = [loop.create_task(self._listen(e)) for e in self.engines]
-        self._tasks += [loop.create_task(self._watch(e)) for e in self.engines]
-        self._tasks.append(loop.create_task(self._heartbeat()))
+        for endpoint, key in self.config.engine_list():
+            self._connect(endpoint, key)
+        self._tasks.append(asyncio.get_running_loop().create_task(self._heartbeat()))
+
+    def reload(self) -> None:
+        """Re-read the engine list (SIGHUP): connect new engines, retire unlisted ones."""
+        try:
+            listed = dict(self.config.engine_list())
+        except ConfigError as exc:
+            log.error("not reloading the engine list: %s", exc)
+            return
+        current = {(e.endpoint, e.key): e for e in self.engines if not e.retired}
+        for (endpoint, key), engine in current.items():
+            if endpoint not in listed or listed[endpoint] != key:
+                log.info("engine %s is no longer listed: it takes no new requests and is closed after its %d requests", endpoint, engine.load)
+                engine.retired = True
+        for endpoint, key in listed.items():
+            if (endpoint, key) not in current:
+                log.info("engine %s added", endpoint)
+                self._connect(endpoint, key)
+        self._close_retired()
+
+    def _close_retired(self) -> None:
+        for engine in [e for e in self.engines if e.retired and not e.inflight]:
+            self.engines.remove(engine)
+            for task in engine.tasks:
+                task.cancel()
+            self._close_socket(engine)
+
+    @staticmethod
+    def _close_socket(engine: EngineConn) -> None:
+        engine.sock.disable_monitor()
+        engine.monitor.close()
+        engine.sock.close()
 
     async def close(self) -> None:
-        for task in self._tasks:
+        tasks = self._tasks + [t for e in self.engines for t in e.tasks]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        await self.registry.close()
         for e in self.engines:
-            e.sock.disable_monitor()
-            e.monitor.close()
-            e.sock.close()
+            self._close_socket(e)
         self._zctx.term()
 
     # -- what the routes use ------------------------------------------------------------
 
-    def models(self) -> dict[str, p.ModelInfo]:
-        # Connected is enough: a model does not vanish from the list while its engine is busy.
-        return {e.info.id: e.info for e in self.engines if e.info is not None and e.connected and e.refused is None}
+    def models(self) -> set[str]:
+        """The models with a live engine. Connected is enough: a model does not vanish from the
+        list while its engine is busy."""
+        return {e.info.id for e in self.engines if e.info is not None and e.connected and e.ready and e.refused is None and not e.retired}
 
     async def refresh_stats(self, timeout: float = 2.0) -> None:
         """Ask every live engine for its counters now, and wait (briefly) for the answers."""
@@ -159,11 +229,15 @@ class EngineClient:
 
     def pick(self, model_id: str, prompt: list[int]) -> EngineConn:
         """The live engine serving ``model_id`` most likely to hold the prompt's prefix, unless
-        it is ``--route-slack`` requests busier than the least loaded (routing.py)."""
+        it is ``--route-slack`` requests busier than the least loaded (routing.py); with
+        ``--route round-robin``, the next one in turn."""
         candidates = [e for e in self.engines if e.routable and e.info.id == model_id]
         if not candidates:
             raise EngineUnavailable(self.why_unavailable(model_id))
-        engine, matched = choose(candidates, block_hashes(prompt), self.config.route_slack)
+        if self.config.route == "round-robin":
+            engine, matched = candidates[next(self._turn) % len(candidates)], 0
+        else:
+            engine, matched = choose(candidates, block_hashes(prompt), self.config.route_slack)
         engine.routed += 1
         engine.routed_cached += matched * BLOCK
         return engine
@@ -200,10 +274,13 @@ class EngineClient:
 
     def why_unavailable(self, model_id: str) -> str:
         """Why no engine can take a request for ``model_id``, in words for the client."""
-        refused = [e.refused for e in self.engines if e.refused]
+        mine = [e for e in self.engines if e.info is None or e.info.id == model_id]
+        refused = [e.refused or e.handshake for e in mine if e.refused or e.handshake]
         if refused:
             return refused[0]
-        serving = [e for e in self.engines if e.info is not None and e.info.id == model_id and e.connected]
+        serving = [e for e in mine if e.info is not None and e.connected]
+        if any(not e.ready for e in serving):
+            return f"the gateway is loading the vocabulary of {model_id} from its engine; retry shortly"
         if any(e.draining for e in serving):
             return f"the engine serving {model_id} is shutting down; retry shortly"
         if serving:
@@ -228,6 +305,34 @@ class EngineClient:
         owner = self._owner.pop(rid, None)
         if owner is not None:
             owner.inflight.discard(rid)
+            if owner.retired and not owner.inflight:
+                self._close_retired()
+
+    async def fetch_vocab(self, engine: EngineConn, digest: str) -> bytes:
+        """The vocabulary-only GGUF with this digest, from ``engine``."""
+        future = asyncio.get_running_loop().create_future()
+        self._vocab_waiters[(engine, digest)] = future
+        try:
+            self._send(engine, p.GetVocab(digest))
+            log.info("fetching the vocabulary of %s from engine %s", engine.info.id if engine.info else "?", engine.endpoint)
+            return await asyncio.wait_for(future, VOCAB_TIMEOUT)
+        finally:
+            self._vocab_waiters.pop((engine, digest), None)
+
+    def _on_vocab(self, engine: EngineConn, msg: p.Vocab) -> None:
+        future = self._vocab_waiters.get((engine, msg.digest))
+        if future is None or future.done():
+            return
+        if len(msg.data) > (p.MAX_VOCAB_BYTES + 2) // 3 * 4:
+            future.set_exception(ValueError(f"the vocabulary is larger than {p.MAX_VOCAB_BYTES} bytes"))
+            return
+        if not msg.data:
+            future.set_exception(ValueError("the engine has no vocabulary of that digest"))
+            return
+        try:
+            future.set_result(base64.b64decode(msg.data, validate=True))
+        except binascii.Error:
+            future.set_exception(ValueError("the vocabulary is not valid base64"))
 
     # -- background tasks ---------------------------------------------------------------
 
@@ -247,6 +352,8 @@ class EngineClient:
                 self._deliver(msg.rid, msg)
             elif isinstance(msg, p.Pong):
                 self._on_pong(engine, msg)
+            elif isinstance(msg, p.Vocab):
+                self._on_vocab(engine, msg)
 
     def _deliver(self, rid: str, item) -> None:
         queue = self._queues.get(rid)
@@ -257,7 +364,7 @@ class EngineClient:
         if pong.version != p.PROTOCOL_VERSION:
             self._refuse(engine, pong.version)
             return
-        engine.refused = None
+        engine.refused = self._clash(engine, pong.model)
         if engine.engine_id != pong.engine_id:  # a new process: its cache starts empty
             if engine.engine_id is not None:
                 self._fail_inflight(engine, f"engine {engine.endpoint} restarted")
@@ -272,13 +379,37 @@ class EngineClient:
         if pong.draining and not engine.draining:
             log.warning("engine %s is draining; new requests go elsewhere", engine.endpoint)
         engine.draining = pong.draining
-        if pong.model.id not in self._known_models:
-            self._known_models.add(pong.model.id)
-            if self.on_model is not None:
-                self.on_model(pong.model)
+        self.known_models.add(pong.model.id)
         if not engine.responsive:
             engine.responsive = True
             log.info("engine %s is up (%s)", engine.endpoint, pong.model.id)
+        if engine.refused is None:
+            self._check_model(engine, pong.model)
+
+    def _check_model(self, engine: EngineConn, info: p.ModelInfo) -> None:
+        engine.ready = self.registry.loaded(info)
+        if not engine.ready:
+            def loaded() -> None:
+                for e in self.engines:
+                    if e.info is not None and e.refused is None:
+                        e.ready = self.registry.loaded(e.info)
+                log.info("serving model %s (fingerprint %s) from engine %s", info.id, info.fingerprint, engine.endpoint)
+
+            self.registry.load(info, lambda: self.fetch_vocab(engine, info.vocab_digest), loaded)
+
+    def _clash(self, engine: EngineConn, info: p.ModelInfo) -> str | None:
+        """Why ``engine`` may not serve ``info``: a live engine serves that id as another model."""
+        for other in self.engines:
+            if other is not engine and other.alive and other.info.id == info.id and other.info.fingerprint != info.fingerprint:
+                why = (
+                    f"engine {engine.endpoint} claims model {info.id} with fingerprint {info.fingerprint}, but engine"
+                    f" {other.endpoint} serves {info.id} with fingerprint {other.info.fingerprint}: not using it"
+                    " (give different models different --model-alias)"
+                )
+                self._once(("clash", engine.endpoint, info.fingerprint), "%s", why)
+                engine.ready = False
+                return why
+        return None
 
     def _refuse(self, engine: EngineConn, version: int) -> None:
         if engine.refused is None:
@@ -291,10 +422,16 @@ class EngineClient:
     async def _watch(self, engine: EngineConn) -> None:
         """Connection events: a closed connection means the engine's requests are lost."""
         while True:
-            event = parse_monitor_message(await engine.monitor.recv_multipart())["event"]
-            if event == zmq.EVENT_CONNECTED:
+            message = parse_monitor_message(await engine.monitor.recv_multipart())
+            event = message["event"]
+            if event == zmq.EVENT_HANDSHAKE_SUCCEEDED:  # connected, and keys checked (CURVE)
                 engine.connected = True
+                engine.handshake = None
+                self._once.forget(("handshake", engine.endpoint))
                 self._try_send(engine, p.Ping(time.time()))
+            elif event in _HANDSHAKE_FAILURES:
+                engine.handshake = f"engine {engine.endpoint} {_HANDSHAKE_FAILURES[event]}"
+                self._once(("handshake", engine.endpoint), "%s", engine.handshake)
             elif event == zmq.EVENT_DISCONNECTED and engine.connected:
                 engine.connected = engine.responsive = engine.draining = False
                 engine.prefix.clear()

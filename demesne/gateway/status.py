@@ -18,13 +18,14 @@ def json_response(obj, status: int = 200) -> web.Response:
 
 
 def model_context(request: web.Request, model_id: str) -> ModelContext:
-    """The served model a request names: 404 if none is, 503 if no engine is up to say."""
-    models = request.app[MODELS]
-    if model_id not in models:
-        if not request.app[CLIENT].any_alive():
-            raise ApiError(503, request.app[CLIENT].why_unavailable(model_id), None, "engine_unavailable")
-        raise ApiError(404, f"The model '{model_id}' does not exist", "model", "model_not_found")
-    return models[model_id]
+    """The served model a request names: 404 if no engine ever served it (503 while no engine
+    is up to say), 503 while every engine of a known model is down."""
+    models, client = request.app[MODELS], request.app[CLIENT]
+    if model_id in models and model_id in client.models():
+        return models[model_id]
+    if model_id in models or model_id in client.known_models or not client.any_alive():
+        raise ApiError(503, client.why_unavailable(model_id), None, "engine_unavailable")
+    raise ApiError(404, f"The model '{model_id}' does not exist", "model", "model_not_found")
 
 
 def _model_card(info: p.ModelInfo, created: int) -> dict:
@@ -33,7 +34,8 @@ def _model_card(info: p.ModelInfo, created: int) -> dict:
 
 async def list_models(request: web.Request) -> web.Response:
     created = int(request.app[STARTED])
-    cards = [_model_card(m.info, created) for m in request.app[MODELS].values()]
+    models = request.app[MODELS]
+    cards = [_model_card(models[m].info, created) for m in sorted(request.app[CLIENT].models()) if m in models]
     return json_response({"object": "list", "data": cards})
 
 
@@ -53,10 +55,10 @@ async def openapi(request: web.Request) -> web.Response:
 async def health(request: web.Request) -> web.Response:
     client = request.app[CLIENT]
     engines = [
-        {"endpoint": e.endpoint, "up": e.alive, "draining": e.draining, "model": e.info.id if e.info else None}
+        {"endpoint": e.endpoint, "up": e.alive, "ready": e.routable, "draining": e.draining, "model": e.info.id if e.info else None, "refused": e.refused or e.handshake}
         for e in client.engines
     ]
-    ok = client.any_alive() and bool(request.app[MODELS])
+    ok = client.any_alive()
     return json_response({"status": "ok" if ok else "unavailable", "engines": engines}, 200 if ok else 503)
 
 

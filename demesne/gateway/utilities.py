@@ -8,14 +8,11 @@ serves one model needs none. Bad input is a 400 in OpenAI's error shape, as on `
 
 from __future__ import annotations
 
-import functools
-import hashlib
-import os
 from typing import Any
 
 from aiohttp import web
 
-from .app_keys import FINGERPRINT, MODELS
+from .app_keys import CLIENT, FINGERPRINT, MODELS
 from .errors import bad
 from .generation import ModelContext
 from .openai import parse_chat
@@ -25,29 +22,14 @@ from .status import json_response, model_context
 MAX_DETOKENIZE = 1 << 20  # token ids in one /detokenize call
 
 
-@functools.lru_cache(maxsize=64)
-def _identity(path: str, size: int, mtime_ns: int) -> str:
-    return hashlib.sha256(f"{os.path.basename(path)}|{size}|{mtime_ns}".encode()).hexdigest()[:16]
-
-
-def _model_fingerprint(path: str) -> str | None:
-    """The model file's identity (name, size, modification time), hashed; None where this
-    gateway cannot see the engine's file (another host)."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return _identity(path, st.st_size, st.st_mtime_ns)
-
-
 def pick_model(request: web.Request, model_id: Any) -> ModelContext:
     """The model a utility call names, or the only one served."""
     if model_id is None:
-        models = request.app[MODELS]
-        if len(models) == 1:
-            return next(iter(models.values()))
-        if models:
-            raise bad(f"'model' is required: this gateway serves {', '.join(sorted(models))}", "model")
+        served = sorted(m for m in request.app[CLIENT].models() if m in request.app[MODELS])
+        if len(served) == 1:
+            return request.app[MODELS][served[0]]
+        if served:
+            raise bad(f"'model' is required: this gateway serves {', '.join(served)}", "model")
         return model_context(request, "")  # 503 (no engine up) or 404
     if not isinstance(model_id, str):
         raise bad("'model' must be a string", "model", "invalid_type")
@@ -136,7 +118,7 @@ async def props(request: web.Request) -> web.Response:
         "tool_call_format": model.tool_format.name,
         "bos_token": template.bos_token,
         "eos_token": template.eos_token,
-        "model_fingerprint": _model_fingerprint(info.path),
+        "model_fingerprint": info.fingerprint or None,
         "system_fingerprint": request.app[FINGERPRINT],
         "build_info": request.app[FINGERPRINT],
     })
