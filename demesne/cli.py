@@ -119,7 +119,7 @@ def _run_async(coro):
     return uvloop.run(coro)
 
 
-LINK_TIMEOUT = click.option("--link-timeout", default=2.0, show_default=True, help="TCP: seconds that sent data may go unacknowledged before the link is taken as cut and its requests fail (the kernel acknowledges for a busy process, so a slow step never trips it; 0: the system's)")
+LINK_TIMEOUT = click.option("--link-timeout", default=1.5, show_default=True, help="TCP: seconds that sent data may go unacknowledged before the link is taken as cut and its requests fail (the kernel acknowledges for a busy process, so a slow step never trips it; 0: the system's)")
 INSECURE = click.option("--insecure", is_flag=True, help="allow TCP without CURVE keys: anyone who can reach the port can use the engine")
 
 # -- engine --------------------------------------------------------------------------------

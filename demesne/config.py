@@ -69,7 +69,7 @@ def _check_file(path: str | None, flag: str) -> None:
     _require(path is None or os.path.isfile(path), f"{flag} {path}: no such file")
 
 
-LINK_TIMEOUT = 2.0  # seconds of unacknowledged TCP data that mean the link to a peer is cut
+LINK_TIMEOUT = 1.5  # seconds of unacknowledged TCP data that mean the link to a peer is cut
 
 
 @dataclass(frozen=True, slots=True)
