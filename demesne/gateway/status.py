@@ -124,6 +124,7 @@ async def metrics(request: web.Request) -> web.Response:
     ]
     lines += [f'demesne_gateway_routed_prefix_tokens_total{{engine="{e.endpoint}"}} {e.routed_cached}' for e in client.engines]
     lines += request.app[OBSERVABILITY].lines()
+    lines += _model_server_lines(client)
     for name, (kind, help_text) in _METRICS.items():
         lines += [f"# HELP demesne_{name} {help_text}", f"# TYPE demesne_{name} {kind}"]
         for e in client.engines:
@@ -131,3 +132,35 @@ async def metrics(request: web.Request) -> web.Response:
                 lines.append(f'demesne_{name}{{engine="{e.endpoint}"}} {e.stats[name]}')
     return web.Response(text="\n".join(lines) + "\n", content_type="text/plain", charset="utf-8")
 
+
+
+# The Model Server Protocol of the Gateway API Inference Extension (and so llm-d's scorers):
+# vLLM's names, per model, summed over this gateway's live engines of it. A router balancing
+# demesne gateways reads these with no adapter.
+_MODEL_SERVER = (
+    ("vllm:num_requests_running", "Requests decoding in this gateway's engines of the model"),
+    ("vllm:num_requests_waiting", "Requests queued in this gateway's engines of the model"),
+    ("vllm:kv_cache_usage_perc", "Share of the KV cache in use (1 is full), running requests and kept prefixes"),
+    ("vllm:gpu_cache_usage_perc", "The same as vllm:kv_cache_usage_perc (its older name)"),
+)
+
+
+def _model_server_lines(client) -> list[str]:
+    per_model: dict[str, list[float]] = {}
+    for e in client.engines:
+        if e.alive and not e.retired:
+            running, waiting, used, total = per_model.setdefault(e.info.id, [0.0, 0.0, 0.0, 0.0])
+            per_model[e.info.id] = [
+                running + e.stats.get("requests_running", 0), waiting + e.stats.get("requests_waiting", 0),
+                used + e.stats.get("kv_cells_used", 0), total + e.stats.get("kv_cells_total", 0),
+            ]
+    values = {model: (r, w, u / t if t else 0.0, u / t if t else 0.0) for model, (r, w, u, t) in per_model.items()}
+    lines = []
+    for i, (name, help_text) in enumerate(_MODEL_SERVER):
+        lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        lines += [f'{name}{{model_name="{_label(model)}"}} {v[i]:g}' for model, v in sorted(values.items())]
+    return lines
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
