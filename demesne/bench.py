@@ -44,16 +44,18 @@ WORDS = (
     "sometimes mountain cut young talk soon list song being leave family"
 ).split()
 
-def build_prompts(n: int, prompt_tokens: int, shared_prefix_tokens: int, seed: int | str = 0) -> list[str]:
+def build_prompts(n: int, prompt_tokens: int, shared_prefix_tokens: int, seed: int | str = 0, prefixes: int = 1) -> list[str]:
     """Return `n` prompts of about `prompt_tokens` words each.
 
-    The first `shared_prefix_tokens` words are the same in every prompt; the rest start with
+    The first `shared_prefix_tokens` words are one of `prefixes` different prefixes (prompt i
+    has prefix i mod `prefixes`: several system prompts, interleaved); the rest start with
     the request index, so no two suffixes are equal even where the random words collide.
     """
     shared = min(max(shared_prefix_tokens, 0), prompt_tokens)
-    prefix = _words(random.Random(f"{seed}:prefix"), shared)
+    heads = [_words(random.Random(f"{seed}:prefix" + (f"{k}" if k else "")), shared) for k in range(max(prefixes, 1))]
     prompts = []
     for i in range(n):
+        prefix = heads[i % len(heads)]
         suffix_len = max(prompt_tokens - shared - 1, 0)
         suffix = [str(i)] + _words(random.Random(f"{seed}:{i}"), suffix_len)
         prompts.append(" ".join(prefix + suffix))
@@ -367,12 +369,13 @@ async def run_bench(
     endpoint: str = "completions",
     extras: dict | None = None,
     progress: bool = True,
+    prefixes: int = 1,
 ) -> BenchResult:
     """Send `requests` streaming requests, at most `concurrency` at a time, and time them."""
     url = url.rstrip("/")
     path = "/chat/completions" if endpoint == "chat" else "/completions"
     headers = _post_headers(api_key)
-    prompts = build_prompts(requests, prompt_tokens, shared_prefix_tokens)
+    prompts = build_prompts(requests, prompt_tokens, shared_prefix_tokens, prefixes=prefixes)
     async with _client(concurrency) as session:
         model = model or await fetch_model(session, url, api_key)
         bodies = [_request_body(endpoint, model, p, max_tokens, temperature, extras) for p in prompts]
@@ -563,6 +566,8 @@ def format_conversations(result: ConversationResult) -> str:
 @click.option("--requests", "n_requests", default=64, show_default=True, type=click.IntRange(min=1))
 @click.option("--prompt-tokens", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--shared-prefix-tokens", default=0, show_default=True, type=click.IntRange(min=0))
+@click.option("--prefixes", default=1, show_default=True, type=click.IntRange(min=1),
+              help="How many different shared prefixes (system prompts), taken in turn by the requests.")
 @click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1))
 @click.option("--temperature", default=0.0, show_default=True, type=float)
 @click.option("--endpoint", type=click.Choice(["completions", "chat"]), default="completions", show_default=True)
@@ -580,7 +585,7 @@ def format_conversations(result: ConversationResult) -> str:
 @click.option("--turn-tokens", default=45, show_default=True, type=click.IntRange(min=1),
               help="Words in each user turn.")
 @click.option("--no-progress", is_flag=True, help="Do not draw a progress bar.")
-def bench(url, api_key, model, concurrency, n_requests, prompt_tokens, shared_prefix_tokens, max_tokens,
+def bench(url, api_key, model, concurrency, n_requests, prompt_tokens, shared_prefix_tokens, prefixes, max_tokens,
           temperature, endpoint, tool_choice, constrain, ignore_eos, conversations, turns, system_tokens, turn_tokens,
           no_progress):
     """Measure throughput and latency of an OpenAI-compatible server with streamed requests."""
@@ -599,7 +604,7 @@ def bench(url, api_key, model, concurrency, n_requests, prompt_tokens, shared_pr
         else:
             result = asyncio.run(run_bench(
                 url, requests=n_requests, prompt_tokens=prompt_tokens, shared_prefix_tokens=shared_prefix_tokens,
-                endpoint=endpoint, extras=body_extras(tool_choice, constrain, ignore_eos), **common,
+                prefixes=prefixes, endpoint=endpoint, extras=body_extras(tool_choice, constrain, ignore_eos), **common,
             ))
     except (aiohttp.ClientError, KeyError, IndexError) as exc:
         # Only the model lookup can get here; the requests themselves record their errors.
