@@ -87,15 +87,36 @@ GATEWAY_OPTIONS = [
     click.option("--host", default="127.0.0.1", show_default=True),
     click.option("--port", default=9090, show_default=True),
     click.option("--api-key", "api_keys", multiple=True, envvar="DEMESNE_API_KEY", help="accepted key (repeatable; env DEMESNE_API_KEY)"),
-    click.option("--chat-template", type=click.Path(dir_okay=False), help="Jinja file overriding the model's chat template"),
+    click.option("--chat-template", "chat_template", multiple=True, metavar="[MODEL=]FILE", help="Jinja file overriding the models' chat template; MODEL=FILE for one model only (repeatable)"),
     click.option("--heartbeat-timeout", default=3.0, show_default=True, help="seconds without a heartbeat after which an engine gets no new requests (its running ones keep waiting; only a closed connection fails them)"),
-    click.option("--tool-format", default="auto", type=click.Choice(TOOL_FORMATS), show_default=True, help="how the model writes tool calls (auto: from its chat template)"),
+    click.option("--tool-format", "tool_format", multiple=True, metavar="[MODEL=]FORMAT", help=f"how the models write tool calls: {', '.join(TOOL_FORMATS)} [default: auto, from each chat template]; MODEL=FORMAT for one model only (repeatable)"),
     click.option("--cors-origin", "cors_origins", multiple=True, help="browser origin allowed to call the API, e.g. https://app.example (repeatable; * for any) [default: none]"),
     click.option("--write-timeout", default=30.0, show_default=True, help="seconds a streaming client may take no bytes before its stream is closed and its requests aborted"),
     click.option("--reasoning-format", default="auto", type=click.Choice(["auto", "deepseek", "none"]), show_default=True, help="split <think>...</think> reasoning out of replies (reasoning_content, thinking blocks, reasoning items): auto when the chat template writes it, deepseek always, none never"),
     click.option("--response-store", default=1000, show_default=True, help="finished /v1/responses kept in memory for previous_response_id and GET (least recently used dropped; 0: none)"),
+    click.option("--public-metrics", is_flag=True, help="serve /metrics without an API key (for Prometheus and Kubernetes inference routers; it shows model ids and load, no content)"),
     click.option("--request-timeout", default=0.0, show_default=True, help="seconds a completion may run before it ends with finish_reason length (0: no limit; a request's own 'timeout' may be shorter)"),
 ]
+
+
+def _per_model(values: tuple[str, ...], default: str | None) -> tuple[str | None, tuple[tuple[str, str], ...]]:
+    """``--flag VALUE`` (every model) and ``--flag MODEL=VALUE`` (one), repeatable: the last
+    plain value, and the per-model pairs. A VALUE that is a path with '=' in it needs MODEL=."""
+    plain, pairs = default, []
+    for value in values:
+        model, sep, rest = value.partition("=")
+        if sep and model and "/" not in model:
+            pairs.append((model, rest))
+        else:
+            plain = value
+    return plain, tuple(pairs)
+
+
+def _template_options(kw: dict) -> dict:
+    """GatewayConfig's fields from the --chat-template and --tool-format values in ``kw``."""
+    template, templates = _per_model(kw.pop("chat_template"), None)
+    fmt, formats = _per_model(kw.pop("tool_format"), "auto")
+    return {"chat_template": template, "model_templates": templates, "tool_format": fmt, "model_tool_formats": formats}
 
 
 def _engine_config(model: str | None, listen: str, **kw) -> EngineConfig:
@@ -182,7 +203,8 @@ def gateway_cmd(log_level, model, **kw):
     if not kw["engines"] and not kw["engines_file"]:
         kw["engines"] = (default_engine_endpoint(),)
     try:
-        config = GatewayConfig(**{**kw, "engines": tuple(kw["engines"]), "api_keys": tuple(kw["api_keys"])})
+        templates = _template_options(kw)
+        config = GatewayConfig(**{**kw, **templates, "engines": tuple(kw["engines"]), "api_keys": tuple(kw["api_keys"])})
     except ConfigError as exc:
         _fail(str(exc))
     _run_async(serve_gateway(config))
@@ -214,7 +236,7 @@ def keygen_cmd(directory, names):
 @click.command("serve")
 @_apply(ENGINE_OPTIONS + GATEWAY_OPTIONS)
 @LOG_LEVEL
-def serve_cmd(log_level, host, port, api_keys, chat_template, heartbeat_timeout, tool_format, cors_origins, write_timeout, request_timeout, response_store, reasoning_format, model, **engine_kw):
+def serve_cmd(log_level, host, port, api_keys, chat_template, heartbeat_timeout, tool_format, cors_origins, write_timeout, public_metrics, request_timeout, response_store, reasoning_format, model, **engine_kw):
     """Run an engine and a gateway together on this machine (the bundled model by default).
 
     The engine runs as a child process and is restarted if it dies; SIGTERM drains it."""
@@ -225,9 +247,9 @@ def serve_cmd(log_level, host, port, api_keys, chat_template, heartbeat_timeout,
     try:
         engine_config = _engine_config(model, endpoint, **engine_kw)
         gateway_config = GatewayConfig(
-            engines=(endpoint,), host=host, port=port, api_keys=tuple(api_keys), chat_template=chat_template, tool_format=tool_format,
+            engines=(endpoint,), host=host, port=port, api_keys=tuple(api_keys), **_template_options({"chat_template": chat_template, "tool_format": tool_format}),
             heartbeat_timeout=heartbeat_timeout, cors_origins=tuple(cors_origins), write_timeout=write_timeout, request_timeout=request_timeout,
-            response_store=response_store, reasoning_format=reasoning_format,
+            response_store=response_store, reasoning_format=reasoning_format, public_metrics=public_metrics,
         )
     except (ConfigError, ModelNotFound) as exc:
         remove_dir(directory)

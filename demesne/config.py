@@ -185,8 +185,11 @@ class GatewayConfig:
     port: int = 9090
     api_keys: tuple[str, ...] = ()
     engines_file: str | None = None  # more engines, one per line (`ENDPOINT [KEY]`), re-read on SIGHUP
-    chat_template: str | None = None  # a Jinja file overriding the model's template
-    tool_format: str = "auto"  # how the model writes tool calls; auto: detected from the template
+    chat_template: str | None = None  # a Jinja file overriding every model's template
+    tool_format: str = "auto"  # how the models write tool calls; auto: detected from each template
+    # Per model id, overriding the two above: ((model id, Jinja file), ...), ((model id, format), ...)
+    model_templates: tuple[tuple[str, str], ...] = ()
+    model_tool_formats: tuple[tuple[str, str], ...] = ()
     max_body_bytes: int = 8 * 1024 * 1024
     heartbeat_interval: float = 0.5
     # An engine silent this long gets no new requests (its running ones keep waiting: only a
@@ -206,6 +209,7 @@ class GatewayConfig:
     insecure: bool = False  # TCP engines without keys, on a network trusted for it
     link_timeout: float = LINK_TIMEOUT
     vocab_cache: str | None = None  # where vocabularies from engines are kept (default: the cache dir)
+    public_metrics: bool = False  # /metrics without an API key (Prometheus, inference routers)
 
     def __post_init__(self) -> None:
         _require(len(self.engines) > 0 or self.engines_file is not None, "at least one --engine endpoint (or --engines-file) is needed")
@@ -228,9 +232,19 @@ class GatewayConfig:
         _require(all(self.cors_origins), "a --cors-origin may not be empty")
         _require(0 <= self.response_store <= 10_000_000, "--response-store must be in [0, 10000000]")
         _require(self.reasoning_format in ("auto", "deepseek", "none"), "--reasoning-format must be auto, deepseek or none")
-        _require(self.tool_format in TOOL_FORMATS, f"--tool-format must be one of {TOOL_FORMATS}")
-        if self.chat_template is not None:
-            _require(os.path.isfile(self.chat_template), f"--chat-template {self.chat_template}: no such file")
+        for model, fmt in (("", self.tool_format), *self.model_tool_formats):
+            _require(fmt in TOOL_FORMATS, f"--tool-format {model + '=' if model else ''}{fmt}: must be one of {TOOL_FORMATS}")
+        for model, path in (("", self.chat_template), *self.model_templates):
+            _require(path is None or os.path.isfile(path), f"--chat-template {model + '=' if model else ''}{path}: no such file")
+        if self.engines_file is not None:
+            self.engine_list()  # checked now; a bad file on SIGHUP is logged and ignored
+
+    def template_for(self, model_id: str) -> str | None:
+        """The Jinja file overriding this model's own chat template, if one does."""
+        return dict(self.model_templates).get(model_id, self.chat_template)
+
+    def tool_format_for(self, model_id: str) -> str:
+        return dict(self.model_tool_formats).get(model_id, self.tool_format)
 
     def check_engine(self, endpoint: str, key: str | None) -> None:
         """An engine this gateway may connect to: on TCP, with CURVE keys unless --insecure."""

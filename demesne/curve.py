@@ -106,6 +106,16 @@ class _Clients:
         self.allowed = public_keys(directory)
         self.log = log
 
+    def reload(self) -> None:
+        """Re-read the directory (SIGHUP): a gateway added or removed there is let in or kept
+        out from its next connection; connections already made stay."""
+        try:
+            self.allowed = public_keys(self.directory)
+        except ConfigError as exc:
+            logging.getLogger("demesne.engine").error("keeping the gateway keys I had: %s", exc)
+            return
+        logging.getLogger("demesne.engine").info("admitting %d gateway keys from %s", len(self.allowed), self.directory)
+
     def callback(self, _domain: str, key: bytes) -> bool:
         if key in self.allowed:
             return True
@@ -116,15 +126,17 @@ class _Clients:
         return False
 
 
-def serve_curve(ctx: zmq.Context, sock: zmq.Socket, secret_file: str, clients_dir: str, log: OnceLog) -> ThreadAuthenticator:
-    """Make ``sock`` (not yet bound) a CURVE server admitting the keys in ``clients_dir``."""
+def serve_curve(ctx: zmq.Context, sock: zmq.Socket, secret_file: str, clients_dir: str, log: OnceLog) -> tuple[ThreadAuthenticator, _Clients]:
+    """Make ``sock`` (not yet bound) a CURVE server admitting the keys in ``clients_dir``; the
+    authenticator thread (to stop at the end) and the admitted keys (to reload)."""
     public, secret = secret_key(secret_file)
+    clients = _Clients(clients_dir, log)
     auth = ThreadAuthenticator(ctx, log=logging.getLogger("demesne.zap"))
     auth.start()
-    auth.configure_curve_callback("*", _Clients(clients_dir, log))
+    auth.configure_curve_callback("*", clients)
     sock.curve_secretkey, sock.curve_publickey = secret, public
     sock.curve_server = True
-    return auth
+    return auth, clients
 
 
 def client_curve(sock: zmq.Socket, secret_file: str, server_file: str) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -193,12 +194,24 @@ async def test_gateway_with_unknown_key_is_refused_and_both_sides_log_it_once(ho
             assert r.status == 503
             assert r.headers["Retry-After"]
             assert "refused this gateway's public key" in (await r.json())["error"]["message"]
-    intruder.stop()
-    gateway_log = intruder.log.read_text()
-    assert gateway_log.count("refused this gateway's public key") == 2, gateway_log  # one per engine
-    key = (hosts.keys / "intruder.key").read_text().split('public-key = "')[1].split('"')[0]
-    for engine in hosts.engines.values():
-        assert engine.log.read_text().count(f"public key {key} is not in") == 1, engine.tail()
+        gateway_log = intruder.log.read_text()
+        assert gateway_log.count("refused this gateway's public key") == 2, gateway_log  # one per engine
+        key = (hosts.keys / "intruder.key").read_text().split('public-key = "')[1].split('"')[0]
+        for engine in hosts.engines.values():
+            assert engine.log.read_text().count(f"public key {key} is not in") == 1, engine.tail()
+        # Admitted once its key is in the engines' directory and they re-read it (SIGHUP).
+        shutil.copy(hosts.keys / "intruder.key", hosts.clients / "intruder.key")
+        try:
+            for engine in hosts.engines.values():
+                engine.popen.send_signal(signal.SIGHUP)
+            await asyncio.to_thread(wait_healthy, url, intruder, 30)
+            async with http.post(f"{url}/v1/completions", json={"model": model_id, "prompt": "Hi", "max_tokens": 2}) as r:
+                assert r.status == 200
+        finally:
+            (hosts.clients / "intruder.key").unlink()
+            for engine in hosts.engines.values():
+                engine.popen.send_signal(signal.SIGHUP)
+            intruder.stop()
 
 
 def test_peer_without_curve_gets_nothing(hosts):

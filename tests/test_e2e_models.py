@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import signal
 import time
+from pathlib import Path
 
 import aiohttp
 import pytest
@@ -19,6 +20,7 @@ from conftest import wait_healthy
 from test_e2e_liveness import PROMPT, assert_complete, stream_completion
 
 A, B = "small-a", "small-b"
+TEMPLATES = Path(__file__).parent / "templates"
 
 
 def _engine(processes, name: str, alias: str, *extra: str, model: str | None = None):
@@ -34,7 +36,8 @@ def fleet(processes):
     listing = processes.dir / "engines.list"
     listing.write_text(f"# engines of two models\n{a}\n{b}  # the small-context one\n")
     port = _port()
-    gateway = processes._spawn("demesne-gateway", ["--port", str(port), "--engines-file", str(listing)])
+    overrides = ["--chat-template", f"{A}={TEMPLATES / 'qwen25.jinja'}", "--tool-format", f"{B}=mistral"]
+    gateway = processes._spawn("demesne-gateway", ["--port", str(port), "--engines-file", str(listing), *overrides])
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, gateway)
     return {"a": a, "b": b, "engine_a": engine_a, "engine_b": engine_b, "gateway": gateway, "url": url, "listing": listing}
@@ -90,6 +93,13 @@ async def test_each_request_goes_to_an_engine_of_its_model(fleet):
         assert (await _complete(http, url, A, 3000)).status == 200
         r = await _complete(http, url, B, 3000)
         assert r.status == 400 and r.body["error"]["code"] == "context_length_exceeded"
+        # Each model has its own template and tool-call format (here: one overridden for each).
+        props = {}
+        for model in (A, B):
+            async with http.get(f"{url}/props", params={"model": model}) as r:
+                props[model] = await r.json()
+        assert "qwen25.jinja" in props[A]["chat_template_origin"] and props[A]["tool_call_format"] == "hermes"
+        assert "fallback" in props[B]["chat_template_origin"] and props[B]["tool_call_format"] == "mistral"
         r = await _complete(http, url, "no-such-model")
         assert r.status == 404 and r.body["error"]["code"] == "model_not_found"
         # What Kubernetes inference routers read (Gateway API Inference Extension, llm-d).

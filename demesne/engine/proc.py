@@ -76,9 +76,9 @@ class EngineIO(threading.Thread):
         self.sock.setsockopt(zmq.SNDHWM, SEND_HWM)
         self.sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)  # a peer cannot make us hold more
         self.refusals = curve.OnceLog(log)
-        self.auth = None
+        self.auth = self.clients = None
         if config.curve_key is not None:
-            self.auth = curve.serve_curve(zctx, self.sock, config.curve_key, config.curve_clients, self.refusals)
+            self.auth, self.clients = curve.serve_curve(zctx, self.sock, config.curve_key, config.curve_clients, self.refusals)
         if config.listen.startswith("tcp://"):
             curve.set_link_timeout(self.sock, config.link_timeout)
         self.monitor = self.sock.get_monitor_socket(curve.HANDSHAKE_EVENTS & ~zmq.EVENT_HANDSHAKE_SUCCEEDED)
@@ -379,6 +379,8 @@ def serve_engine(config: EngineConfig) -> None:
         proc = EngineProc(config, engine, card)
         signal.signal(signal.SIGTERM, lambda *_: proc.drain())
         signal.signal(signal.SIGINT, lambda *_: proc.drain())
+        if proc.io.clients is not None:  # SIGHUP re-reads --curve-clients
+            signal.signal(signal.SIGHUP, lambda *_: proc.io.clients.reload())
         proc.run()
     finally:
         if engine is not None:

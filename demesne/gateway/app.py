@@ -16,7 +16,7 @@ from .. import protocol as p
 from ..config import GatewayConfig
 from .app_keys import CLIENT, CONFIG, FINGERPRINT, MODELS, OBSERVABILITY, RESPONSES, STARTED
 from .response_store import ResponseStore
-from .auth import api_key_middleware
+from .auth import OPEN_PATHS, api_key_middleware
 from .chat_template import ChatTemplate, TemplateError
 from .engine_client import EngineClient
 from .generation import ModelContext
@@ -140,11 +140,12 @@ def _model_builder(config: GatewayConfig):
     def build(info: p.ModelInfo, vocab_path: str) -> ModelContext:
         tokenizer = Tokenizer(vocab_path)
         try:
-            template = ChatTemplate.select(config.chat_template, info.chat_template, info.bos_token, info.eos_token)
+            template = ChatTemplate.select(config.template_for(info.id), info.chat_template, info.bos_token, info.eos_token)
         except (TemplateError, OSError) as exc:
             log.error("%s; chat requests to %s use the built-in fallback template", exc, info.id)
             template = ChatTemplate.select(None, None, info.bos_token, info.eos_token)
-        fmt = FORMATS[config.tool_format] if config.tool_format != "auto" else detect(template.source)
+        fmt_name = config.tool_format_for(info.id)
+        fmt = FORMATS[fmt_name] if fmt_name != "auto" else detect(template.source)
         tokenizer.render_special(fmt.special)  # Llama's <|python_tag|>, Mistral's [TOOL_CALLS]
         tokenizer.control_pattern  # built now (a pass over the vocabulary), not on the first chat request
         log.info("model %s: context %d tokens, tool calls in the %s format", info.id, info.n_ctx, fmt.name)
@@ -177,7 +178,8 @@ def init_app(config: GatewayConfig) -> web.Application:
     if cors is not None:
         middlewares.append(cors.preflight)  # before the key check: preflights carry no key
     if config.api_keys:
-        middlewares.append(api_key_middleware(config.api_keys))
+        open_paths = OPEN_PATHS | {"/metrics"} if config.public_metrics else OPEN_PATHS
+        middlewares.append(api_key_middleware(config.api_keys, open_paths))
     else:
         log.warning("NO API KEY IS SET: anyone who can reach %s:%d can use this server", config.host, config.port)
     app = web.Application(middlewares=middlewares, client_max_size=config.max_body_bytes)

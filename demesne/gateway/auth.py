@@ -12,12 +12,12 @@ from .errors import ApiError
 OPEN_PATHS = frozenset({"/health", "/openapi.json"})
 
 
-def api_key_middleware(keys: tuple[str, ...]):
+def api_key_middleware(keys: tuple[str, ...], open_paths: frozenset[str] = OPEN_PATHS):
     encoded = [k.encode() for k in keys]
 
     @web.middleware
     async def check_key(request: web.Request, handler):
-        if request.path not in OPEN_PATHS and not any(_matches(token, encoded) for token in _offered(request)):
+        if request.path not in open_paths and not any(_matches(token, encoded) for token in _offered(request)):
             raise ApiError(
                 401,
                 "Incorrect or missing API key. Send it as 'Authorization: Bearer <key>' or 'X-Api-Key: <key>'.",

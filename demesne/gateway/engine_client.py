@@ -52,6 +52,7 @@ log = logging.getLogger("demesne.gateway")
 
 
 DISCONNECT_GRACE = 0.5  # seconds for the listener to read what came before a disconnect
+AUTH_RETRY = 5.0  # seconds before trying again an engine that refused our key
 VOCAB_TIMEOUT = 120.0  # seconds to receive a vocabulary (megabytes over a slow link)
 # Why a CURVE handshake failed, by monitor event (and, for protocol errors, its value).
 _HANDSHAKE_FAILURES = {
@@ -127,6 +128,15 @@ class EngineClient:
         self._once = curve.OnceLog(log)
 
     def _connect(self, endpoint: str, key: str | None) -> EngineConn:
+        sock, monitor = self._socket(endpoint, key)
+        engine = EngineConn(endpoint, sock, key, monitor=monitor)
+        loop = asyncio.get_running_loop()
+        engine.tasks = [loop.create_task(self._listen(engine)), loop.create_task(self._watch(engine))]
+        self.engines.append(engine)
+        return engine
+
+    def _socket(self, endpoint: str, key: str | None) -> tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]:
+        """A DEALER connecting to ``endpoint``, and the monitor of its connection events."""
         sock = self._zctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)  # a peer cannot make us hold more
@@ -147,13 +157,17 @@ class EngineClient:
         sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
         if is_tcp(endpoint):
             curve.set_link_timeout(sock, self.config.link_timeout)
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | curve.HANDSHAKE_EVENTS)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | curve.HANDSHAKE_EVENTS, f"inproc://demesne-monitor-{uuid.uuid4().hex}")
         sock.connect(endpoint)
-        engine = EngineConn(endpoint, sock, key, monitor=monitor)
-        loop = asyncio.get_running_loop()
-        engine.tasks = [loop.create_task(self._listen(engine)), loop.create_task(self._watch(engine))]
-        self.engines.append(engine)
-        return engine
+        return sock, monitor
+
+    def _resocket(self, engine: EngineConn) -> None:
+        """Connect ``engine`` afresh: ZeroMQ stops retrying once an engine refused our key,
+        and the key may be admitted later (the engine re-reads its directory on SIGHUP)."""
+        engine.tasks[0].cancel()  # the listener, on the old socket
+        self._close_socket(engine)
+        engine.sock, engine.monitor = self._socket(engine.endpoint, engine.key)
+        engine.tasks[0] = asyncio.get_running_loop().create_task(self._listen(engine))
 
     async def start(self) -> None:
         for endpoint, key in self.config.engine_list():
@@ -432,6 +446,9 @@ class EngineClient:
             elif event in _HANDSHAKE_FAILURES:
                 engine.handshake = f"engine {engine.endpoint} {_HANDSHAKE_FAILURES[event]}"
                 self._once(("handshake", engine.endpoint), "%s", engine.handshake)
+                if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
+                    await asyncio.sleep(AUTH_RETRY)
+                    self._resocket(engine)
             elif event == zmq.EVENT_DISCONNECTED and engine.connected:
                 engine.connected = engine.responsive = engine.draining = False
                 engine.prefix.clear()

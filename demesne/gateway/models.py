@@ -67,11 +67,11 @@ class VocabCache:
         return str(path)
 
     def put(self, digest: str, data: bytes) -> str:
+        path = self._path(digest)
         if len(data) > p.MAX_VOCAB_BYTES:
             raise VocabError(f"the vocabulary is {len(data)} bytes, more than {p.MAX_VOCAB_BYTES}")
         if hashlib.sha256(data).hexdigest() != digest:
             raise VocabError("the vocabulary does not match the digest the engine announced")
-        path = self._path(digest)
         partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
         partial.write_bytes(data)
         os.replace(partial, path)
