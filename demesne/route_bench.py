@@ -34,7 +34,7 @@ from .bench_suite import free_port, stop_server
 BIN = Path(sys.executable).parent
 
 
-def _start(directory: Path, engines: int, route: str, engine_args: tuple[str, ...]) -> tuple[list[subprocess.Popen], str]:
+def _start(directory: Path, engines: int, route: str, slack: int, engine_args: tuple[str, ...]) -> tuple[list[subprocess.Popen], str]:
     procs, endpoints = [], []
     for i in range(engines):
         endpoint = f"ipc://{directory}/engine-{i}.sock"
@@ -42,7 +42,7 @@ def _start(directory: Path, engines: int, route: str, engine_args: tuple[str, ..
         log = open(directory / f"engine-{i}-{route}.log", "wb")
         procs.append(subprocess.Popen([str(BIN / "demesne-engine"), "--listen", endpoint, *engine_args], stdout=log, stderr=subprocess.STDOUT))
     port = free_port()
-    args = ["--port", str(port), "--route", route] + [a for e in endpoints for a in ("--engine", e)]
+    args = ["--port", str(port), "--route", route, "--route-slack", str(slack)] + [a for e in endpoints for a in ("--engine", e)]
     log = open(directory / f"gateway-{route}.log", "wb")
     procs.append(subprocess.Popen([str(BIN / "demesne-gateway"), *args], stdout=log, stderr=subprocess.STDOUT))
     url = f"http://127.0.0.1:{port}"
@@ -88,6 +88,7 @@ async def _workloads(url: str, opts: dict) -> dict[str, tuple[int, float, float]
 @click.command()
 @click.option("--engines", default=2, show_default=True, type=click.IntRange(min=2))
 @click.option("--rounds", default=2, show_default=True, type=click.IntRange(min=1))
+@click.option("--route-slack", "slack", default=4, show_default=True, help="the gateway's --route-slack for prefix-aware routing")
 @click.option("--concurrency", default=8, show_default=True)
 @click.option("--requests", default=48, show_default=True)
 @click.option("--prefixes", default=4, show_default=True, help="system prompts of the single-request workload")
@@ -98,13 +99,13 @@ async def _workloads(url: str, opts: dict) -> dict[str, tuple[int, float, float]
 @click.option("--system-tokens", default=400, show_default=True)
 @click.option("--max-tokens", default=16, show_default=True)
 @click.argument("engine_args", nargs=-1, type=click.UNPROCESSED)
-def main(engines, rounds, engine_args, **opts):
+def main(engines, rounds, slack, engine_args, **opts):
     """Run both routing policies side by side and print prefill tokens and TTFT."""
     results: dict[str, list[dict]] = {"prefix": [], "round-robin": []}
     with tempfile.TemporaryDirectory(prefix="demesne-route-") as tmp:
         for r in range(rounds):
             for route in (("prefix", "round-robin") if r % 2 == 0 else ("round-robin", "prefix")):
-                procs, url = _start(Path(tmp), engines, route, engine_args)
+                procs, url = _start(Path(tmp), engines, route, slack, engine_args)
                 try:
                     figures = asyncio.run(_workloads(url, opts))
                 finally:

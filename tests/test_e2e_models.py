@@ -17,6 +17,7 @@ import aiohttp
 import pytest
 
 from conftest import wait_healthy
+from demesne.engine.model_card import read_card
 from test_e2e_liveness import PROMPT, assert_complete, stream_completion
 
 A, B = "small-a", "small-b"
@@ -114,31 +115,65 @@ def _hup(fleet, *lines: str) -> None:
     fleet["gateway"].popen.send_signal(signal.SIGHUP)
 
 
-async def test_engine_claiming_a_served_id_with_another_model_is_refused(fleet, processes, model_path, tmp_path):
-    # The same weights with one metadata byte changed: another model, as far as anyone can tell.
-    other = tmp_path / "other.gguf"
+async def _fingerprint(http, url: str, model: str) -> str | None:
+    async with http.get(f"{url}/props", params={"model": model}) as r:
+        return (await r.json()).get("model_fingerprint") if r.status == 200 else None
+
+
+async def _until(predicate, what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        assert time.monotonic() < deadline, what
+        await asyncio.sleep(0.2)
+
+
+async def test_one_model_id_is_one_model(fleet, processes, model_path, tmp_path):
+    """An engine claiming small-a with another file is refused while small-a's engine lives;
+    once that engine is gone, it serves small-a with its own vocabulary and template, and the
+    first engine, back again, is the one refused, until the other goes."""
+    other = tmp_path / "other.gguf"  # the same weights with one metadata byte changed: another model
     data = bytearray(open(model_path, "rb").read())
     at = data.index(b"general.name") + len(b"general.name") + 4 + 8
     data[at] ^= 0x20  # the first letter of the name changes case
     other.write_bytes(bytes(data))
+    mine, theirs = read_card(model_path).fingerprint, read_card(str(other)).fingerprint
     c, engine_c = _engine(processes, "model-a-impostor", A, "--ctx-size", "4096", "--max-seqs", "2", model=str(other))
     _hup(fleet, fleet["a"], fleet["b"], c)
-    url = fleet["url"]
+    url, log = fleet["url"], fleet["gateway"].log
     async with aiohttp.ClientSession() as http:
-        deadline = time.monotonic() + 60
-        while "claims model small-a" not in fleet["gateway"].log.read_text():
-            assert time.monotonic() < deadline, fleet["gateway"].tail()
-            await asyncio.sleep(0.2)
+        await _until(lambda: _logged(log, "claims model small-a"), "the impostor is not refused")
         await asyncio.sleep(2)  # heartbeats go on; the refusal is logged once
-        assert fleet["gateway"].log.read_text().count("claims model small-a") == 1
+        assert log.read_text().count("claims model small-a") == 1
         routed = await _metrics(http, url, "demesne_gateway_routed_total")
         for _ in range(3):
             assert (await _complete(http, url, A)).status == 200
         after = await _metrics(http, url, "demesne_gateway_routed_total")
         assert after.get(f'demesne_gateway_routed_total{{engine="{c}"}}', 0) == 0
         assert after[f'demesne_gateway_routed_total{{engine="{fleet["a"]}"}}'] - routed[f'demesne_gateway_routed_total{{engine="{fleet["a"]}"}}'] == 3
-    _hup(fleet, fleet["a"], fleet["b"])
-    engine_c.stop()
+        assert await _fingerprint(http, url, A) == mine
+
+        fleet["engine_a"].stop()  # small-a's engine goes: the other file now is small-a
+        await _until(lambda: _fingerprint_is(http, url, A, theirs), "small-a not reloaded from the other engine")
+        assert "model small-a changed" in log.read_text()
+        assert (await _complete(http, url, A)).status == 200
+
+        _, fleet["engine_a"] = _engine(processes, "model-a", A, "--ctx-size", "8192", "--max-seqs", "2")  # back
+        await _until(lambda: _logged(log, f"engine {fleet['a']} claims model small-a"), "the returning engine is not refused")
+        assert await _fingerprint(http, url, A) == theirs
+
+        engine_c.stop()
+        _hup(fleet, fleet["a"], fleet["b"])
+        await _until(lambda: _fingerprint_is(http, url, A, mine), "small-a not reloaded from its first engine")
+        await _wait_models(http, url, {A, B})
+        assert (await _complete(http, url, A)).status == 200
+
+
+async def _logged(log, text: str) -> bool:
+    return text in log.read_text()
+
+
+async def _fingerprint_is(http, url: str, model: str, expected: str) -> bool:
+    return await _fingerprint(http, url, model) == expected
 
 
 async def test_engine_dropped_from_the_list_finishes_its_requests(fleet):

@@ -6,6 +6,8 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
+from demesne.engine.model_card import read_card
+
 from test_e2e_api import openai_client
 
 pytestmark = pytest.mark.e2e
@@ -76,7 +78,7 @@ async def test_apply_template_gives_the_prompt_chat_completions_sends(server, ht
     assert status == 400 and out["error"]["param"] == "messages"
 
 
-async def test_props_describe_the_model(server, http, model_id):
+async def test_props_describe_the_model(server, http, model_id, model_path):
     async with http.get(f"{server.url}/props") as r:
         assert r.status == 200
         props = await r.json()
@@ -85,7 +87,7 @@ async def test_props_describe_the_model(server, http, model_id):
     assert props["model"] == model_id and props["n_ctx"] == card["context_length"] > 0
     assert props["default_generation_settings"]["n_ctx"] == props["n_ctx"]
     assert props["n_vocab"] == 262144 and props["bos_token"] == "<bos>" and props["chat_template"]
-    assert len(props["model_fingerprint"]) == 16  # the gateway sees the engine's file here
+    assert props["model_fingerprint"] == read_card(model_path).fingerprint  # as the engine reports it
     async with http.get(f"{server.url}/props", params={"model": model_id}) as r:
         assert (await r.json())["model"] == model_id
     async with http.get(f"{server.url}/props", params={"model": "no-such-model"}) as r:
