@@ -36,7 +36,6 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
@@ -44,9 +43,10 @@ from zmq.utils.monitor import parse_monitor_message
 
 from .. import curve
 from .. import protocol as p
-from ..config import ConfigError, GatewayConfig, is_tcp
+from ..config import ConfigError, GatewayConfig
+from .engine_link import HANDSHAKE_FAILURES, EngineConn, close_socket, open_socket
 from .models import ModelRegistry
-from .routing import BLOCK, PrefixIndex, block_hashes, choose
+from .routing import BLOCK, block_hashes, choose
 
 log = logging.getLogger("demesne.gateway")
 
@@ -54,12 +54,6 @@ log = logging.getLogger("demesne.gateway")
 DISCONNECT_GRACE = 0.5  # seconds for the listener to read what came before a disconnect
 AUTH_RETRY = 5.0  # seconds before trying again an engine that refused our key
 VOCAB_TIMEOUT = 120.0  # seconds to receive a vocabulary (megabytes over a slow link)
-# Why a CURVE handshake failed, by monitor event (and, for protocol errors, its value).
-_HANDSHAKE_FAILURES = {
-    zmq.EVENT_HANDSHAKE_FAILED_AUTH: "refused this gateway's public key (add it to the engine's --curve-clients)",
-    zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL: "failed the CURVE handshake (is --engine-key that engine's public key?)",
-    zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL: "failed the handshake (one side uses CURVE and the other does not, or the keys do not match)",
-}
 
 
 class EngineUnavailable(RuntimeError):
@@ -72,44 +66,6 @@ class EngineRefused(RuntimeError):
     def __init__(self, error: p.Error):
         super().__init__(error.message)
         self.error = error
-
-
-@dataclass(eq=False)
-class EngineConn:
-    endpoint: str
-    sock: zmq.asyncio.Socket
-    key: str | None = None  # the engine's public key file (CURVE)
-    info: p.ModelInfo | None = None
-    stats: dict[str, float] = field(default_factory=dict)
-    monitor: zmq.asyncio.Socket | None = None  # connection events of sock
-    connected: bool = False  # the socket monitor's view of the connection
-    responsive: bool = False  # answered a heartbeat within heartbeat_timeout
-    draining: bool = False
-    refused: str | None = None  # why this gateway will not use it (protocol version, model clash)
-    handshake: str | None = None  # why the last handshake failed, until one succeeds
-    ready: bool = False  # this gateway has loaded its model (models.py)
-    retired: bool = False  # no longer listed: finishes its requests, then is closed
-    last_seen: float = 0.0
-    inflight: set[str] = field(default_factory=set)
-    ponged: asyncio.Event = field(default_factory=asyncio.Event)
-    engine_id: str | None = None  # changes when the engine process restarts
-    prefix: PrefixIndex = field(default_factory=PrefixIndex)  # what we think it holds
-    routed: int = 0  # requests sent here
-    routed_cached: int = 0  # prompt tokens the routing expected it to hold
-    tasks: list[asyncio.Task] = field(default_factory=list)
-
-    @property
-    def alive(self) -> bool:
-        """Connected, answering and compatible: it serves (maybe draining)."""
-        return self.connected and self.responsive and self.refused is None and self.info is not None
-
-    @property
-    def routable(self) -> bool:
-        return self.alive and self.ready and not self.draining and not self.retired
-
-    @property
-    def load(self) -> int:
-        return len(self.inflight)
 
 
 class EngineClient:
@@ -128,45 +84,19 @@ class EngineClient:
         self._once = curve.OnceLog(log)
 
     def _connect(self, endpoint: str, key: str | None) -> EngineConn:
-        sock, monitor = self._socket(endpoint, key)
+        sock, monitor = open_socket(self._zctx, self.config, self.identity, endpoint, key)
         engine = EngineConn(endpoint, sock, key, monitor=monitor)
         loop = asyncio.get_running_loop()
         engine.tasks = [loop.create_task(self._listen(engine)), loop.create_task(self._watch(engine))]
         self.engines.append(engine)
         return engine
 
-    def _socket(self, endpoint: str, key: str | None) -> tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]:
-        """A DEALER connecting to ``endpoint``, and the monitor of its connection events."""
-        sock = self._zctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)  # a peer cannot make us hold more
-        if key is not None:
-            curve.client_curve(sock, self.config.curve_key, key)
-        # Not IMMEDIATE: with it, ZeroMQ drops the frames that arrived but were not yet read
-        # when the connection closes - a drained engine's last deltas. Without it those stay
-        # readable; nothing is queued for an engine that is not connected because every send
-        # checks `connected` (_try_send), and an engine refuses requests from a gateway that
-        # has not pinged that process (proc.py), so one queued in the moment the connection
-        # broke never runs on a restarted engine.
-        sock.setsockopt(zmq.IMMEDIATE, 0)
-        sock.setsockopt(zmq.ROUTING_ID, self.identity)
-        # A host that vanishes without closing the connection is noticed in ~25 s.
-        sock.setsockopt(zmq.TCP_KEEPALIVE, 1)
-        sock.setsockopt(zmq.TCP_KEEPALIVE_IDLE, 10)
-        sock.setsockopt(zmq.TCP_KEEPALIVE_INTVL, 5)
-        sock.setsockopt(zmq.TCP_KEEPALIVE_CNT, 3)
-        if is_tcp(endpoint):
-            curve.set_link_timeout(sock, self.config.link_timeout)
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | curve.HANDSHAKE_EVENTS, f"inproc://demesne-monitor-{uuid.uuid4().hex}")
-        sock.connect(endpoint)
-        return sock, monitor
-
     def _resocket(self, engine: EngineConn) -> None:
         """Connect ``engine`` afresh: ZeroMQ stops retrying once an engine refused our key,
         and the key may be admitted later (the engine re-reads its directory on SIGHUP)."""
         engine.tasks[0].cancel()  # the listener, on the old socket
-        self._close_socket(engine)
-        engine.sock, engine.monitor = self._socket(engine.endpoint, engine.key)
+        close_socket(engine)
+        engine.sock, engine.monitor = open_socket(self._zctx, self.config, self.identity, engine.endpoint, engine.key)
         engine.tasks[0] = asyncio.get_running_loop().create_task(self._listen(engine))
 
     async def start(self) -> None:
@@ -197,13 +127,7 @@ class EngineClient:
             self.engines.remove(engine)
             for task in engine.tasks:
                 task.cancel()
-            self._close_socket(engine)
-
-    @staticmethod
-    def _close_socket(engine: EngineConn) -> None:
-        engine.sock.disable_monitor()
-        engine.monitor.close()
-        engine.sock.close()
+            close_socket(engine)
 
     async def close(self) -> None:
         tasks = self._tasks + [t for e in self.engines for t in e.tasks]
@@ -212,7 +136,7 @@ class EngineClient:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.registry.close()
         for e in self.engines:
-            self._close_socket(e)
+            close_socket(e)
         self._zctx.term()
 
     # -- what the routes use ------------------------------------------------------------
@@ -443,8 +367,8 @@ class EngineClient:
                 engine.handshake = None
                 self._once.forget(("handshake", engine.endpoint))
                 self._try_send(engine, p.Ping(time.time()))
-            elif event in _HANDSHAKE_FAILURES:
-                engine.handshake = f"engine {engine.endpoint} {_HANDSHAKE_FAILURES[event]}"
+            elif event in HANDSHAKE_FAILURES:
+                engine.handshake = f"engine {engine.endpoint} {HANDSHAKE_FAILURES[event]}"
                 self._once(("handshake", engine.endpoint), "%s", engine.handshake)
                 if event == zmq.EVENT_HANDSHAKE_FAILED_AUTH:
                     await asyncio.sleep(AUTH_RETRY)
