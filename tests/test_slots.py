@@ -52,6 +52,9 @@ class Sim:
         sched = self.sched
         plan = sched.schedule()
         assert not plan.node_chunks and plan.n_tokens <= sched.token_budget
+        # By stream: llama.cpp batches separate streams into one ubatch only in id order.
+        ids = [s.seq_id for s, _ in plan.chunks]
+        assert ids == sorted(ids), f"batch rows out of stream order: {ids}"
         spans, outputs = [], []
         for s, n in plan.chunks:
             assert s in sched.running and 0 < n <= s.n_remaining and sched.slots[s.seq_id].owner is s

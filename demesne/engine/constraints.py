@@ -104,11 +104,14 @@ class Constraints:
 
     # -- compiling -----------------------------------------------------------------------
 
-    def warm(self) -> None:
-        """Start building llguidance's tokenizer (seconds for a large vocabulary) on the
-        compile thread, so that the first constrained request need not wait for it."""
+    def warm(self, wait: bool = False) -> None:
+        """Build llguidance's tokenizer (seconds for a large vocabulary) on the compile thread,
+        so that the first constrained request need not wait for it; ``wait``: until it is
+        built (or failed: constrained requests then say so)."""
         if self._tokenizer is None:
             self._tokenizer = self._compiler.submit(_timed, self._build_tokenizer)
+        if wait:
+            self._tokenizer.exception()
 
     def compile(self, grammar: str, lazy: bool) -> Constraint | Future:
         """A constraint for ``grammar`` now if it was compiled before, else a future of one
