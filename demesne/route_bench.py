@@ -16,6 +16,7 @@ Arguments after ``--`` go to every ``demesne-engine`` (e.g. ``-- --threads 1``).
 from __future__ import annotations
 
 import asyncio
+import json
 import statistics
 import subprocess
 import sys
@@ -59,8 +60,6 @@ def _start(directory: Path, engines: int, route: str, slack: int, engine_args: t
 
 
 def _all_ready(url: str, engines: int) -> bool:
-    import json
-
     with urllib.request.urlopen(f"{url}/health", timeout=2) as r:
         return sum(e["ready"] for e in json.load(r)["engines"]) == engines
 

@@ -24,7 +24,7 @@ import aiohttp
 import pytest
 
 from conftest import BIN, Proc, wait_healthy
-from test_e2e_liveness import PROMPT, assert_complete, stream_completion
+from test_e2e_liveness import PROMPT, routed_counts, assert_complete, stream_completion
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="network namespaces are Linux's")
 
@@ -137,15 +137,6 @@ def hosts(processes, model_path):
         _teardown()
 
 
-async def _routed(http, url: str) -> dict[str, float]:
-    async with http.get(f"{url}/metrics") as r:
-        text = await r.text()
-    return {
-        line.split('"')[1]: float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines() if line.startswith("demesne_gateway_routed_total{")
-    }
-
-
 async def _both_up(http, url: str, timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -170,7 +161,7 @@ async def test_requests_cross_hosts_with_curve_and_no_model_file(hosts, model_id
         results = await asyncio.gather(*(stream_completion(http, hosts.url, model_id, 24, f"{PROMPT} ({i})") for i in range(2)))
         for result in results:
             assert_complete(result, 24)
-        routed = await _routed(http, hosts.url)
+        routed = await routed_counts(http, hosts.url)
         assert routed[hosts.endpoint("e1")] >= 1 and routed[hosts.endpoint("e2")] >= 1, routed
     # The gateway's namespace has no model file: it got the vocabulary from an engine.
     assert os.path.exists(hosts.model_path)
@@ -258,7 +249,7 @@ async def test_cut_link_fails_its_streams_fast_and_heals(hosts, model_id):
         await asyncio.sleep(1.5)  # ...and the other on the second, the less loaded
         plain = asyncio.ensure_future(_complete(http, hosts.url, model_id))  # a tie: the first engine
         await asyncio.sleep(1.0)
-        routed = await _routed(http, hosts.url)
+        routed = await routed_counts(http, hosts.url)
         _ip("-n", NS["e1"], "link", "set", f"dme1{TAG}", "down")
         cut = time.monotonic()
         try:
@@ -275,5 +266,5 @@ async def test_cut_link_fails_its_streams_fast_and_heals(hosts, model_id):
         results = await asyncio.gather(*(stream_completion(http, hosts.url, model_id, 8, f"{PROMPT} (after {i})") for i in range(2)))
         for result in results:
             assert_complete(result, 8)
-        after = await _routed(http, hosts.url)
+        after = await routed_counts(http, hosts.url)
         assert after[hosts.endpoint("e1")] > routed[hosts.endpoint("e1")], (routed, after)

@@ -138,7 +138,7 @@ async def test_sigterm_drains_and_new_requests_go_to_the_other_engine(processes,
         await _wait_engines_up(http, url, 2)
         streams = [asyncio.ensure_future(stream_completion(http, url, model_id, 40, LONG_PROMPT)) for _ in range(8)]
         await asyncio.sleep(2.5)
-        routed = await _routed(http, url)
+        routed = await routed_counts(http, url)
         busy, other = (a, b) if routed[a] > routed[b] else (b, a)
         assert routed[busy] == 8, routed
         engines[busy].popen.send_signal(signal.SIGTERM)
@@ -146,7 +146,7 @@ async def test_sigterm_drains_and_new_requests_go_to_the_other_engine(processes,
         # The same prefix would go to the busy engine; it is draining, so the other serves it.
         async with http.post(f"{url}/v1/completions", json={"model": model_id, "prompt": LONG_PROMPT, "max_tokens": 2}) as r:
             assert r.status == 200, await r.text()
-        after = await _routed(http, url)
+        after = await routed_counts(http, url)
         assert (after[busy], after[other]) == (8, routed[other] + 1)
         results = await asyncio.wait_for(asyncio.gather(*streams), timeout=180)
     for result in results:
@@ -181,7 +181,7 @@ async def _wait_engines_up(http, url: str, n: int, timeout: float = 60) -> None:
     raise AssertionError(f"{n} engines not up")
 
 
-async def _routed(http, url: str) -> dict[str, float]:
+async def routed_counts(http, url: str) -> dict[str, float]:
     async with http.get(f"{url}/metrics") as r:
         text = await r.text()
     out = {}

@@ -16,7 +16,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from conftest import wait_healthy
+from conftest import free_port, wait_healthy
 from demesne.engine.model_card import read_card
 from test_e2e_liveness import PROMPT, assert_complete, stream_completion
 
@@ -36,18 +36,12 @@ def fleet(processes):
     b, engine_b = _engine(processes, "model-b", B, "--ctx-size", "8192", "--max-seqs", "4")  # 2,048
     listing = processes.dir / "engines.list"
     listing.write_text(f"# engines of two models\n{a}\n{b}  # the small-context one\n")
-    port = _port()
+    port = free_port()
     overrides = ["--chat-template", f"{A}={TEMPLATES / 'qwen25.jinja'}", "--tool-format", f"{B}=mistral"]
     gateway = processes._spawn("demesne-gateway", ["--port", str(port), "--engines-file", str(listing), *overrides])
     url = f"http://127.0.0.1:{port}"
     wait_healthy(url, gateway)
     return {"a": a, "b": b, "engine_a": engine_a, "engine_b": engine_b, "gateway": gateway, "url": url, "listing": listing}
-
-
-def _port() -> int:
-    from conftest import free_port
-
-    return free_port()
 
 
 async def _models(http, url: str) -> dict[str, int]:

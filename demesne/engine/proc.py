@@ -33,7 +33,7 @@ from zmq.utils.monitor import parse_monitor_message
 from .. import curve
 from .. import protocol as p
 from .. import sockets
-from ..config import ConfigError, EngineConfig
+from ..config import ConfigError, EngineConfig, is_tcp
 from .core import Engine
 from .model_card import GGUFError, ModelCard, read_card
 from .runner import ModelRunner
@@ -79,7 +79,7 @@ class EngineIO(threading.Thread):
         self.auth = self.clients = None
         if config.curve_key is not None:
             self.auth, self.clients = curve.serve_curve(zctx, self.sock, config.curve_key, config.curve_clients, self.refusals)
-        if config.listen.startswith("tcp://"):
+        if is_tcp(config.listen):
             curve.set_link_timeout(self.sock, config.link_timeout)
         self.monitor = self.sock.get_monitor_socket(curve.HANDSHAKE_EVENTS & ~zmq.EVENT_HANDSHAKE_SUCCEEDED)
         sockets.bind(self.sock, config.listen)

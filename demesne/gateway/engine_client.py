@@ -85,7 +85,7 @@ class EngineClient:
 
     def _connect(self, endpoint: str, key: str | None) -> EngineConn:
         sock, monitor = open_socket(self._zctx, self.config, self.identity, endpoint, key)
-        engine = EngineConn(endpoint, sock, key, monitor=monitor)
+        engine = EngineConn(endpoint, sock, key, monitor=monitor, model_loaded=self.registry.loaded)
         loop = asyncio.get_running_loop()
         engine.tasks = [loop.create_task(self._listen(engine)), loop.create_task(self._watch(engine))]
         self.engines.append(engine)
@@ -144,7 +144,7 @@ class EngineClient:
     def models(self) -> set[str]:
         """The models with a live engine. Connected is enough: a model does not vanish from the
         list while its engine is busy."""
-        return {e.info.id for e in self.engines if e.info is not None and e.connected and e.ready and e.refused is None and not e.retired}
+        return {e.info.id for e in self.engines if e.connected and e.ready and not e.retired}
 
     async def refresh_stats(self, timeout: float = 2.0) -> None:
         """Ask every live engine for its counters now, and wait (briefly) for the answers."""
@@ -325,15 +325,8 @@ class EngineClient:
             self._check_model(engine, pong.model)
 
     def _check_model(self, engine: EngineConn, info: p.ModelInfo) -> None:
-        engine.ready = self.registry.loaded(info)
-        if not engine.ready:
-            def loaded() -> None:
-                for e in self.engines:
-                    if e.info is not None and e.refused is None:
-                        e.ready = self.registry.loaded(e.info)
-                log.info("serving model %s (fingerprint %s) from engine %s", info.id, info.fingerprint, engine.endpoint)
-
-            self.registry.load(info, lambda: self.fetch_vocab(engine, info.vocab_digest), loaded)
+        if not self.registry.loaded(info):
+            self.registry.load(info, lambda: self.fetch_vocab(engine, info.vocab_digest))
 
     def _clash(self, engine: EngineConn, info: p.ModelInfo) -> str | None:
         """Why ``engine`` may not serve ``info``: a live engine serves that id as another model."""
@@ -345,7 +338,6 @@ class EngineClient:
                     " (give different models different --model-alias)"
                 )
                 self._once(("clash", engine.endpoint, info.fingerprint), "%s", why)
-                engine.ready = False
                 return why
         return None
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import zmq
@@ -40,7 +41,7 @@ class EngineConn:
     draining: bool = False
     refused: str | None = None  # why this gateway will not use it (protocol version, model clash)
     handshake: str | None = None  # why the last handshake failed, until one succeeds
-    ready: bool = False  # this gateway has loaded its model (models.py)
+    model_loaded: Callable[[p.ModelInfo], bool] = lambda _info: False  # ModelRegistry.loaded
     retired: bool = False  # no longer listed: finishes its requests, then is closed
     last_seen: float = 0.0
     inflight: set[str] = field(default_factory=set)
@@ -55,6 +56,11 @@ class EngineConn:
     def alive(self) -> bool:
         """Connected, answering and compatible: it serves (maybe draining)."""
         return self.connected and self.responsive and self.refused is None and self.info is not None
+
+    @property
+    def ready(self) -> bool:
+        """Compatible, and this gateway has loaded its model (models.py)."""
+        return self.info is not None and self.refused is None and self.model_loaded(self.info)
 
     @property
     def routable(self) -> bool:

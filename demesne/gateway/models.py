@@ -107,15 +107,15 @@ class ModelRegistry:
     def loaded(self, info: p.ModelInfo) -> bool:
         return self.fingerprints.get(info.id) == info.fingerprint
 
-    def load(self, info: p.ModelInfo, fetch: Fetch, done: Callable[[], None]) -> None:
+    def load(self, info: p.ModelInfo, fetch: Fetch) -> None:
         """Build the context of ``info``'s model in the background (``fetch`` gets its
-        vocabulary from an engine if the cache has none), then call ``done``. A failure is
-        logged and tried again at the next call."""
+        vocabulary from an engine if the cache has none). A failure is logged and tried again
+        at the next call."""
         key = (info.id, info.fingerprint)
         if not self.loaded(info) and key not in self._loading:
-            self._loading[key] = asyncio.get_running_loop().create_task(self._load(info, fetch, done))
+            self._loading[key] = asyncio.get_running_loop().create_task(self._load(info, fetch))
 
-    async def _load(self, info: p.ModelInfo, fetch: Fetch, done: Callable[[], None]) -> None:
+    async def _load(self, info: p.ModelInfo, fetch: Fetch) -> None:
         key = (info.id, info.fingerprint)
         try:
             path = self.vocab.get(info.vocab_digest) or self.vocab.put(info.vocab_digest, await fetch())
@@ -129,7 +129,7 @@ class ModelRegistry:
             log.warning("model %s changed (fingerprint %s, was %s): its vocabulary and template are reloaded", info.id, info.fingerprint, self.fingerprints[info.id])
         self.contexts[info.id] = context
         self.fingerprints[info.id] = info.fingerprint
-        done()
+        log.info("serving model %s (fingerprint %s)", info.id, info.fingerprint)
 
     async def close(self) -> None:
         for task in self._loading.values():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.resources
+from collections import Counter, defaultdict
 
 import orjson
 from aiohttp import web
@@ -21,9 +22,9 @@ def model_context(request: web.Request, model_id: str) -> ModelContext:
     """The served model a request names: 404 if no engine ever served it (503 while no engine
     is up to say), 503 while every engine of a known model is down."""
     models, client = request.app[MODELS], request.app[CLIENT]
-    if model_id in models and model_id in client.models():
+    if model_id in client.models():  # a ready engine's model is loaded
         return models[model_id]
-    if model_id in models or model_id in client.known_models or not client.any_alive():
+    if model_id in client.known_models or not client.any_alive():
         raise ApiError(503, client.why_unavailable(model_id), None, "engine_unavailable")
     raise ApiError(404, f"The model '{model_id}' does not exist", "model", "model_not_found")
 
@@ -35,7 +36,7 @@ def _model_card(info: p.ModelInfo, created: int) -> dict:
 async def list_models(request: web.Request) -> web.Response:
     created = int(request.app[STARTED])
     models = request.app[MODELS]
-    cards = [_model_card(models[m].info, created) for m in sorted(request.app[CLIENT].models()) if m in models]
+    cards = [_model_card(models[m].info, created) for m in sorted(request.app[CLIENT].models())]
     return json_response({"object": "list", "data": cards})
 
 
@@ -146,19 +147,17 @@ _MODEL_SERVER = (
 
 
 def _model_server_lines(client) -> list[str]:
-    per_model: dict[str, list[float]] = {}
+    totals: dict[str, Counter] = defaultdict(Counter)
     for e in client.engines:
         if e.alive and not e.retired:
-            running, waiting, used, total = per_model.setdefault(e.info.id, [0.0, 0.0, 0.0, 0.0])
-            per_model[e.info.id] = [
-                running + e.stats.get("requests_running", 0), waiting + e.stats.get("requests_waiting", 0),
-                used + e.stats.get("kv_cells_used", 0), total + e.stats.get("kv_cells_total", 0),
-            ]
-    values = {model: (r, w, u / t if t else 0.0, u / t if t else 0.0) for model, (r, w, u, t) in per_model.items()}
+            totals[e.info.id].update({k: e.stats.get(k, 0) for k in ("requests_running", "requests_waiting", "kv_cells_used", "kv_cells_total")})
     lines = []
     for i, (name, help_text) in enumerate(_MODEL_SERVER):
         lines += [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
-        lines += [f'{name}{{model_name="{_label(model)}"}} {v[i]:g}' for model, v in sorted(values.items())]
+        for model, t in sorted(totals.items()):
+            usage = t["kv_cells_used"] / t["kv_cells_total"] if t["kv_cells_total"] else 0.0
+            value = (t["requests_running"], t["requests_waiting"], usage, usage)[i]
+            lines.append(f'{name}{{model_name="{_label(model)}"}} {value:g}')
     return lines
 
 

@@ -25,7 +25,7 @@ MAX_DETOKENIZE = 1 << 20  # token ids in one /detokenize call
 def pick_model(request: web.Request, model_id: Any) -> ModelContext:
     """The model a utility call names, or the only one served."""
     if model_id is None:
-        served = sorted(m for m in request.app[CLIENT].models() if m in request.app[MODELS])
+        served = sorted(request.app[CLIENT].models())
         if len(served) == 1:
             return request.app[MODELS][served[0]]
         if served:
