@@ -62,6 +62,28 @@ def build_prompts(n: int, prompt_tokens: int, shared_prefix_tokens: int, seed: i
     return prompts
 
 
+def build_copy_prompts(n: int, prompt_tokens: int, seed: int | str = 0) -> list[str]:
+    """Return `n` prompts that ask for a passage of code of about `prompt_tokens` words to be
+    repeated with one name changed (a light edit: most of the output quotes the prompt, as
+    code edits and quoting do). Each prompt has its own code."""
+    prompts = []
+    for i in range(n):
+        rng = random.Random(f"{seed}:copy:{i}")
+        lines, words = [], 0
+        while words < prompt_tokens:
+            name, a, b, c = _words(rng, 4)
+            block = [f"def {name}_{i}({a}, {b}):", f"    {c} = {a} + {b}", f"    return {c} * {len(lines) + 2}", ""]
+            lines += block
+            words += 14
+        code = "\n".join(lines)
+        old = code.split("(", 1)[0][4:]
+        prompts.append(
+            f"Rewrite this code with the function {old} renamed to {old}_v2 and nothing else changed.\n\n"
+            f"{code}\n\nThe same code with {old} renamed to {old}_v2:\n\n"
+        )
+    return prompts
+
+
 def _words(rng: random.Random, k: int) -> list[str]:
     return [rng.choice(WORDS) for _ in range(k)]
 
@@ -370,12 +392,16 @@ async def run_bench(
     extras: dict | None = None,
     progress: bool = True,
     prefixes: int = 1,
+    workload: str = "distinct",
 ) -> BenchResult:
     """Send `requests` streaming requests, at most `concurrency` at a time, and time them."""
     url = url.rstrip("/")
     path = "/chat/completions" if endpoint == "chat" else "/completions"
     headers = _post_headers(api_key)
-    prompts = build_prompts(requests, prompt_tokens, shared_prefix_tokens, prefixes=prefixes)
+    if workload == "copy":
+        prompts = build_copy_prompts(requests, prompt_tokens)
+    else:
+        prompts = build_prompts(requests, prompt_tokens, shared_prefix_tokens, prefixes=prefixes)
     async with _client(concurrency) as session:
         model = model or await fetch_model(session, url, api_key)
         bodies = [_request_body(endpoint, model, p, max_tokens, temperature, extras) for p in prompts]
@@ -569,6 +595,10 @@ def format_conversations(result: ConversationResult) -> str:
 @click.option("--prefixes", default=1, show_default=True, type=click.IntRange(min=1),
               help="How many different shared prefixes (system prompts), taken in turn by the requests.")
 @click.option("--max-tokens", default=128, show_default=True, type=click.IntRange(min=1))
+@click.option("--workload", type=click.Choice(["distinct", "copy"]), default="distinct", show_default=True,
+              help="distinct: prompts of random words (--shared-prefix-tokens of them shared); copy: each prompt"
+                   " asks for its --prompt-tokens words of code back with one name changed (copy-heavy output,"
+                   " where speculative decoding pays).")
 @click.option("--temperature", default=0.0, show_default=True, type=float)
 @click.option("--endpoint", type=click.Choice(["completions", "chat"]), default="completions", show_default=True)
 @click.option("--tool-choice", type=click.Choice(["auto", "required"]), default=None,
@@ -586,13 +616,15 @@ def format_conversations(result: ConversationResult) -> str:
               help="Words in each user turn.")
 @click.option("--no-progress", is_flag=True, help="Do not draw a progress bar.")
 def bench(url, api_key, model, concurrency, n_requests, prompt_tokens, shared_prefix_tokens, prefixes, max_tokens,
-          temperature, endpoint, tool_choice, constrain, ignore_eos, conversations, turns, system_tokens, turn_tokens,
+          workload, temperature, endpoint, tool_choice, constrain, ignore_eos, conversations, turns, system_tokens, turn_tokens,
           no_progress):
     """Measure throughput and latency of an OpenAI-compatible server with streamed requests."""
     if (tool_choice or constrain == "tool_call") and endpoint != "chat":
         raise click.UsageError("--tool-choice and --constrain tool_call need --endpoint chat")
     if tool_choice and constrain:
         raise click.UsageError("--tool-choice and --constrain cannot be combined")
+    if workload == "copy" and (conversations or shared_prefix_tokens):
+        raise click.UsageError("--workload copy takes neither --conversations nor --shared-prefix-tokens")
     if conversations and (endpoint != "chat" or tool_choice):
         raise click.UsageError("--conversations needs --endpoint chat and no --tool-choice")
     common = {"concurrency": concurrency, "max_tokens": max_tokens, "api_key": api_key, "model": model,
@@ -604,7 +636,7 @@ def bench(url, api_key, model, concurrency, n_requests, prompt_tokens, shared_pr
         else:
             result = asyncio.run(run_bench(
                 url, requests=n_requests, prompt_tokens=prompt_tokens, shared_prefix_tokens=shared_prefix_tokens,
-                prefixes=prefixes, endpoint=endpoint, extras=body_extras(tool_choice, constrain, ignore_eos), **common,
+                prefixes=prefixes, workload=workload, endpoint=endpoint, extras=body_extras(tool_choice, constrain, ignore_eos), **common,
             ))
     except (aiohttp.ClientError, KeyError, IndexError) as exc:
         # Only the model lookup can get here; the requests themselves record their errors.

@@ -14,7 +14,7 @@ from collections.abc import Callable
 import click
 
 from .bench import bench
-from .config import CACHE_TYPES, FLASH_ATTN, KV_LAYOUTS, ROUTES, SPLIT_MODES, TOOL_FORMATS, ConfigError, EngineConfig, GatewayConfig, default_engine_endpoint, parse_size
+from .config import CACHE_TYPES, FLASH_ATTN, KV_LAYOUTS, ROUTES, SPECULATIVE, SPLIT_MODES, TOOL_FORMATS, ConfigError, EngineConfig, GatewayConfig, default_engine_endpoint, parse_size
 from .model import ModelNotFound, resolve_model
 
 log = logging.getLogger("demesne")
@@ -78,6 +78,8 @@ ENGINE_OPTIONS = [
     click.option("--disk-cache", type=click.Path(file_okay=False), help="directory for saved prefix KV evicted from host memory; kept across restarts and shared by engines of the same model and KV settings [default: off]"),
     click.option("--disk-cache-size", callback=_size, default="16G", show_default=True, help="the most the --disk-cache directory may hold"),
     click.option("--step-target", default=0.5, show_default=True, help="seconds a step aims at while streams decode: long prompts are fed in chunks that fit (0: no time budget)"),
+    click.option("--speculative", default="ngram", type=click.Choice(SPECULATIVE), show_default=True, help="draft tokens from n-grams of each request's own prompt and output, verified in the batch (exact: outputs keep the model's distribution); used only where the measured step costs say it pays"),
+    click.option("--draft-max", default=16, show_default=True, help="the most draft tokens a request feeds in one step"),
     click.option("--drain-timeout", default=60.0, show_default=True, help="on SIGTERM: seconds to finish running requests (new ones are refused) before exiting"),
     click.option("--gateway-timeout", default=30.0, show_default=True, help="seconds of silence after which a gateway is taken as gone and its requests are failed"),
     click.option("--no-prefix-cache", "prefix_cache", is_flag=True, flag_value=False, default=True, help="turn off prefix sharing and retention (for A/B measurements)"),

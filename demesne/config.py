@@ -10,6 +10,7 @@ CACHE_TYPES = ("f16", "q8_0", "q4_0")
 SPLIT_MODES = ("none", "layer", "row")
 FLASH_ATTN = ("auto", "on", "off")
 KV_LAYOUTS = ("streams", "unified")  # engine/slots.py, engine/scheduler.py
+SPECULATIVE = ("ngram", "off")  # engine/speculate.py
 ROUTES = ("prefix", "round-robin")  # gateway/routing.py
 TOOL_FORMATS = ("auto", "hermes", "llama3", "mistral", "mistral-v11", "generic")  # gateway/tool_formats.py
 
@@ -101,6 +102,8 @@ class EngineConfig:
     disk_cache: str | None = None
     disk_cache_size: int = 16 << 30
     step_target: float = 0.5  # seconds a step aims at while streams decode (prompt chunks shrink)
+    speculative: str = "ngram"  # drafts verified in the batch (speculate.py), or "off"
+    draft_max: int = 16  # the most draft tokens a sequence feeds in one step
     drain_timeout: float = 60.0  # on SIGTERM: seconds to finish running requests before exiting
     gateway_timeout: float = 30.0  # a gateway silent this long is gone: its requests are failed
     # CURVE (curve.py): this engine's secret key file and the directory of gateways' public keys.
@@ -137,6 +140,8 @@ class EngineConfig:
         _require(self.disk_cache_size >= 0, "--disk-cache-size must be >= 0")
         _require(self.disk_cache is None or self.tiers_on, "--disk-cache needs the host tier (--host-cache > 0) and the prefix cache")
         _require(self.step_target >= 0, "--step-target must be >= 0 (0: no time budget)")
+        _require(self.speculative in SPECULATIVE, f"--speculative must be one of {SPECULATIVE}")
+        _require(1 <= self.draft_max <= 64, f"--draft-max must be in [1, 64], got {self.draft_max}")
         _require(self.drain_timeout >= 0, "--drain-timeout must be >= 0")
         _require(self.gateway_timeout >= 2, "--gateway-timeout must be at least 2 s (gateways ping every 0.5 s)")
         _require(

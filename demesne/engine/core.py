@@ -28,6 +28,7 @@ from .sampler import Sampler, apply_penalties
 from .kv_store import KVStore
 from .scheduler import Scheduler, StepPlan
 from .slots import SlotScheduler
+from .speculate import Speculator
 from .tiers import Tiers
 
 log = logging.getLogger("demesne.engine")
@@ -80,7 +81,11 @@ class Engine:
         self.n_ctx = runner.n_ctx_seq if config.streams else runner.n_ctx  # the most one request holds
         self.tiers = _tiers(config, runner)
         self.scheduler = _scheduler(config, runner, self.tiers)
-        self.sampler = Sampler(runner.n_vocab, config.max_seqs)  # at most one output row per sequence
+        self.sampler = Sampler(runner.n_vocab, config.max_seqs)  # one row per sequence (drafts' rows: one by one)
+        self.speculator = None
+        if config.speculative != "off":
+            self.speculator = Speculator(config.draft_max, runner.eog)
+            self.speculator.costs.calibrate(runner.time_rows, min(config.batch_size, 2 * config.max_seqs * (config.draft_max + 1)))
         self.counters = Counters()
         self._eog_ids = np.flatnonzero(runner.eog)
         self.constraints = Constraints(runner.llg_tokenizer, runner.n_vocab, config.max_seqs, int(self._eog_ids[0]))
@@ -242,11 +247,13 @@ class Engine:
             self.counters.longest_step_seconds = max(self.counters.longest_step_seconds, time.perf_counter() - t0)
 
     def _run(self, plan: StepPlan) -> list[tuple[bytes, Delta | Error]]:
-        outputs = self._fill_batch(plan)
+        decode_only = not plan.node_chunks and all(n == 1 == s.n_remaining for s, n in plan.chunks)
+        drafts = self._drafts(plan) if decode_only and self.speculator else {}
+        outputs, rows, drafted = self._fill_batch(plan, drafts)
         self.faults.before_decode(self.counters.steps + self.counters.step_faults)
         t0 = time.perf_counter()
         # Masks of the constrained rows are computed on another thread while llama.cpp decodes.
-        self.constraints.start_masks([(row, s.constraint) for row, s in enumerate(outputs) if s.constraint])
+        self.constraints.start_masks([(row, s.constraint) for row, s in zip(rows, outputs) if s.constraint])
         try:
             logits = self.runner.decode()
         except DecodeError as exc:
@@ -256,79 +263,125 @@ class Engine:
         self._failed_decodes = 0
         self.scheduler.decoded()
         t1 = time.perf_counter()
-        self.step_budget.observe(plan.n_tokens - sum(n == 1 for _, n in plan.chunks), t1 - t0)
+        if not drafts:
+            self.step_budget.observe(plan.n_tokens - sum(n == 1 for _, n in plan.chunks), t1 - t0)
+        if decode_only and self.speculator and len(drafts) in (0, len(plan.chunks)):  # one ubatch
+            self.speculator.observe(self.runner.batch.n_outputs, t1 - t0)
         for seq, n in plan.chunks:
             seq.n_computed += n
         for node, n, _ in plan.node_chunks:
             self.scheduler.trie.computed(node, n)
-        tokens = self._sample(logits, outputs)
+        tokens = self._sample(logits, outputs, rows)
+        picks = [(seq, [token], [row]) for seq, token, row in zip(outputs, tokens.tolist(), rows)]
+        picks += [self._verify(logits, seq, row, drafts[seq]) for seq, row in drafted]
         t2 = time.perf_counter()
         self._count(t1 - t0, t2 - t1)
-        return self._advance(outputs, tokens, logits)
+        return self._advance(picks, logits)
 
-    def _fill_batch(self, plan: StepPlan) -> list[Sequence]:
-        """Write every chunk into the batch; return the sequences that get an output row."""
+    def _drafts(self, plan: StepPlan) -> dict[Sequence, list[int]]:
+        """Draft tokens for this step's decode rows (speculate.py), where they pay."""
+        decoders = [s for s, _ in plan.chunks if s.constraint is None]
+        limits = [min(s.max_tokens - s.n_generated, self.n_ctx - len(s.tokens)) - 1 for s in decoders]
+        room = min(self.scheduler.token_budget - plan.n_tokens, self.scheduler.spare_cells(plan.n_tokens))
+        return self.speculator.propose(decoders, limits, room)
+
+    def _fill_batch(self, plan: StepPlan, drafts: dict[Sequence, list[int]]):
+        """Write every chunk into the batch. Returns the sequences that get one output row and
+        their rows, and the sequences that feed a draft with the first of their rows."""
         batch = self.runner.batch
         batch.clear()
         for node, n, seq_ids in plan.node_chunks:
             start = node.n_cached
             batch.add_span(node.tokens[start : start + n], node.start + start, seq_ids, False)
             self.counters.prefill_tokens += n
-        outputs = []
+        outputs, rows, drafted = [], [], []
         for seq, n in plan.chunks:
             start = seq.n_computed
             last = start + n == len(seq.tokens)
-            batch.add_span(seq.tokens[start : start + n], start, seq.seq_id, last)
-            if last:
-                outputs.append(seq)
+            draft = drafts.get(seq)
+            if draft:
+                drafted.append((seq, batch.n_outputs))
+                batch.add_span(seq.tokens[start:] + draft, start, seq.seq_id, True, output_all=True)
+            else:
+                if last:
+                    outputs.append(seq)
+                    rows.append(batch.n_outputs)
+                batch.add_span(seq.tokens[start : start + n], start, seq.seq_id, last)
             if not seq.counted:
                 seq.counted = True
                 self.counters.prompt_tokens += seq.prompt_len
                 self.counters.cached_tokens += seq.n_cached
             if n > 1 or start < seq.prompt_len:  # not the one-token decode of a sampled token
                 self.counters.prefill_tokens += n
-        return outputs
+        return outputs, rows, drafted
 
-    def _sample(self, logits: np.ndarray, outputs: list[Sequence]) -> np.ndarray:
+    def _shape(self, row: np.ndarray, seq: Sequence, tokens: list[int]) -> None:
+        """logit_bias, ignore_eos and the penalties (over ``tokens``, the row's context), in
+        place in llama.cpp's logits buffer."""
+        if seq.bias_ids is not None:
+            row[seq.bias_ids] += seq.bias_values
+        if seq.params.ignore_eos:
+            row[self._eog_ids] = -np.inf
+        if seq.params.penalized:
+            apply_penalties(row, tokens, seq.prompt_len, seq.params)
+
+    def _sample(self, logits: np.ndarray, outputs: list[Sequence], rows: list[int]) -> np.ndarray:
         if not outputs:
             return np.empty(0, np.int64)
-        for row, seq in enumerate(outputs):  # in place, in llama.cpp's logits buffer
-            if seq.bias_ids is not None:
-                logits[row, seq.bias_ids] += seq.bias_values
-            if seq.params.ignore_eos:
-                logits[row, self._eog_ids] = -np.inf
-            if seq.params.penalized:
-                apply_penalties(logits[row], seq.tokens, seq.prompt_len, seq.params)
+        for row, seq in zip(rows, outputs):
+            self._shape(logits[row], seq, seq.tokens)
         self.sampler.prepare([s.params for s in outputs])
-        tokens = self.sampler.sample(logits, [s.rng for s in outputs])
-        for row, seq in enumerate(outputs):
+        tokens = self.sampler.sample(logits, [s.rng for s in outputs], rows if len(rows) < len(logits) else None)
+        for i, (row, seq) in enumerate(zip(rows, outputs)):
             if seq.constraint is not None:
-                token = self.constraints.pick(row, seq.constraint, int(tokens[row]), logits[row], lambda: self._resample(logits, row, seq))
-                tokens[row] = -1 if token is None else token  # -1: the grammar failed
+                token = self.constraints.pick(row, seq.constraint, int(tokens[i]), logits[row], lambda: self._resample(logits, row, seq))
+                tokens[i] = -1 if token is None else token  # -1: the grammar failed
         return tokens
 
     def _resample(self, logits: np.ndarray, row: int, seq: Sequence) -> int:
-        """Sample one row again (its refused tokens at -inf, so logprobs show the constrained row)."""
+        """Sample one row (again, for a grammar: its refused tokens at -inf, so logprobs show
+        the constrained row)."""
         self.sampler.prepare([seq.params])
         return int(self.sampler.sample(logits[row : row + 1], [seq.rng])[0])
 
-    def _advance(self, outputs: list[Sequence], tokens: np.ndarray, logits: np.ndarray) -> list[tuple[bytes, Delta | Error]]:
+    def _verify(self, logits: np.ndarray, seq: Sequence, row0: int, draft: list[int]) -> tuple[Sequence, list[int], list[int]]:
+        """Sample a drafting sequence's rows in order while the sampled token is the draft's
+        next one (speculate.py): its tokens and their rows. The cells of the draft tokens
+        after the first miss leave its KV."""
+        picked: list[int] = []
+        for i in range(len(draft) + 1):
+            row = row0 + i
+            self._shape(logits[row], seq, seq.tokens + draft[:i] if seq.params.penalized else seq.tokens)
+            picked.append(self._resample(logits, row, seq))
+            if i == len(draft) or picked[-1] != draft[i]:
+                break
+        accepted = len(picked) - 1
+        seq.n_computed += accepted  # the token fed before the draft is counted with the chunk
+        if accepted < len(draft):
+            self.runner.remove(seq.seq_id, seq.n_computed, -1)
+        self.speculator.verified(seq, len(draft), accepted)
+        return seq, picked, list(range(row0, row0 + len(picked)))
+
+    def _advance(self, picks: list[tuple[Sequence, list[int], list[int]]], logits: np.ndarray) -> list[tuple[bytes, Delta | Error]]:
+        """Append each sequence's picked tokens (one, or a verified draft's) up to its end."""
         deltas: list[tuple[bytes, Delta | Error]] = []
         eog = self.runner.eog
-        for row, (seq, token) in enumerate(zip(outputs, tokens.tolist())):
-            if token < 0:
+        for seq, tokens, rows in picks:
+            if tokens[0] < 0:
                 message = f"the output's grammar failed: {seq.constraint.error()}"
                 deltas += self._fail([seq], message, 400, "grammar_failed")
                 continue
-            if eog[token]:
-                seq.finish = FINISH_STOP
-            else:
+            for token, row in zip(tokens, rows):
+                if eog[token]:
+                    seq.finish = FINISH_STOP
+                    break
                 if seq.params.logprobs >= 0:
                     seq.logprobs.append(token_logprobs(logits[row], token, seq.params.logprobs))
                 seq.append(token)
                 self.counters.generation_tokens += 1
                 if seq.n_generated >= seq.max_tokens or len(seq.tokens) >= self.n_ctx:
                     seq.finish = FINISH_LENGTH
+                    break
             deltas.append((seq.client, self._delta(seq)))
             if seq.finish:
                 self._release(seq)
@@ -455,6 +508,7 @@ class Engine:
             "constraint_mask_seconds_total": self.constraints.mask_seconds,
             "constraint_mask_wait_seconds_total": self.constraints.mask_wait_seconds,
             **(self.tiers.stats() if self.tiers else {}),
+            **(self.speculator.stats() if self.speculator else {}),
         }
 
     def close(self) -> None:

@@ -44,6 +44,7 @@ class Sequence:
     bias_ids: np.ndarray | None = None  # logit_bias as arrays, built once
     bias_values: np.ndarray | None = None
     constraint: object | None = None  # constraints.Constraint while the output is constrained
+    spec: object | None = None  # speculate.SpecState once it has been offered a draft
 
     @property
     def n_remaining(self) -> int:

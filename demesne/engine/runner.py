@@ -15,6 +15,7 @@ import ctypes
 import hashlib
 import logging
 import os
+import time
 import warnings
 
 import llama_cpp
@@ -101,9 +102,10 @@ class Batch:
         self.n_tokens = 0
         self.n_outputs = 0
 
-    def add_span(self, tokens, pos0: int, seq_ids: int | list[int], output_last: bool) -> None:
+    def add_span(self, tokens, pos0: int, seq_ids: int | list[int], output_last: bool, output_all: bool = False) -> None:
         """Append consecutive tokens starting at position ``pos0``, each belonging to
-        ``seq_ids`` (one id, or several: one cell then serves all of those sequences)."""
+        ``seq_ids`` (one id, or several: one cell then serves all of those sequences); the
+        last one (or all of them) with an output row."""
         n, k = self.n_tokens, len(tokens)
         end = n + k
         self.token[n:end] = tokens
@@ -114,8 +116,10 @@ class Batch:
         else:
             self.n_seq_id[n:end] = len(seq_ids)
             self.seq_id[n:end, : len(seq_ids)] = seq_ids
-        self.logits[n:end] = 0
-        if output_last:
+        self.logits[n:end] = output_all
+        if output_all:
+            self.n_outputs += k
+        elif output_last:
             self.logits[end - 1] = 1
             self.n_outputs += 1
         self.n_tokens = end
@@ -229,6 +233,19 @@ class ModelRunner:
             return np.empty((0, self.n_vocab), np.float32)
         ptr = llama_cpp.llama_get_logits(self.ctx)
         return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
+
+    def time_rows(self, n: int) -> float:
+        """Seconds of one decode of ``n`` tokens of sequence 0, every one an output row (as a
+        draft's rows are); the cells are removed after. Only before any request runs."""
+        self.batch.clear()
+        self.batch.add_span(np.arange(n, dtype=np.int32) % self.n_vocab, 0, 0, True, output_all=True)
+        t0 = time.perf_counter()
+        rc = llama_cpp.llama_decode(self.ctx, self.batch.as_struct())
+        seconds = time.perf_counter() - t0
+        self.remove(0)
+        if rc != 0:
+            raise DecodeError(rc)
+        return seconds
 
     # -- KV operations (prefix_cache.KVOps) -------------------------------------------------
 

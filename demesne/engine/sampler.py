@@ -85,18 +85,23 @@ class Sampler:
             self._top_k[i] = min(p.top_k, self.n_vocab) if p.top_k > 0 else self.n_vocab
             self._min_p[i] = p.min_p
 
-    def sample(self, logits: np.ndarray, rngs: list[np.random.Generator | None]) -> np.ndarray:
-        """Return one token id per row of ``logits`` (rows as given to :meth:`prepare`).
-        ``logits`` is read, never written."""
-        n = logits.shape[0]
-        best = logits.argmax(axis=1)
+    def sample(self, logits: np.ndarray, rngs: list[np.random.Generator | None], rows: list[int] | None = None) -> np.ndarray:
+        """Return one token id per row of ``logits`` (rows as given to :meth:`prepare`), or
+        per row of ``logits`` listed in ``rows`` (the others are a sequence's draft rows, which
+        the engine samples one by one). ``logits`` is read, never written."""
+        if rows is None:
+            rows = range(logits.shape[0])
+            best = logits.argmax(axis=1)
+        else:  # row by row: a gather would copy a vocabulary's worth of floats per row
+            best = np.fromiter((logits[r].argmax() for r in rows), np.int64, len(rows))
+        n = len(rows)
         if self._greedy[:n].all():
             return best
-        row_max = logits[np.arange(n), best]
-        # A row whose best logit is not finite has nothing to draw from: it stays greedy.
-        for i in np.flatnonzero(~self._greedy[:n] & np.isfinite(row_max)):
-            rng = rngs[i] or np.random.default_rng()
-            best[i] = self._sample_row(logits[i], float(row_max[i]), i, rng)
+        for i in np.flatnonzero(~self._greedy[:n]):
+            x = logits[rows[i]]
+            row_max = float(x[best[i]])
+            if np.isfinite(row_max):  # a row with no finite logit has nothing to draw from: greedy
+                best[i] = self._sample_row(x, row_max, i, rngs[i] or np.random.default_rng())
         return best
 
     def _sample_row(self, x: np.ndarray, m: float, i: int, rng: np.random.Generator) -> int:

@@ -88,6 +88,10 @@ class Scheduler:
     def free_cells(self) -> int:
         return self.n_cells - self.cells_used()
 
+    def spare_cells(self, n_planned: int) -> int:
+        """Cells left for draft tokens once the ``n_planned`` tokens of this step's plan are in."""
+        return self.free_cells() - n_planned
+
     def add(self, seq: Sequence) -> bool:
         """Queue a new sequence; False when the queue is full."""
         if len(self.waiting) >= self.max_waiting:

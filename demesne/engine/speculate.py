@@ -1,0 +1,210 @@
+"""Speculative decoding inside the continuous batch: n-gram drafts, verified in the step.
+
+A decoding sequence feeds one token a step: the one it sampled last. With a *draft* of ``k``
+guessed tokens after it, the step feeds ``k + 1`` tokens for that sequence, every one with an
+output row, so one ``llama_decode`` gives the model's distribution after each of them. The
+engine then samples row 0 as it would have anyway; while the token it picks equals the
+draft's next token it goes on to the next row (whose context is exactly what the model saw),
+and stops at the first difference: that sampled token is kept too (the correction), or, if
+every draft token matched, the last row gives one more (the bonus). The tokens kept are the
+tokens sampling would have produced without a draft, each drawn from the target model's
+distribution with the sequence's own generator in the same order, so greedy and sampled
+outputs alike keep the model's distribution (for a draft that puts all its mass on one token,
+"accept with probability p(x)" and "sample, then compare" are the same rule). The cells of
+the rejected tokens are removed from the sequence's KV.
+
+**Drafts** come from the sequence itself (:class:`NgramIndex`): where its last n tokens
+(n = 4, 3, 2, longest first) occurred before, in its prompt or its output, what followed
+then is the draft. That costs no model and wins where outputs quote their input: code edits,
+extraction, summaries that copy phrases, repeated structure.
+
+**What a draft costs is measured, not assumed** (:class:`StepCosts`): the engine times
+decodes by how many output rows they have, at start and as it runs. An output row is cheap on a GPU (the weights
+are read once for all rows) and not on a CPU, where every row multiplies the output layer
+(Gemma 3 270M: 262,144 x 640), and where llama.cpp's separate KV streams put into one ubatch
+only sequences that feed equally many tokens: a step in which some sequences draft and some
+do not is two ubatches, two passes over the weights. Each step, :meth:`Speculator.propose`
+picks one draft length ``k`` and the sequences that draft it so as to maximise expected
+tokens per second: a sequence that accepts a share ``a`` of draft tokens adds
+``a + a^2 + ... + a^k`` tokens in expectation. ``a`` is the sequence's own rate, starting
+from the engine's overall one, so the draft length adapts per sequence, and once the batch
+is big enough that rows cost more than they bring, nobody drafts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+NGRAM_SIZES = (6, 4, 3, 2)  # longest first: a longer match is a better guess
+PRIOR_WEIGHT = 4.0  # draft tokens' worth of the engine-wide rate in a sequence's estimate
+MEMORY = 0.99  # the engine-wide counts fade by this at each verification
+OPTIMISM = 1.5  # standard deviations added to a sequence's estimated acceptance rate
+MIN_GAIN = 1.02  # drafting must promise this much more throughput than not drafting
+
+
+class NgramIndex:
+    """Where each n-gram of a sequence last occurred, so what followed it then can be
+    proposed now. Incremental: each new token adds one entry per size."""
+
+    __slots__ = ("tables", "n_indexed")
+
+    def __init__(self) -> None:
+        self.tables: tuple[dict, ...] = tuple({} for _ in NGRAM_SIZES)
+        self.n_indexed = 1  # continuations indexed: those starting before this position
+
+    def update(self, tokens: list[int]) -> None:
+        for q in range(self.n_indexed, len(tokens)):  # an n-gram ending at q - 1, followed by q
+            for n, table in zip(NGRAM_SIZES, self.tables):
+                if q >= n:
+                    table[tuple(tokens[q - n : q])] = q
+        self.n_indexed = max(self.n_indexed, len(tokens))
+
+    def draft(self, tokens: list[int], most: int) -> tuple[list[int], int]:
+        """Up to ``most`` tokens that followed the last occurrence of the longest n-gram
+        ending ``tokens``, and that n; ([], 0) if none occurred."""
+        self.update(tokens)
+        end = len(tokens)
+        for n, table in zip(NGRAM_SIZES, self.tables):
+            if end > n:
+                q = table.get(tuple(tokens[end - n :]))
+                if q is not None:
+                    return tokens[q : min(q + most, end)], n
+        return [], 0
+
+
+@dataclass(slots=True)
+class SpecState:
+    """One sequence's drafts: its n-gram index and how its drafts fared."""
+
+    index: NgramIndex
+    tried: int = 0  # draft tokens verified (those after the first refusal of a draft were not)
+    accepted: int = 0
+    match: int = 0  # the n-gram size behind its draft in this step
+
+    def rate(self, prior: float) -> float:
+        """An optimistic estimate of the share of draft tokens it accepts (an upper
+        confidence bound: a sequence's drafts get tried before its rate is known, and once
+        it is, the bound is the rate)."""
+        trials = self.tried + PRIOR_WEIGHT
+        mean = (self.accepted + PRIOR_WEIGHT * prior) / trials
+        return min(1.0, mean + OPTIMISM * (mean * (1.0 - mean) / trials) ** 0.5)
+
+
+class StepCosts:
+    """Seconds of a step by its number of output rows (in one ubatch).
+
+    The *shape* of the curve is measured once at start (:meth:`calibrate`: one decode each of
+    1, 2, 4, ... rows; not monotone per row on a CPU, where two rows may cost nearly as much
+    as four, so nothing is assumed about it) and interpolated between; its *scale* follows the
+    decode-only steps the engine runs (longer contexts make every step dearer), as a moving
+    average of measured over calibrated seconds.
+    """
+
+    def __init__(self) -> None:
+        self.sizes = np.zeros(0)
+        self.curve = np.zeros(0)
+        self.scale = 1.0
+
+    def calibrate(self, time_rows, most: int) -> None:
+        """Measure the curve with ``time_rows(n)`` (seconds of a decode of n output rows)."""
+        time_rows(1)  # warm-up: the first decode pays one-time costs
+        sizes = [n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if n <= most]
+        self.sizes = np.array(sizes, np.float64)
+        self.curve = np.array([time_rows(n) for n in sizes])
+        self.curve = np.maximum.accumulate(self.curve)  # more rows never cost less
+
+    def predict(self, rows: int) -> float:
+        sizes, curve = self.sizes, self.curve
+        if rows <= sizes[-1]:
+            return self.scale * float(np.interp(rows, sizes, curve))
+        slope = (curve[-1] - curve[-2]) / (sizes[-1] - sizes[-2]) if len(sizes) > 1 else curve[-1]
+        return self.scale * float(curve[-1] + slope * (rows - sizes[-1]))
+
+    def observe(self, rows: int, seconds: float) -> None:
+        self.scale = 0.9 * self.scale + 0.1 * seconds / (self.predict(rows) / self.scale)
+
+
+class Speculator:
+    """Proposes each step's drafts and keeps the counts."""
+
+    def __init__(self, draft_max: int, eog: np.ndarray):
+        self.draft_max = draft_max
+        self.eog = eog  # end-of-generation tokens: a draft stops before one (a sampled end ends)
+        self.costs = StepCosts()
+        self.drafted = 0  # draft tokens fed
+        self.tried = 0  # ...of which were verified
+        self.accepted = 0  # ...of which were kept
+        # By n-gram size: accepted and verified draft tokens, fading (a longer match is a
+        # better guess, and how much better depends on the model and the workload).
+        self.by_size = {n: [0.0, 0.0] for n in NGRAM_SIZES}
+
+    def size_rate(self, n: int) -> float:
+        """The engine's acceptance rate for drafts from n-gram matches of size ``n``."""
+        accepted, tried = self.by_size[n]
+        return (accepted + 1.0) / (tried + 2.0)
+
+    def propose(self, decoders: list, limits: list[int], room: int) -> dict:
+        """Drafts for some of ``decoders`` (sequences each feeding one token this step, with
+        the most tokens each may still take after it), within ``room`` extra tokens."""
+        n = len(decoders)
+        if room <= 0 or n == 0:
+            return {}
+        base = self.costs.predict(n)
+        offers = []  # (sequence, draft, acceptance rate)
+        for seq, most in zip(decoders, limits):
+            most = min(most, self.draft_max, room)
+            if most < 1:
+                continue
+            state = seq.spec
+            if state is None:
+                state = seq.spec = SpecState(NgramIndex())
+            draft, state.match = state.index.draft(seq.tokens, most)
+            ends = np.flatnonzero(self.eog[draft]) if draft else ()
+            if len(ends):
+                draft = draft[: ends[0]]
+            if draft:
+                offers.append((seq, draft, state.rate(self.size_rate(state.match))))
+        if not offers:
+            return {}
+        best, choice = MIN_GAIN * n / base, None
+        for k in range(1, max(len(d) for _, d, _ in offers) + 1):
+            able = [(a * (1.0 - a**k) / (1.0 - a) if a < 1.0 else float(k), i) for i, (_, d, a) in enumerate(offers) if len(d) >= k]
+            able.sort(reverse=True)
+            gained = 0.0
+            for s, (gain, _) in enumerate(able, 1):
+                if k * s > room:
+                    break
+                gained += gain
+                seconds = self.costs.predict(n * (k + 1)) if s == n else base + self.costs.predict(k * s)
+                if (n + gained) / seconds > best:
+                    best, choice = (n + gained) / seconds, (k, [i for _, i in able[:s]])
+        if choice is None:
+            return {}
+        k, chosen = choice
+        drafts = {offers[i][0]: offers[i][1][:k] for i in chosen}
+        self.drafted += k * len(drafts)
+        return drafts
+
+    def verified(self, seq, drafted: int, accepted: int) -> None:
+        tried = min(accepted + 1, drafted)
+        seq.spec.tried += tried
+        seq.spec.accepted += accepted
+        self.tried += tried
+        self.accepted += accepted
+        counts = self.by_size[seq.spec.match]
+        counts[0] = MEMORY * counts[0] + accepted
+        counts[1] = MEMORY * counts[1] + tried
+
+    def observe(self, rows: int, seconds: float) -> None:
+        """A decode-only step of ``rows`` rows in one ubatch took ``seconds``."""
+        self.costs.observe(rows, seconds)
+
+    def stats(self) -> dict[str, float]:
+        return {
+            "spec_draft_tokens_total": self.drafted,
+            "spec_verified_tokens_total": self.tried,
+            "spec_accepted_tokens_total": self.accepted,
+            "spec_acceptance_rate": self.accepted / self.tried if self.tried else 0.0,
+        }
