@@ -95,9 +95,9 @@ class SpecState:
 class StepCosts:
     """Seconds of a step by its number of output rows (in one ubatch).
 
-    The *shape* of the curve is measured once at start (:meth:`calibrate`: one decode each of
-    1, 2, 4, ... rows; not monotone per row on a CPU, where two rows may cost nearly as much
-    as four, so nothing is assumed about it) and interpolated between; its *scale* follows the
+    The *shape* of the curve is measured once at start (:meth:`calibrate`: decodes of 1, 2,
+    3, 4, 6, ... rows; not linear on a CPU, where two rows may cost nearly as much as four, so
+    nothing is assumed about it) and interpolated between; its *scale* follows the
     decode-only steps the engine runs (longer contexts make every step dearer), as a moving
     average of measured over calibrated seconds.
     """
@@ -112,8 +112,10 @@ class StepCosts:
         time_rows(1)  # warm-up: the first decode pays one-time costs
         sizes = [n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if n <= most]
         self.sizes = np.array(sizes, np.float64)
-        self.curve = np.array([time_rows(n) for n in sizes])
-        self.curve = np.maximum.accumulate(self.curve)  # more rows never cost less
+        # Twice, the least of each: another process taking the cores only ever adds time. A
+        # size dearer than a larger one was disturbed too: it costs what the larger one does.
+        passes = [[time_rows(n) for n in sizes] for _ in range(2)]
+        self.curve = np.minimum.accumulate(np.min(passes, axis=0)[::-1])[::-1]
 
     def predict(self, rows: int) -> float:
         sizes, curve = self.sizes, self.curve
