@@ -104,6 +104,7 @@ class EngineConfig:
     step_target: float = 0.5  # seconds a step aims at while streams decode (prompt chunks shrink)
     speculative: str = "ngram"  # drafts verified in the batch (speculate.py), or "off"
     draft_max: int = 16  # the most draft tokens a sequence feeds in one step
+    draft_model: str | None = None  # a small GGUF of the same vocabulary: drafts where n-grams have none
     drain_timeout: float = 60.0  # on SIGTERM: seconds to finish running requests before exiting
     gateway_timeout: float = 30.0  # a gateway silent this long is gone: its requests are failed
     # CURVE (curve.py): this engine's secret key file and the directory of gateways' public keys.
@@ -142,6 +143,8 @@ class EngineConfig:
         _require(self.step_target >= 0, "--step-target must be >= 0 (0: no time budget)")
         _require(self.speculative in SPECULATIVE, f"--speculative must be one of {SPECULATIVE}")
         _require(1 <= self.draft_max <= 64, f"--draft-max must be in [1, 64], got {self.draft_max}")
+        _check_file(self.draft_model, "--draft-model")
+        _require(self.draft_model is None or self.speculative != "off", "--draft-model drafts for speculative decoding: it cannot go with --speculative off")
         _require(self.drain_timeout >= 0, "--drain-timeout must be >= 0")
         _require(self.gateway_timeout >= 2, "--gateway-timeout must be at least 2 s (gateways ping every 0.5 s)")
         _require(

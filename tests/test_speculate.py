@@ -20,7 +20,8 @@ import pytest
 from demesne.bench import build_copy_prompts
 from demesne.engine.core import Engine
 from demesne.engine.request import Sequence
-from demesne.engine.speculate import NgramIndex, SpecState, Speculator, StepCosts
+from demesne.engine.draft import vocab_mismatch
+from demesne.engine.speculate import MODEL, NgramIndex, SpecState, Speculator, StepCosts
 from demesne.protocol import Generate, SamplingParams
 
 from conftest import make_engine, run_engine
@@ -122,6 +123,16 @@ def test_a_large_batch_turns_speculation_off():
     seqs = [offer(COPYING, 36, 40) for _ in range(16)]
     assert spec.propose(seqs, [100] * 16, room=512) == {}
     assert spec.propose(seqs[:1], [100], room=512)  # alone, the same request drafts
+
+
+def test_steps_where_only_some_draft_learn_their_own_cost():
+    spec = Speculator(16, np.zeros(16, bool))
+    spec.costs = fake_costs(lambda n: 0.010 + 0.002 * n)
+    partial, full = spec.step_seconds(8, 3, 2), spec.step_seconds(8, 3, 8)
+    for _ in range(100):
+        spec.observe(8, 3, 2, 1.5 * partial)  # the second ubatch costs more than two steps' sum
+    assert spec.step_seconds(8, 3, 2) == pytest.approx(1.5 * partial, rel=0.01)
+    assert spec.step_seconds(8, 3, 8) == pytest.approx(full)
 
 
 # -- the engine on the real model ------------------------------------------------------------
@@ -267,3 +278,37 @@ def test_stats_report_drafts(engines):
     assert stats["spec_accepted_tokens_total"] <= stats["spec_verified_tokens_total"] <= stats["spec_draft_tokens_total"]
     assert 0.0 < stats["spec_acceptance_rate"] <= 1.0
     assert "spec_draft_tokens_total" not in engines[1].stats()
+
+
+# -- a draft model ---------------------------------------------------------------------------
+
+
+def test_vocabularies_are_compared_token_by_token():
+    texts = ["<pad>", "a", "b"]
+    assert vocab_mismatch(3, texts.__getitem__, texts.__getitem__) is None
+    other = ["<pad>", "a", "c"]
+    assert "token 2" in vocab_mismatch(3, other.__getitem__, texts.__getitem__)
+
+
+def test_a_draft_model_drafts_where_ngrams_have_nothing(model_path, tokenizer, engines):
+    """The bundled model as its own draft: its greedy guesses are the target's own, so nearly
+    all are kept, and the output is the non-speculative one (or teacher-forced equal)."""
+    _, off = engines
+    engine = drafting_engine(model_path, draft_model=model_path)
+    try:
+        engine.draft_model.costs = fake_costs(CHEAP_ROWS)
+        engine.speculator.model_costs = engine.draft_model.costs
+        prompt = tokenizer.encode("The history of the city begins in")  # nothing to copy from
+        fast = greedy(engine, prompt, 40, "drafted")
+        plain = greedy(off, prompt, 40, "plain")
+        if fast != plain:
+            gaps = teacher_forced(off, prompt, fast)
+            assert max(gap for _, gap in gaps) <= MARGIN, gaps
+        by_model = engine.speculator.by_size[MODEL]
+        assert by_model[1] >= 10 and by_model[0] >= 0.8 * by_model[1]  # verified, and mostly kept
+        # A second request in the same slot keeps the draft stream's common prefix.
+        again = greedy(engine, prompt + fast[:5], 20, "again")
+        assert again[:5] == fast[5:10]
+    finally:
+        engine.close()
+        engine.runner.close()

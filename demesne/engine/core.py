@@ -28,6 +28,7 @@ from .sampler import Sampler, apply_penalties
 from .kv_store import KVStore
 from .scheduler import Scheduler, StepPlan
 from .slots import SlotScheduler
+from .draft import DraftModel
 from .speculate import Speculator
 from .tiers import Tiers
 
@@ -82,9 +83,10 @@ class Engine:
         self.tiers = _tiers(config, runner)
         self.scheduler = _scheduler(config, runner, self.tiers)
         self.sampler = Sampler(runner.n_vocab, config.max_seqs)  # one row per sequence (drafts' rows: one by one)
-        self.speculator = None
+        self.speculator = self.draft_model = None
         if config.speculative != "off":
-            self.speculator = Speculator(config.draft_max, runner.eog)
+            self.draft_model = DraftModel(config, runner) if config.draft_model else None
+            self.speculator = Speculator(config.draft_max, runner.eog, self.draft_model and self.draft_model.costs)
             self.speculator.costs.calibrate(runner.time_rows, min(config.batch_size, 2 * config.max_seqs * (config.draft_max + 1)))
         self.counters = Counters()
         self._eog_ids = np.flatnonzero(runner.eog)
@@ -265,8 +267,9 @@ class Engine:
         t1 = time.perf_counter()
         if not drafts:
             self.step_budget.observe(plan.n_tokens - sum(n == 1 for _, n in plan.chunks), t1 - t0)
-        if decode_only and self.speculator and len(drafts) in (0, len(plan.chunks)):  # one ubatch
-            self.speculator.observe(self.runner.batch.n_outputs, t1 - t0)
+        lengths = {len(d) for d in drafts.values()}
+        if decode_only and self.speculator and len(lengths) <= 1:  # as predicted (no draft cut short)
+            self.speculator.observe(len(plan.chunks), max(lengths, default=0), len(drafts), t1 - t0)
         for seq, n in plan.chunks:
             seq.n_computed += n
         for node, n, _ in plan.node_chunks:
@@ -283,7 +286,15 @@ class Engine:
         decoders = [s for s, _ in plan.chunks if s.constraint is None]
         limits = [min(s.max_tokens - s.n_generated, self.n_ctx - len(s.tokens)) - 1 for s in decoders]
         room = min(self.scheduler.token_budget - plan.n_tokens, self.scheduler.spare_cells(plan.n_tokens))
-        return self.speculator.propose(decoders, limits, room)
+        drafts = self.speculator.propose(decoders, limits, room)
+        wanted = [s for s, d in drafts.items() if isinstance(d, int)]
+        if wanted:  # the draft model writes these now
+            written = self.draft_model.draft(wanted, drafts[wanted[0]])
+            for seq in wanted:
+                draft = written.get(seq, [])
+                ends = np.flatnonzero(self.runner.eog[draft]) if draft else ()
+                drafts[seq] = draft[: ends[0]] if len(ends) else draft
+        return {s: d for s, d in drafts.items() if d}
 
     def _fill_batch(self, plan: StepPlan, drafts: dict[Sequence, list[int]]):
         """Write every chunk into the batch. Returns the sequences that get one output row and
@@ -514,6 +525,8 @@ class Engine:
     def close(self) -> None:
         """Flush what the disk tier still has to write."""
         self.constraints.close()
+        if self.draft_model:
+            self.draft_model.close()
         if self.tiers:
             self.tiers.close(self.scheduler.spill)
 

@@ -16,7 +16,9 @@ the rejected tokens are removed from the sequence's KV.
 **Drafts** come from the sequence itself (:class:`NgramIndex`): where its last n tokens
 (n = 4, 3, 2, longest first) occurred before, in its prompt or its output, what followed
 then is the draft. That costs no model and wins where outputs quote their input: code edits,
-extraction, summaries that copy phrases, repeated structure.
+extraction, summaries that copy phrases, repeated structure. Where a sequence has no such
+match, a small draft model of the same vocabulary (``--draft-model``, draft.py) may write the
+draft instead, its decodes counted in the cost.
 
 **What a draft costs is measured, not assumed** (:class:`StepCosts`): the engine times
 decodes by how many output rows they have, at start and as it runs. An output row is cheap on a GPU (the weights
@@ -74,22 +76,39 @@ class NgramIndex:
         return [], 0
 
 
+MODEL = 0  # the "n-gram size" of drafts from the draft model (draft.py)
+# Acceptance rates assumed before any draft of a source was verified (two drafts' worth).
+FIRST_RATE = {6: 0.8, 4: 0.7, 3: 0.6, 2: 0.5, MODEL: 0.6}
+
+
 @dataclass(slots=True)
 class SpecState:
-    """One sequence's drafts: its n-gram index and how its drafts fared."""
+    """One sequence's drafts: its n-gram index and how its drafts fared, by source (n-grams,
+    the draft model)."""
 
     index: NgramIndex
-    tried: int = 0  # draft tokens verified (those after the first refusal of a draft were not)
+    tried: int = 0  # n-gram draft tokens verified (those after a draft's first refusal were not)
     accepted: int = 0
-    match: int = 0  # the n-gram size behind its draft in this step
+    model_tried: int = 0  # the same for the draft model's
+    model_accepted: int = 0
+    match: int = 0  # the n-gram size behind its draft in this step (MODEL: the draft model)
 
-    def rate(self, prior: float) -> float:
+    def rate(self, prior: float, model: bool = False) -> float:
         """An optimistic estimate of the share of draft tokens it accepts (an upper
         confidence bound: a sequence's drafts get tried before its rate is known, and once
         it is, the bound is the rate)."""
-        trials = self.tried + PRIOR_WEIGHT
-        mean = (self.accepted + PRIOR_WEIGHT * prior) / trials
+        tried, accepted = (self.model_tried, self.model_accepted) if model else (self.tried, self.accepted)
+        trials = tried + PRIOR_WEIGHT
+        mean = (accepted + PRIOR_WEIGHT * prior) / trials
         return min(1.0, mean + OPTIMISM * (mean * (1.0 - mean) / trials) ** 0.5)
+
+    def count(self, tried: int, accepted: int) -> None:
+        if self.match == MODEL:
+            self.model_tried += tried
+            self.model_accepted += accepted
+        else:
+            self.tried += tried
+            self.accepted += accepted
 
 
 class StepCosts:
@@ -131,30 +150,37 @@ class StepCosts:
 class Speculator:
     """Proposes each step's drafts and keeps the counts."""
 
-    def __init__(self, draft_max: int, eog: np.ndarray):
+    def __init__(self, draft_max: int, eog: np.ndarray, model_costs: StepCosts | None = None):
         self.draft_max = draft_max
         self.eog = eog  # end-of-generation tokens: a draft stops before one (a sampled end ends)
         self.costs = StepCosts()
+        self.model_costs = model_costs  # a draft model's decode by rows; None: no draft model
         self.drafted = 0  # draft tokens fed
         self.tried = 0  # ...of which were verified
         self.accepted = 0  # ...of which were kept
         # By n-gram size: accepted and verified draft tokens, fading (a longer match is a
         # better guess, and how much better depends on the model and the workload).
-        self.by_size = {n: [0.0, 0.0] for n in NGRAM_SIZES}
+        self.by_size = {n: [0.0, 0.0] for n in (*NGRAM_SIZES, MODEL)}
+        # Measured over predicted seconds of steps where some sequences draft and others do
+        # not (two ubatches: the one-token rows of all, then the drafts' other rows).
+        self.split = 1.0
 
     def size_rate(self, n: int) -> float:
-        """The engine's acceptance rate for drafts from n-gram matches of size ``n``."""
+        """The engine's acceptance rate for drafts from n-gram matches of size ``n`` (before
+        any were verified: a guess that grows with the match)."""
         accepted, tried = self.by_size[n]
-        return (accepted + 1.0) / (tried + 2.0)
+        return (accepted + 2.0 * FIRST_RATE[n]) / (tried + 2.0)
 
     def propose(self, decoders: list, limits: list[int], room: int) -> dict:
         """Drafts for some of ``decoders`` (sequences each feeding one token this step, with
-        the most tokens each may still take after it), within ``room`` extra tokens."""
+        the most tokens each may still take after it), within ``room`` extra tokens: a list
+        of tokens, or for the draft model to write, how many (all drafts of a step have
+        the same length, but for those cut before an end token)."""
         n = len(decoders)
         if room <= 0 or n == 0:
             return {}
         base = self.costs.predict(n)
-        offers = []  # (sequence, draft, acceptance rate)
+        offers = []  # (sequence, draft or None for the draft model's, acceptance rate, length)
         for seq, most in zip(decoders, limits):
             most = min(most, self.draft_max, room)
             if most < 1:
@@ -167,41 +193,55 @@ class Speculator:
             if len(ends):
                 draft = draft[: ends[0]]
             if draft:
-                offers.append((seq, draft, state.rate(self.size_rate(state.match))))
+                offers.append((seq, draft, state.rate(self.size_rate(state.match)), len(draft)))
+            elif self.model_costs is not None:
+                state.match = MODEL
+                offers.append((seq, None, state.rate(self.size_rate(MODEL), model=True), most))
         if not offers:
             return {}
         best, choice = MIN_GAIN * n / base, None
-        for k in range(1, max(len(d) for _, d, _ in offers) + 1):
-            able = [(a * (1.0 - a**k) / (1.0 - a) if a < 1.0 else float(k), i) for i, (_, d, a) in enumerate(offers) if len(d) >= k]
+        for k in range(1, max(o[3] for o in offers) + 1):
+            able = [(_gain(a, k), i, d is None) for i, (_, d, a, most) in enumerate(offers) if most >= k]
             able.sort(reverse=True)
-            gained = 0.0
-            for s, (gain, _) in enumerate(able, 1):
+            gained, by_model = 0.0, 0
+            for s, (gain, _, model) in enumerate(able, 1):
                 if k * s > room:
                     break
                 gained += gain
-                seconds = self.costs.predict(n * (k + 1)) if s == n else base + self.costs.predict(k * s)
+                by_model += model
+                seconds = self.step_seconds(n, k, s)
+                if by_model:  # k decodes of the draft model, a row per sequence it drafts for
+                    seconds += k * self.model_costs.predict(by_model)
                 if (n + gained) / seconds > best:
-                    best, choice = (n + gained) / seconds, (k, [i for _, i in able[:s]])
+                    best, choice = (n + gained) / seconds, (k, [i for _, i, _ in able[:s]])
         if choice is None:
             return {}
         k, chosen = choice
-        drafts = {offers[i][0]: offers[i][1][:k] for i in chosen}
+        drafts = {offers[i][0]: offers[i][1][:k] if offers[i][1] else k for i in chosen}
         self.drafted += k * len(drafts)
         return drafts
 
     def verified(self, seq, drafted: int, accepted: int) -> None:
         tried = min(accepted + 1, drafted)
-        seq.spec.tried += tried
-        seq.spec.accepted += accepted
+        seq.spec.count(tried, accepted)
         self.tried += tried
         self.accepted += accepted
         counts = self.by_size[seq.spec.match]
         counts[0] = MEMORY * counts[0] + accepted
         counts[1] = MEMORY * counts[1] + tried
 
-    def observe(self, rows: int, seconds: float) -> None:
-        """A decode-only step of ``rows`` rows in one ubatch took ``seconds``."""
-        self.costs.observe(rows, seconds)
+    def step_seconds(self, n: int, k: int, s: int) -> float:
+        """Predicted seconds of a decode of ``n`` sequences of which ``s`` feed ``k`` draft tokens."""
+        if s == 0 or s == n:
+            return self.costs.predict(n * (k + 1) if s else n)
+        return self.split * (self.costs.predict(n) + self.costs.predict(k * s))
+
+    def observe(self, n: int, k: int, s: int, seconds: float) -> None:
+        """A decode of ``n`` sequences, ``s`` of which fed ``k`` draft tokens, took ``seconds``."""
+        if s == 0 or s == n:
+            self.costs.observe(n * (k + 1) if s else n, seconds)
+        else:
+            self.split = 0.9 * self.split + 0.1 * seconds / (self.step_seconds(n, k, s) / self.split)
 
     def stats(self) -> dict[str, float]:
         return {
@@ -210,3 +250,9 @@ class Speculator:
             "spec_accepted_tokens_total": self.accepted,
             "spec_acceptance_rate": self.accepted / self.tried if self.tried else 0.0,
         }
+
+
+def _gain(rate: float, k: int) -> float:
+    """Expected draft tokens kept of ``k``, each kept with probability ``rate`` once all
+    before it were: rate + rate^2 + ... + rate^k."""
+    return rate * (1.0 - rate**k) / (1.0 - rate) if rate < 1.0 else float(k)
