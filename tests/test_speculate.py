@@ -22,7 +22,7 @@ from demesne.engine.core import Engine
 from demesne.engine.request import Sequence
 from demesne.engine import speculate
 from demesne.engine.draft import vocab_mismatch
-from demesne.engine.speculate import MODEL, NgramIndex, SpecState, Speculator, StepCosts
+from demesne.engine.speculate import MODEL, PROBE, NgramIndex, SpecState, Speculator, StepCosts
 from demesne.protocol import Generate, SamplingParams
 
 from conftest import make_engine, run_engine
@@ -73,6 +73,8 @@ class Decoding:
     def __init__(self, tokens: list[int], accepted: int, tried: int):
         self.tokens = list(tokens)
         self.spec = SpecState(NgramIndex(), tried, accepted)
+        if accepted:  # as if its last draft had been kept whole
+            self.spec.reach = 2 * accepted
 
 
 def offer(tokens: list[int], accepted: int = 0, tried: int = 0) -> Decoding:
@@ -97,6 +99,17 @@ def test_drafts_where_rows_are_cheap_and_not_where_they_are_dear():
     assert mid.propose([offer(COPYING, 40, 40)], [100], room=64)
     bad = offer(COPYING, accepted=0, tried=40)  # this request's drafts always failed
     assert mid.propose([bad], [100], room=64) == {}
+
+
+def test_a_new_request_probes_and_a_kept_draft_doubles():
+    spec = Speculator(16, np.zeros(16, bool))
+    spec.costs = fake_costs(lambda n: 0.010 + 0.0001 * n)
+    seq = offer(COPYING)
+    assert len(spec.propose([seq], [100], room=64)[seq]) == PROBE  # no history yet: a probe
+    spec.verified(seq, PROBE, PROBE)
+    assert len(spec.propose([seq], [100], room=64)[seq]) == 2 * PROBE
+    spec.verified(seq, 2 * PROBE, 0)  # refused at its first token: a wrong match
+    assert len(spec.propose([seq], [100], room=64)[seq]) == PROBE
 
 
 def test_one_draft_length_per_step_within_room_limits_and_ends():

@@ -77,6 +77,7 @@ class NgramIndex:
 
 
 MODEL = 0  # the "n-gram size" of drafts from the draft model (draft.py)
+PROBE = 8  # the longest first draft of a request, or after a draft's first token was refused
 # Acceptance rates assumed before any draft of a source was verified (two drafts' worth).
 FIRST_RATE = {6: 0.8, 4: 0.7, 3: 0.6, 2: 0.5, MODEL: 0.6}
 
@@ -92,6 +93,7 @@ class SpecState:
     model_tried: int = 0  # the same for the draft model's
     model_accepted: int = 0
     match: int = 0  # the n-gram size behind its draft in this step (MODEL: the draft model)
+    reach: int = PROBE  # the longest draft it may feed next (see Speculator.verified)
 
     def rate(self, prior: float, model: bool = False) -> float:
         """An optimistic estimate of the share of draft tokens it accepts (an upper
@@ -182,12 +184,12 @@ class Speculator:
         base = self.costs.predict(n)
         offers = []  # (sequence, draft or None for the draft model's, acceptance rate, length)
         for seq, most in zip(decoders, limits):
-            most = min(most, self.draft_max, room)
-            if most < 1:
-                continue
             state = seq.spec
             if state is None:
                 state = seq.spec = SpecState(NgramIndex())
+            most = min(most, self.draft_max, room, state.reach)
+            if most < 1:
+                continue
             draft, state.match = state.index.draft(seq.tokens, most)
             ends = np.flatnonzero(self.eog[draft]) if draft else ()
             if len(ends):
@@ -224,6 +226,10 @@ class Speculator:
     def verified(self, seq, drafted: int, accepted: int) -> None:
         tried = min(accepted + 1, drafted)
         seq.spec.count(tried, accepted)
+        # Refusals come in runs (a wrong match is wrong from its first token on), which the
+        # rate, taking tokens as independent, does not see: after a draft refused at once the
+        # next is a probe, and each draft may be at most twice as long as the last one kept.
+        seq.spec.reach = max(PROBE, 2 * accepted)
         self.tried += tried
         self.accepted += accepted
         counts = self.by_size[seq.spec.match]
