@@ -326,6 +326,7 @@ def test_a_draft_model_drafts_where_ngrams_have_nothing(model_path, tokenizer, e
             gaps = teacher_forced(off, prompt, fast)
             assert max(gap for _, gap in gaps) <= MARGIN, gaps
         by_model = engine.speculator.by_size[MODEL]
+        assert engine.stats()["spec_model_draft_tokens_total"] >= by_model[1]
         assert by_model[1] >= 10 and by_model[0] >= 0.8 * by_model[1]  # verified, and mostly kept
         # A second request in the same slot keeps the draft stream's common prefix.
         again = greedy(engine, prompt + fast[:5], 20, "again")

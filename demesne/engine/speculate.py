@@ -158,6 +158,7 @@ class Speculator:
         self.costs = StepCosts()
         self.model_costs = model_costs  # a draft model's decode by rows; None: no draft model
         self.drafted = 0  # draft tokens fed
+        self.drafted_by_model = 0  # ...of which the draft model wrote (the rest: n-grams)
         self.tried = 0  # ...of which were verified
         self.accepted = 0  # ...of which were kept
         # By n-gram size: accepted and verified draft tokens, fading (a longer match is a
@@ -221,6 +222,7 @@ class Speculator:
         k, chosen = choice
         drafts = {offers[i][0]: offers[i][1][:k] if offers[i][1] else k for i in chosen}
         self.drafted += k * len(drafts)
+        self.drafted_by_model += k * sum(offers[i][1] is None for i in chosen)
         return drafts
 
     def verified(self, seq, drafted: int, accepted: int) -> None:
@@ -252,6 +254,7 @@ class Speculator:
     def stats(self) -> dict[str, float]:
         return {
             "spec_draft_tokens_total": self.drafted,
+            "spec_model_draft_tokens_total": self.drafted_by_model,
             "spec_verified_tokens_total": self.tried,
             "spec_accepted_tokens_total": self.accepted,
             "spec_acceptance_rate": self.accepted / self.tried if self.tried else 0.0,

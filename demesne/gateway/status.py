@@ -89,6 +89,7 @@ _METRICS = {
     "constraint_mask_seconds_total": ("counter", "Seconds spent computing masks ahead, beside llama_decode"),
     "constraint_mask_wait_seconds_total": ("counter", "...of which steps waited for, after llama_decode had finished"),
     "spec_draft_tokens_total": ("counter", "Draft tokens fed for verification (speculative decoding)"),
+    "spec_model_draft_tokens_total": ("counter", "...of which the draft model wrote (--draft-model; the rest came from n-grams)"),
     "spec_verified_tokens_total": ("counter", "...of which were verified (those after a draft's first miss are not)"),
     "spec_accepted_tokens_total": ("counter", "...of which the model's own sampling agreed with, and kept"),
     "spec_acceptance_rate": ("gauge", "Accepted draft tokens per verified one"),
