@@ -139,6 +139,19 @@ def test_a_large_batch_turns_speculation_off():
     assert spec.propose(seqs[:1], [100], room=512)  # alone, the same request drafts
 
 
+def test_calibration_stops_at_its_budget_and_extrapolates():
+    calls = []
+
+    def slow(n: int) -> float:  # a large model on a CPU: a second a row
+        calls.append(n)
+        return 1.0 * n
+
+    costs = StepCosts()
+    costs.calibrate(slow, 64, budget=5.0)
+    assert max(calls) == 2 and list(costs.sizes) == [1, 2]
+    assert costs.predict(16) == pytest.approx(16.0)
+
+
 def test_steps_where_only_some_draft_learn_their_own_cost():
     spec = Speculator(16, np.zeros(16, bool))
     spec.costs = fake_costs(lambda n: 0.010 + 0.002 * n)
@@ -285,6 +298,23 @@ def test_constrained_requests_do_not_draft(engines, tokenizer):
     out = run_engine(on, [Generate("json", prompt, 24, SamplingParams(temperature=0.0, grammar=grammar))])
     json.loads(tokenizer.decode(out["json"]))
     assert on.speculator.drafted == before
+
+
+def test_a_constrained_request_beside_a_drafting_one(model_path, tokenizer):
+    """The drafting request (slot 0) takes output rows 0..k, the constrained one (slot 1) the
+    row after: its grammar's mask is kept per sequence, not per row."""
+    engine = drafting_engine(model_path, max_seqs=2)
+    try:
+        grammar = schema_grammar({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["a"]})
+        out = run_engine(engine, [
+            Generate("copy", copy_prompt(tokenizer), 40, SamplingParams(temperature=0.0)),
+            Generate("json", tokenizer.encode("A JSON object: "), 40, SamplingParams(temperature=0.7, seed=1, grammar=grammar)),
+        ])
+        json.loads(tokenizer.decode(out["json"]))
+        assert len(out["copy"]) == 40 and engine.speculator.accepted > 0
+        assert engine.counters.step_faults == 0
+    finally:
+        engine.runner.close()
 
 
 def test_stats_report_drafts(engines):

@@ -153,8 +153,8 @@ class Constraints:
     # -- masks ---------------------------------------------------------------------------
 
     def start_masks(self, rows: list[tuple[int, Constraint]]) -> None:
-        """Begin computing the masks of the hot rows among ``rows`` ((output row, constraint)
-        pairs) on the mask thread; :meth:`wait` before reading them. Call it just before
+        """Begin computing the masks of the hot rows among ``rows`` ((mask slot, constraint)
+        pairs: the sequence's index among the step's one-row outputs) on the mask thread; :meth:`wait` before reading them. Call it just before
         llama_decode, which runs meanwhile."""
         hot = [(c.matcher, row) for row, c in rows if c.hot]
         if hot:

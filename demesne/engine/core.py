@@ -83,11 +83,7 @@ class Engine:
         self.tiers = _tiers(config, runner)
         self.scheduler = _scheduler(config, runner, self.tiers)
         self.sampler = Sampler(runner.n_vocab, config.max_seqs)  # one row per sequence (drafts' rows: one by one)
-        self.speculator = self.draft_model = None
-        if config.speculative != "off":
-            self.draft_model = DraftModel(config, runner) if config.draft_model else None
-            self.speculator = Speculator(config.draft_max, runner.eog, self.draft_model and self.draft_model.costs)
-            self.speculator.costs.calibrate(runner.time_rows, min(config.batch_size, 2 * config.max_seqs * (config.draft_max + 1)))
+        self.speculator, self.draft_model = self._speculator(config, runner)
         self.counters = Counters()
         self._eog_ids = np.flatnonzero(runner.eog)
         self.constraints = Constraints(runner.llg_tokenizer, runner.n_vocab, config.max_seqs, int(self._eog_ids[0]))
@@ -107,6 +103,23 @@ class Engine:
             bos_token=bos,
             eos_token=eos,
         )
+
+    @staticmethod
+    def _speculator(config: EngineConfig, runner: ModelRunner) -> tuple[Speculator | None, DraftModel | None]:
+        """Speculative decoding, its step costs measured now; none if that measurement fails
+        (the engine serves without drafts rather than not at all)."""
+        if config.speculative == "off":
+            return None, None
+        draft_model = DraftModel(config, runner) if config.draft_model else None
+        speculator = Speculator(config.draft_max, runner.eog, draft_model and draft_model.costs)
+        try:
+            speculator.costs.calibrate(runner.time_rows, min(config.batch_size, 2 * config.max_seqs * (config.draft_max + 1)))
+        except DecodeError as exc:
+            log.warning("measuring step costs failed (%s); serving without speculative decoding", exc)
+            if draft_model:
+                draft_model.close()
+            return None, None
+        return speculator, draft_model
 
     @property
     def has_work(self) -> bool:
@@ -254,8 +267,9 @@ class Engine:
         outputs, rows, drafted = self._fill_batch(plan, drafts)
         self.faults.before_decode(self.counters.steps + self.counters.step_faults)
         t0 = time.perf_counter()
-        # Masks of the constrained rows are computed on another thread while llama.cpp decodes.
-        self.constraints.start_masks([(row, s.constraint) for row, s in zip(rows, outputs) if s.constraint])
+        # Masks of the constrained rows are computed on another thread while llama.cpp decodes
+        # (one mask per sequence with one output row: drafting ones are never constrained).
+        self.constraints.start_masks([(i, s.constraint) for i, s in enumerate(outputs) if s.constraint])
         try:
             logits = self.runner.decode()
         except DecodeError as exc:
@@ -345,7 +359,7 @@ class Engine:
         tokens = self.sampler.sample(logits, [s.rng for s in outputs], rows if len(rows) < len(logits) else None)
         for i, (row, seq) in enumerate(zip(rows, outputs)):
             if seq.constraint is not None:
-                token = self.constraints.pick(row, seq.constraint, int(tokens[i]), logits[row], lambda: self._resample(logits, row, seq))
+                token = self.constraints.pick(i, seq.constraint, int(tokens[i]), logits[row], lambda: self._resample(logits, row, seq))
                 tokens[i] = -1 if token is None else token  # -1: the grammar failed
         return tokens
 

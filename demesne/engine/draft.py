@@ -49,7 +49,7 @@ class DraftModel:
             self.held: list[list[int]] = [[] for _ in range(config.max_seqs)]  # tokens in each stream
             self.costs = StepCosts()  # one row per drafting sequence
             self.costs.calibrate(self.runner.time_rows, config.max_seqs)
-        except Exception:
+        except Exception:  # noqa: BLE001 - closed, then raised: the engine decides
             self.runner.close()
             raise
         self.seconds = 0.0  # spent drafting, catching up included

@@ -43,6 +43,7 @@ NGRAM_SIZES = (6, 4, 3, 2)  # longest first: a longer match is a better guess
 PRIOR_WEIGHT = 4.0  # draft tokens' worth of the engine-wide rate in a sequence's estimate
 MEMORY = 0.99  # the engine-wide counts fade by this at each verification
 OPTIMISM = 1.5  # standard deviations added to a sequence's estimated acceptance rate
+CALIBRATION_SECONDS = 2.0  # the most the start-up measurement of step costs may take
 MIN_GAIN = 1.02  # drafting must promise this much more throughput than not drafting
 
 
@@ -128,15 +129,23 @@ class StepCosts:
         self.curve = np.zeros(0)
         self.scale = 1.0
 
-    def calibrate(self, time_rows, most: int) -> None:
-        """Measure the curve with ``time_rows(n)`` (seconds of a decode of n output rows)."""
+    def calibrate(self, time_rows, most: int, budget: float = CALIBRATION_SECONDS) -> None:
+        """Measure the curve with ``time_rows(n)`` (seconds of a decode of n output rows),
+        from one row up, until ``budget`` seconds are spent (a large model on a CPU stops
+        early; beyond the last size measured the curve goes on along its last slope)."""
         time_rows(1)  # warm-up: the first decode pays one-time costs
-        sizes = [n for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64) if n <= most]
+        sizes, curve, spent = [], [], 0.0
+        for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64):
+            if n > most or (spent > budget and len(sizes) >= 2):
+                break
+            # Twice, the least: another process taking the cores only ever adds time.
+            first, second = time_rows(n), time_rows(n)
+            sizes.append(n)
+            curve.append(min(first, second))
+            spent += first + second
         self.sizes = np.array(sizes, np.float64)
-        # Twice, the least of each: another process taking the cores only ever adds time. A
-        # size dearer than a larger one was disturbed too: it costs what the larger one does.
-        passes = [[time_rows(n) for n in sizes] for _ in range(2)]
-        self.curve = np.minimum.accumulate(np.min(passes, axis=0)[::-1])[::-1]
+        # A size dearer than a larger one was disturbed too: it costs what the larger one does.
+        self.curve = np.minimum.accumulate(np.array(curve)[::-1])[::-1]
 
     def predict(self, rows: int) -> float:
         sizes, curve = self.sizes, self.curve
