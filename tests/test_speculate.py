@@ -36,13 +36,18 @@ MARGIN = 1.0  # logits: the largest difference batch shapes make on this model (
 
 def test_ngram_index_proposes_what_followed_the_longest_latest_match():
     index = NgramIndex()
-    tokens = [1, 2, 3, 4, 5, 9, 9, 2, 3, 4, 6, 7, 2, 3, 4]
-    draft, n = index.draft(tokens, 8)
-    assert (draft, n) == ([6, 7, 2, 3, 4], 3)  # "2 3 4" last seen before 6: the latest occurrence wins
-    tokens += [6]
-    draft, n = index.draft(tokens, 2)  # incremental: "3 4 6" now matches, longer than "4 6"
-    assert (draft, n) == ([7, 2], 4)  # "2 3 4 6"
-    assert index.draft([10, 11, 12], 4) == ([], 0)
+    tokens = [1, 2, 3, 4, 6, 9, 9, 2, 3, 4, 6, 7, 2, 3, 4]
+    assert index.draft(tokens, 8) == ([6, 7, 2, 3, 4], 3)  # "2 3 4": the latest occurrence
+    tokens += [6]  # incremental: the new token's n-grams join the index
+    assert index.draft(tokens, 8) == ([], 0)  # "2 3 4 6" went on with 9, then with 7: a guess
+    tokens += [7]
+    assert index.draft(tokens, 3) == ([2, 3, 4], 4)  # "3 4 6 7": one occurrence before
+
+
+def test_an_ambiguous_match_proposes_nothing_even_where_a_shorter_one_would():
+    index = NgramIndex()
+    assert index.draft([1, 2, 3, 5, 8, 2, 3, 6, 7, 2, 3], 4) == ([], 0)  # "2 3": then 5, then 6
+    assert NgramIndex().draft([1, 2, 3, 5, 8, 1, 2, 3, 6, 7, 1, 2, 3], 4) == ([], 0)
 
 
 def test_ngram_index_never_matches_its_own_end():
@@ -235,8 +240,11 @@ def test_kv_holds_exactly_the_computed_tokens_after_every_step(model_path, token
         prompt = copy_prompt(tokenizer, 1)
         reqs = [
             Generate("greedy", prompt, 48, SamplingParams(temperature=0.0)),
-            Generate("hot", prompt, 48, SamplingParams(temperature=1.3, seed=3, ignore_eos=True)),  # refuses drafts
+            Generate("hot", prompt, 48, SamplingParams(temperature=1.3, seed=3, ignore_eos=True)),
             Generate("count", tokenizer.encode("a b c d e f a b c d e f a b"), 24, SamplingParams(temperature=0.0, logprobs=2)),
+            # A penalty on repeating tokens refuses drafts that copy (over the draft rows' own
+            # context: the penalties see the draft tokens before each row).
+            Generate("averse", prompt, 48, SamplingParams(temperature=0.0, repetition_penalty=1.3, ignore_eos=True)),
         ]
         for req in reqs:
             assert engine.submit(b"t", req) is None
@@ -249,7 +257,7 @@ def test_kv_holds_exactly_the_computed_tokens_after_every_step(model_path, token
             for seq in engine.scheduler.running:
                 if seq.n_computed:
                     assert kv_positions(engine, seq.seq_id) == seq.n_computed, seq.rid
-        assert {rid: len(t) for rid, t in out.items()} == {"greedy": 48, "hot": 48, "count": 24}
+        assert {rid: len(t) for rid, t in out.items()} == {"greedy": 48, "hot": 48, "count": 24, "averse": 48}
         assert logprobs["count"] == 24  # one entry per token, drafted or not
         spec = engine.speculator
         assert spec.accepted > 0 and spec.tried > spec.accepted  # drafts kept and drafts refused

@@ -49,7 +49,12 @@ MIN_GAIN = 1.02  # drafting must promise this much more throughput than not draf
 
 class NgramIndex:
     """Where each n-gram of a sequence last occurred, so what followed it then can be
-    proposed now. Incremental: each new token adds one entry per size."""
+    proposed now. Incremental: each new token adds one entry per size.
+
+    An n-gram whose last two occurrences were followed by different tokens is stored
+    negated and proposes nothing: which one comes now is a guess (the start of a copy, after
+    ``\n\ndef``, where every function of the prompt begins), and a wrong guess costs a step of
+    draft rows. One more token usually makes a longer match that is not ambiguous."""
 
     __slots__ = ("tables", "n_indexed")
 
@@ -61,19 +66,21 @@ class NgramIndex:
         for q in range(self.n_indexed, len(tokens)):  # an n-gram ending at q - 1, followed by q
             for n, table in zip(NGRAM_SIZES, self.tables):
                 if q >= n:
-                    table[tuple(tokens[q - n : q])] = q
+                    key = tuple(tokens[q - n : q])
+                    last = table.get(key)
+                    table[key] = q if last is None or tokens[abs(last)] == tokens[q] else -q
         self.n_indexed = max(self.n_indexed, len(tokens))
 
     def draft(self, tokens: list[int], most: int) -> tuple[list[int], int]:
         """Up to ``most`` tokens that followed the last occurrence of the longest n-gram
-        ending ``tokens``, and that n; ([], 0) if none occurred."""
+        ending ``tokens``, and that n; ([], 0) if none occurred or that one is ambiguous."""
         self.update(tokens)
         end = len(tokens)
         for n, table in zip(NGRAM_SIZES, self.tables):
             if end > n:
                 q = table.get(tuple(tokens[end - n :]))
                 if q is not None:
-                    return tokens[q : min(q + most, end)], n
+                    return (tokens[q : min(q + most, end)], n) if q > 0 else ([], 0)
         return [], 0
 
 
