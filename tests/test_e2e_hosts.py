@@ -224,16 +224,21 @@ except OSError:
     pass
 print("raw", len(data), b"pong" in data or b"gemma" in data)
 """
-    out = subprocess.run(["ip", "netns", "exec", NS["gw"], sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
-    lines = out.stdout.split("\n")
-    assert lines[0] == "zmq-silent", out
-    # At most ZeroMQ's greeting (its signature and the mechanism's name), never an answer.
-    kind, size, answered = lines[1].split()
-    assert kind == "raw" and int(size) <= 64 and answered == "False", out
     log = hosts.engines["e1"].log
-    deadline = time.monotonic() + 15  # the engine logs from its socket monitor, a busy machine later
-    while "peer without CURVE keys" not in log.read_text() and time.monotonic() < deadline:
-        time.sleep(0.2)
+    for _attempt in range(3):
+        out = subprocess.run(["ip", "netns", "exec", NS["gw"], sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+        lines = out.stdout.split("\n")
+        assert lines[0] == "zmq-silent", out
+        # At most ZeroMQ's greeting (its signature and the mechanism's name), never an answer.
+        kind, size, answered = lines[1].split()
+        assert kind == "raw" and int(size) <= 64 and answered == "False", out
+        # The engine logs from its socket monitor; libzmq does not always report a peer that
+        # leaves during the greeting (seen in 2 of 5 runs), so the probe may come again.
+        deadline = time.monotonic() + 10
+        while "peer without CURVE keys" not in log.read_text() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        if "peer without CURVE keys" in log.read_text():
+            break
     assert "peer without CURVE keys" in log.read_text()
 
 

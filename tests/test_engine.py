@@ -115,21 +115,26 @@ def test_errors_not_crashes(engine, tokenizer):
         engine.step()
 
 
-def test_full_cache_makes_requests_wait_not_fail(model_path, tokenizer):
+@pytest.mark.parametrize("speculative", ["off", "ngram"])
+def test_full_cache_makes_requests_wait_not_fail(model_path, tokenizer, speculative):
     """Eight requests that together need ~3x the KV cells: preemption, every one completes,
-    and each output equals that request run alone on the same small engine, teacher-forced."""
-    small = make_engine(model_path, ctx_size=512, max_seqs=8, batch_size=64, kv_layout="unified")
+    and each output equals that request run alone on the same small engine, teacher-forced.
+    With speculation, drafts take only cells that are free (and requests that draft finish
+    sooner, so preemption may not be needed); draft rows are computed in chunks, which moves
+    logits up to ~1.0 (LLAMA_FACTS)."""
+    small = make_engine(model_path, ctx_size=512, max_seqs=8, batch_size=64, kv_layout="unified", speculative=speculative)
     try:
         reqs = [Generate(f"p{i}", tokenizer.encode(p), 160, GREEDY) for i, p in enumerate(PROMPTS)]
         out = run_engine(small, reqs)
         assert all(len(out[r.rid]) == 160 for r in reqs)
-        assert small.scheduler.n_preemptions > 0
+        if speculative == "off":
+            assert small.scheduler.n_preemptions > 0
         assert_no_private_cells(small)
         for req in reqs[:3]:
             tokens = req.prompt + out[req.rid]
             logits = single_sequence_logits(small, tokens, len(req.prompt))
             gaps = logits.max(axis=1) - logits[np.arange(len(out[req.rid])), out[req.rid]]
-            assert gaps.max() < 0.5, (req.rid, gaps.max())
+            assert gaps.max() < (0.5 if speculative == "off" else 1.0), (req.rid, gaps.max())
     finally:
         small.runner.close()
 
