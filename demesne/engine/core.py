@@ -305,9 +305,7 @@ class Engine:
         if wanted:  # the draft model writes these now
             written = self.draft_model.draft(wanted, drafts[wanted[0]])
             for seq in wanted:
-                draft = written.get(seq, [])
-                ends = np.flatnonzero(self.runner.eog[draft]) if draft else ()
-                drafts[seq] = draft[: ends[0]] if len(ends) else draft
+                drafts[seq] = self.speculator.before_end(written.get(seq, []))
         return {s: d for s, d in drafts.items() if d}
 
     def _fill_batch(self, plan: StepPlan, drafts: dict[Sequence, list[int]]):

@@ -19,6 +19,7 @@ import numpy as np
 
 from ..config import EngineConfig
 from .runner import DecodeError, ModelLoadError, ModelRunner
+from .slots import common_prefix
 from .speculate import StepCosts
 
 log = logging.getLogger("demesne.engine")
@@ -83,7 +84,7 @@ class DraftModel:
         pending = []
         for seq in seqs:
             held = self.held[seq.seq_id]
-            keep = _common_prefix(held, seq.tokens)
+            keep = len(held) if held == seq.tokens[: len(held)] else common_prefix(np.asarray(held), np.asarray(seq.tokens))
             if keep == len(seq.tokens):
                 keep -= 1  # the last token must be fed: its row gives the first draft token
             if keep < len(held):
@@ -114,11 +115,3 @@ class DraftModel:
 
     def close(self) -> None:
         self.runner.close()
-
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = min(len(a), len(b))
-    if a[:n] == b[:n]:
-        return n
-    x, y = np.asarray(a[:n]), np.asarray(b[:n])
-    return int(np.flatnonzero(x != y)[0])

@@ -240,12 +240,11 @@ class ModelRunner:
         self.batch.clear()
         self.batch.add_span(np.arange(n, dtype=np.int32) % self.n_vocab, 0, 0, True, output_all=True)
         t0 = time.perf_counter()
-        rc = llama_cpp.llama_decode(self.ctx, self.batch.as_struct())
-        seconds = time.perf_counter() - t0
-        self.remove(0)
-        if rc != 0:
-            raise DecodeError(rc)
-        return seconds
+        try:
+            self.decode()
+            return time.perf_counter() - t0
+        finally:
+            self.remove(0)
 
     # -- KV operations (prefix_cache.KVOps) -------------------------------------------------
 

@@ -184,6 +184,12 @@ class Speculator:
         # not (two ubatches: the one-token rows of all, then the drafts' other rows).
         self.split = 1.0
 
+    def before_end(self, draft: list[int]) -> list[int]:
+        """``draft`` up to its first end-of-generation token: a sampled end ends an output,
+        never a guessed one."""
+        ends = np.flatnonzero(self.eog[draft]) if draft else ()
+        return draft[: ends[0]] if len(ends) else draft
+
     def size_rate(self, n: int) -> float:
         """The engine's acceptance rate for drafts from n-gram matches of size ``n`` (before
         any were verified: a guess that grows with the match)."""
@@ -208,9 +214,7 @@ class Speculator:
             if most < 1:
                 continue
             draft, state.match = state.index.draft(seq.tokens, most)
-            ends = np.flatnonzero(self.eog[draft]) if draft else ()
-            if len(ends):
-                draft = draft[: ends[0]]
+            draft = self.before_end(draft)
             if draft:
                 offers.append((seq, draft, state.rate(self.size_rate(state.match)), len(draft)))
             elif self.model_costs is not None:
