@@ -157,18 +157,31 @@ async def test_sigterm_drains_and_new_requests_go_to_the_other_engine(processes,
 async def test_sigterm_with_one_engine_answers_503_with_retry_after(processes, model_id):
     """(e) With no other engine, requests that come during the drain get 503 + Retry-After."""
     endpoint = processes.endpoint("engine-drain-only")
-    engine = processes.engine(endpoint)
+    # No speculation: a greedy base model repeats itself, and n-gram drafts would finish the
+    # stream before the request below comes (the engine would be gone, not draining).
+    engine = processes.engine(endpoint, "--speculative", "off")
     _, url = processes.gateway([endpoint])
     async with aiohttp.ClientSession() as http:
-        stream = asyncio.ensure_future(stream_completion(http, url, model_id, 400))
-        await asyncio.sleep(2)  # 400 tokens: the stream outlasts what follows
+        stream = asyncio.ensure_future(stream_completion(http, url, model_id, 1500))
+        await asyncio.sleep(2)
         engine.popen.send_signal(signal.SIGTERM)
-        await asyncio.sleep(0.5)
+        await _wait_draining(http, url)
+        assert not stream.done(), "the stream ended before the drain: the check below would not test it"
         async with http.post(f"{url}/v1/completions", json={"model": model_id, "prompt": "Hi", "max_tokens": 2}) as r:
             assert r.status == 503 and "Retry-After" in r.headers
             assert "shutting down" in (await r.json())["error"]["message"]
-        assert_complete(await asyncio.wait_for(stream, timeout=120), 400)
+        assert_complete(await asyncio.wait_for(stream, timeout=300), 1500)
     assert engine.popen.wait(30) == 0
+
+
+async def _wait_draining(http, url: str, timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        async with http.get(f"{url}/health") as r:
+            if any(e["draining"] for e in (await r.json())["engines"]):
+                return
+        await asyncio.sleep(0.05)
+    raise AssertionError("the gateway never saw the engine draining")
 
 
 async def _wait_engines_up(http, url: str, n: int, timeout: float = 60) -> None:
