@@ -81,6 +81,7 @@ ENGINE_OPTIONS = [
     click.option("--speculative", default="ngram", type=click.Choice(SPECULATIVE), show_default=True, help="draft tokens from n-grams of each request's own prompt and output, verified in the batch (exact: outputs keep the model's distribution); used only where the measured step costs say it pays"),
     click.option("--draft-max", default=16, show_default=True, help="the most draft tokens a request feeds in one step"),
     click.option("--draft-model", type=click.Path(dir_okay=False), help="a small GGUF of the same vocabulary that drafts where a request's own n-grams have no guess (used where its measured cost pays)"),
+    click.option("--deterministic", is_flag=True, help="reproducible outputs under any load: every step in a batch shape that leaves each request's logits unchanged by the others (greedy and seeded requests give the same bytes alone or beside others); checked at start, refused where this build's kernels do not keep it; needs --kv-layout streams"),
     click.option("--drain-timeout", default=60.0, show_default=True, help="on SIGTERM: seconds to finish running requests (new ones are refused) before exiting"),
     click.option("--gateway-timeout", default=30.0, show_default=True, help="seconds of silence after which a gateway is taken as gone and its requests are failed"),
     click.option("--no-prefix-cache", "prefix_cache", is_flag=True, flag_value=False, default=True, help="turn off prefix sharing and retention (for A/B measurements)"),

@@ -105,6 +105,7 @@ class EngineConfig:
     speculative: str = "ngram"  # drafts verified in the batch (speculate.py), or "off"
     draft_max: int = 16  # the most draft tokens a sequence feeds in one step
     draft_model: str | None = None  # a small GGUF of the same vocabulary: drafts where n-grams have none
+    deterministic: bool = False  # batch-invariant step shapes (engine/invariant.py)
     drain_timeout: float = 60.0  # on SIGTERM: seconds to finish running requests before exiting
     gateway_timeout: float = 30.0  # a gateway silent this long is gone: its requests are failed
     # CURVE (curve.py): this engine's secret key file and the directory of gateways' public keys.
@@ -145,6 +146,18 @@ class EngineConfig:
         _require(1 <= self.draft_max <= 64, f"--draft-max must be in [1, 64], got {self.draft_max}")
         _check_file(self.draft_model, "--draft-model")
         _require(self.draft_model is None or self.speculative != "off", "--draft-model drafts for speculative decoding: it cannot go with --speculative off")
+        if self.deterministic:  # engine/invariant.py says why
+            _require(
+                self.streams,
+                "--deterministic needs --kv-layout streams: in the unified cell pool a sequence's next"
+                " cell goes wherever another one freed a cell, and attention sums cells in cell order",
+            )
+            _require(
+                self.flash_attn != "off",
+                "--deterministic needs flash attention (--flash-attn auto or on): without it attention"
+                " sums depend on where a sequence's cells lie",
+            )
+            _require(self.ubatch_size >= 4, "--deterministic needs --ubatch-size of at least 4")
         _require(self.drain_timeout >= 0, "--drain-timeout must be >= 0")
         _require(self.gateway_timeout >= 2, "--gateway-timeout must be at least 2 s (gateways ping every 0.5 s)")
         _require(

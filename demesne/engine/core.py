@@ -22,6 +22,7 @@ from ..protocol import FINISH_LENGTH, FINISH_STOP, Delta, Error, Generate, Model
 from .budget import StepBudget
 from .faults import Faults
 from .request import Sequence
+from .invariant import ROW_QUANTUM
 from .runner import DecodeError, ModelRunner
 from .constraints import Constraint, Constraints, GrammarError
 from .sampler import Sampler, apply_penalties
@@ -80,6 +81,8 @@ class Engine:
         self.config = config
         self.runner = runner
         self.n_ctx = runner.n_ctx_seq if config.streams else runner.n_ctx  # the most one request holds
+        if config.deterministic:  # room for the pad tokens after a sequence's own (invariant.py)
+            self.n_ctx -= ROW_QUANTUM - 1
         self.tiers = _tiers(config, runner)
         self.scheduler = _scheduler(config, runner, self.tiers)
         self.sampler = Sampler(runner.n_vocab, config.max_seqs)  # one row per sequence (drafts' rows: one by one)

@@ -37,7 +37,7 @@ def vocab_mismatch(n_vocab: int, draft_text, target_text) -> str | None:
 class DraftModel:
     def __init__(self, config: EngineConfig, target: ModelRunner):
         # The target's KV settings and offload; a stream per sequence id like the target's.
-        draft_config = dataclasses.replace(config, model=config.draft_model, kv_layout="streams", draft_model=None)
+        draft_config = dataclasses.replace(config, model=config.draft_model, kv_layout="streams", draft_model=None, deterministic=False)
         self.runner = ModelRunner(draft_config)
         try:
             why = (

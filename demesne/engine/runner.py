@@ -23,6 +23,7 @@ import numpy as np
 
 from ..config import EngineConfig
 from ..llama_logs import quiet_llama_logs
+from .invariant import InvariantDecoder, NotInvariant
 
 log = logging.getLogger("demesne.engine")
 
@@ -146,9 +147,23 @@ class ModelRunner:
         self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(self.ctx)  # the most one sequence may hold
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.batch = Batch(config.batch_size, self.n_seq_max)
+        self.invariant = self._invariant(config) if config.deterministic else None
         self.eog = np.array(
             [llama_cpp.llama_vocab_is_eog(self.vocab, t) for t in range(self.n_vocab)], dtype=bool
         )
+
+    def _invariant(self, config: EngineConfig) -> InvariantDecoder:
+        """--deterministic: steps in batch-invariant shapes (invariant.py), proven on this build."""
+        decoder = InvariantDecoder(
+            self._llama_decode, self.ctx, self.memory, llama_cpp.llama_vocab_n_tokens(self.vocab),
+            self.n_seq_max, self.n_ctx_seq, llama_cpp.llama_n_ubatch(self.ctx),
+        )
+        try:
+            decoder.check()
+        except NotInvariant as exc:
+            decoder.close()
+            raise ModelLoadError(str(exc)) from None
+        return decoder
 
     def _load_model(self, config: EngineConfig):
         params = llama_cpp.llama_model_default_params()
@@ -225,14 +240,21 @@ class ModelRunner:
 
         The view is valid until the next decode.
         """
-        rc = llama_cpp.llama_decode(self.ctx, self.batch.as_struct())
-        if rc != 0:
-            raise DecodeError(rc)
+        b = self.batch
+        if self.invariant:
+            n = b.n_tokens
+            return self.invariant.decode(b.token[:n], b.pos[:n], b.seq_id[:n, 0], b.logits[:n].astype(bool), b.n_outputs)
+        self._llama_decode(b.as_struct())
         n_out = self.batch.n_outputs
         if n_out == 0:
             return np.empty((0, self.n_vocab), np.float32)
         ptr = llama_cpp.llama_get_logits(self.ctx)
         return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
+
+    def _llama_decode(self, batch: llama_cpp.llama_batch) -> None:
+        rc = llama_cpp.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise DecodeError(rc)
 
     def time_rows(self, n: int) -> float:
         """Seconds of one decode of ``n`` tokens of sequence 0, every one an output row (as a
@@ -316,6 +338,9 @@ class ModelRunner:
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     def close(self) -> None:
+        if self.invariant:
+            self.invariant.close()
+            self.invariant = None
         if self.ctx:
             llama_cpp.llama_free(self.ctx)
             self.ctx = None

@@ -1,0 +1,297 @@
+"""Batch-invariant decoding (``--deterministic``): every ``llama_decode`` has a shape under
+which a row's logits depend on nothing but its own sequence.
+
+llama.cpp's kernels compute each row of a step on its own, but *which* kernel runs depends on
+the shape of the micro-batch (shared/LLAMA_FACTS.md; measured on the CPU backend of the
+vendored source, llama-cpp-python 0.3.36):
+
+- repacked quantized matmuls take the rows of a ubatch four at a time and the last
+  ``n % 4`` one by one, with a different summation order: a row gives other numbers in a
+  5-row step than in an 8-row one (up to 2.8 in the logits). **Every ubatch here has a
+  multiple of** :data:`ROW_QUANTUM` **rows.**
+- flash attention sums one query row over its sequence's cells one cell at a time, in cell
+  order, unless a sequence brings 64 or more rows to a ubatch (then it works in 64 x 64
+  tiles, summing by tile) or a ubatch is one row alone over 512 or more cells (then the
+  cells are split across threads). **A sequence brings at most** :data:`PIECE_MAX` **tokens to
+  a ubatch, and a ubatch is never one row alone.**
+- with separate KV streams (``--kv-layout streams``) llama.cpp puts into one ubatch only
+  sequences of consecutive ids that feed the same number of tokens, so the engine's batch is
+  run here as one ``llama_decode`` per such group.
+
+A step's batch is therefore cut into *pieces* (at most ``PIECE_MAX`` tokens of a sequence)
+and run in rounds: round ``r`` decodes the ``r``-th piece of every sequence, one call per
+group of equally long pieces. A call's rows are made a multiple of four by *pad tokens*:
+a token in each id between the group's (an idle or waiting stream, at its next position),
+more neighbouring ids, or more tokens after each sequence's own, whichever pads least. Pads
+have no output row and their cells are removed right after the call, so no stream changes.
+Then the logits of every row, and the KV of every token, are the same bits whoever else is
+in the step and however a prompt was chunked: a request's output depends on its own inputs.
+
+This holds for the kernels above; other backends (CUDA, Metal, ROCm, Vulkan) pick kernels by
+shape in their own ways. :meth:`InvariantDecoder.check` proves it on the running build at
+start, and the engine refuses ``--deterministic`` where it fails rather than promise what
+the kernels do not keep.
+
+The cells of one sequence must also lie in position order (attention sums them in cell
+order): true of a stream of its own (a cut or a rollback frees the stream's tail and
+llama.cpp fills from the lowest free cell), not of the unified cell pool, where a sequence's
+next cell goes wherever another sequence freed one. Hence streams only.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import llama_cpp
+import numpy as np
+
+log = logging.getLogger("demesne.engine")
+
+ROW_QUANTUM = 8  # rows of every ubatch: a multiple of this
+PIECE_MAX = 56  # tokens of one sequence in one ubatch: below flash attention's 64-row tiles
+PAD_TOKEN = 0
+
+
+class NotInvariant(RuntimeError):
+    """This build's kernels give a row other numbers in other shapes: no --deterministic."""
+
+
+@dataclass(slots=True)
+class Piece:
+    seq: int
+    tokens: np.ndarray
+    pos0: int
+    outputs: np.ndarray  # per token: its index among the batch's outputs, or -1
+
+
+class InvariantDecoder:
+    """Runs a filled :class:`runner.Batch` as invariant-shaped ``llama_decode`` calls."""
+
+    def __init__(self, llama_decode: Callable, ctx, memory, n_vocab: int, n_streams: int, n_ctx_seq: int, n_ubatch: int):
+        """``llama_decode(batch)``: decodes a ``llama_batch`` or raises (runner.DecodeError)."""
+        self._llama_decode = llama_decode
+        self.ctx, self.memory, self.n_vocab = ctx, memory, n_vocab
+        self.n_streams, self.n_ctx_seq = n_streams, n_ctx_seq
+        self.piece_max = min(PIECE_MAX, n_ubatch // ROW_QUANTUM * ROW_QUANTUM)
+        if self.piece_max < ROW_QUANTUM:
+            raise ValueError(f"--deterministic needs --ubatch-size of at least {ROW_QUANTUM}")
+        self.n_ubatch = n_ubatch
+        self.calls = 0  # llama_decode calls made
+        self.pad_tokens = 0  # pad tokens decoded
+        self._logits = np.empty((0, n_vocab), np.float32)
+        capacity = max(n_ubatch, n_streams * ROW_QUANTUM)
+        self._batch = llama_cpp.llama_batch_init(capacity, 0, 1)
+        self._capacity = capacity
+
+    def close(self) -> None:
+        if self._batch is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+
+    # -- one step ----------------------------------------------------------------------
+
+    def decode(self, token, pos, seq, output, n_outputs: int) -> np.ndarray:
+        """Decode the step's tokens (numpy arrays: token, position, seq id and output flag per
+        token, a sequence's tokens consecutive); its logits, ``(n_outputs, n_vocab)`` in the
+        order of the flagged tokens, valid until the next call."""
+        if self._logits.shape[0] < n_outputs:
+            self._logits = np.empty((max(n_outputs, 2 * self._logits.shape[0]), self.n_vocab), np.float32)
+        out_index = np.where(output, np.cumsum(output) - 1, -1)
+        rounds: list[dict[int, list[Piece]]] = []
+        seen: set[int] = set()
+        for start, end in _runs(seq):
+            s = int(seq[start])
+            if s in seen:
+                raise ValueError(f"sequence {s}'s tokens are not consecutive in the batch")
+            seen.add(s)
+            for r, p0 in enumerate(range(start, end, self.piece_max)):
+                p1 = min(p0 + self.piece_max, end)
+                if r == len(rounds):
+                    rounds.append({})
+                piece = Piece(s, token[p0:p1], int(pos[p0]), out_index[p0:p1])
+                rounds[r].setdefault(p1 - p0, []).append(piece)
+        done: list[Piece] = []
+        try:
+            for groups in rounds:
+                for t in sorted(groups):
+                    for call in self._calls(sorted(groups[t], key=lambda p: p.seq), t):
+                        self._run(*call)
+                        done += call[3].values()
+        except BaseException:
+            for piece in done:  # as a failed llama_decode: the KV as before the step
+                llama_cpp.llama_memory_seq_rm(self.memory, piece.seq, piece.pos0, -1)
+            raise
+        return self._logits[:n_outputs]
+
+    def _calls(self, pieces: list[Piece], t: int):
+        """The calls that decode these equally long pieces: (first id, ids, tokens each)."""
+        if t == 1:  # decode rows: one call over the whole id range, gaps padded (1 token each)
+            runs = [pieces]
+        else:  # prompt pieces: one call per run of consecutive ids (a gap costs t pad tokens)
+            runs, run = [], [pieces[0]]
+            for piece in pieces[1:]:
+                if piece.seq == run[-1].seq + 1 and (len(run) + 1) * t <= self.n_ubatch - ROW_QUANTUM * t:
+                    run.append(piece)
+                else:
+                    runs.append(run)
+                    run = [piece]
+            runs.append(run)
+        for run in runs:
+            lo, hi = run[0].seq, run[-1].seq
+            yield (*self._pad(lo, hi, t), {p.seq: p for p in run})
+
+    def _pad(self, lo: int, hi: int, t: int) -> tuple[int, int, int]:
+        """Ids ``[lo', hi']`` and tokens each ``t'`` with ``(hi'-lo'+1) * t'`` a multiple of the
+        row quantum, padding least: neighbouring ids (``t`` pad tokens each) or more tokens
+        after each sequence's (``hi - lo + 1`` pad tokens a step)."""
+        n = hi - lo + 1
+        best = None
+        if n * t % ROW_QUANTUM == 0:
+            return lo, hi, t
+        # more tokens per sequence: every id in the range needs room for them
+        t2 = t
+        while (n * t2) % ROW_QUANTUM:
+            t2 += 1
+        if t2 <= self.piece_max and all(self._room(s, t2) for s in range(lo, hi + 1)):
+            best = (n * (t2 - t), lo, hi, t2)
+        # neighbouring ids: above first, then below
+        a, b = lo, hi
+        while (b - a + 1) * t % ROW_QUANTUM:
+            if b + 1 < self.n_streams and self._room(b + 1, t):
+                b += 1
+            elif a - 1 >= 0 and self._room(a - 1, t):
+                a -= 1
+            else:
+                break
+        if (b - a + 1) * t % ROW_QUANTUM == 0 and (best is None or (b - a + 1 - n) * t < best[0]):
+            best = ((b - a + 1 - n) * t, a, b, t)
+        if best is None:
+            raise RuntimeError(f"no room to pad sequences {lo}..{hi} ({t} tokens each) to an invariant shape")
+        return best[1:]
+
+    def _room(self, seq: int, n: int) -> bool:
+        return llama_cpp.llama_memory_seq_pos_max(self.memory, seq) + 1 + n <= self.n_ctx_seq
+
+    def _run(self, lo: int, hi: int, t: int, real: dict[int, Piece]) -> None:
+        b = self._batch
+        n = 0
+        out: dict[int, int] = {}  # row of this call -> the batch's output index (-1: ignored)
+        spare: list[int] = []  # rows without an output: pads first, then the sequences' own
+        quiet: list[int] = []
+        pads: list[tuple[int, int]] = []  # (seq, first pad position)
+        for s in range(lo, hi + 1):
+            piece = real.get(s)
+            if piece is None:
+                k, p0 = 0, llama_cpp.llama_memory_seq_pos_max(self.memory, s) + 1
+            else:
+                k, p0 = len(piece.tokens), piece.pos0
+            for i in range(t):
+                row = n + i
+                b.token[row] = int(piece.tokens[i]) if i < k else PAD_TOKEN
+                b.pos[row] = p0 + i
+                b.n_seq_id[row] = 1
+                b.seq_id[row][0] = s
+                o = int(piece.outputs[i]) if i < k else -1
+                if o >= 0:
+                    out[row] = o
+                else:
+                    (quiet if i < k else spare).append(row)
+            if k < t:
+                pads.append((s, p0 + k))
+            n += t
+        # The rows that reach the last layer and the output matrix are a multiple of the
+        # quantum too (their kernels pick by count as well): pads, else quiet rows, get an
+        # output row that is thrown away.
+        if out:
+            for row in (spare + quiet)[: -len(out) % ROW_QUANTUM]:
+                out[row] = -1
+        for row in range(n):
+            b.logits[row] = row in out
+        b.n_tokens = n
+        try:
+            self._llama_decode(b)
+            self.calls += 1
+            self.pad_tokens += n - sum(len(p.tokens) for p in real.values())
+            if out:
+                ptr = llama_cpp.llama_get_logits(self.ctx)
+                got = np.ctypeslib.as_array(ptr, shape=(len(out), self.n_vocab))
+                for j, row in enumerate(sorted(out)):  # output rows come back in batch order
+                    if out[row] >= 0:
+                        self._logits[out[row]] = got[j]
+        finally:
+            for s, p in pads:
+                llama_cpp.llama_memory_seq_rm(self.memory, s, p, -1)
+
+    # -- proof at start ----------------------------------------------------------------
+
+    def check(self) -> None:
+        """Prove the invariance on this build before serving: one sequence's logits (its
+        prompt's last row, then three decode rows) alone and then beside other sequences,
+        its prompt cut differently, must be the same bits. Raises :class:`NotInvariant`."""
+        rng = np.random.default_rng(20261206)
+        prompt = rng.integers(1000, min(self.n_vocab, 50000), 37).astype(np.int32)
+        nexts = rng.integers(1000, min(self.n_vocab, 50000), 3).astype(np.int32)
+        ids = list(range(min(self.n_streams, 3)))
+        others = {s: rng.integers(1000, min(self.n_vocab, 50000), 11 + 7 * s).astype(np.int32) for s in ids[1:]}
+        try:
+            alone = self._probe(0, prompt, nexts, {}, cut=37)
+            crowded = self._probe(0, prompt, nexts, others, cut=13)
+        finally:
+            for s in ids:
+                llama_cpp.llama_memory_seq_rm(self.memory, s, -1, -1)
+        worst = float(np.abs(alone - crowded).max())
+        if worst != 0.0:
+            raise NotInvariant(
+                "--deterministic: this build's kernels give a row other logits in other batch shapes"
+                f" (max difference {worst:.3g} in the start-up check); serve without --deterministic"
+            )
+
+    def _probe(self, s: int, prompt: np.ndarray, nexts: np.ndarray, others: dict[int, np.ndarray], cut: int) -> np.ndarray:
+        got = []
+        pos = {o: 0 for o in others}
+
+        def step(spans: list[tuple[int, np.ndarray, int, bool]]) -> np.ndarray:
+            token = np.concatenate([t for _, t, _, _ in spans])
+            seq = np.concatenate([np.full(len(t), q, np.int32) for q, t, _, _ in spans])
+            position = np.concatenate([np.arange(p, p + len(t), dtype=np.int32) for _, t, p, _ in spans])
+            output = np.concatenate([np.eye(1, len(t), len(t) - 1, dtype=bool)[0] & o for _, t, _, o in spans])
+            order = np.argsort(seq, kind="stable")
+            return self.decode(token[order], position[order], seq[order], output[order], int(output.sum())).copy()
+
+        spans = [(o, t, 0, True) for o, t in others.items()]  # the others' prompts first
+        if spans:
+            step(spans)
+            for o, t in others.items():
+                pos[o] = len(t)
+        fed = 0
+        for piece in (prompt[:cut], prompt[cut:]):
+            if not len(piece):
+                continue
+            spans = [(s, piece, fed, fed + len(piece) == len(prompt))]
+            spans += [(o, np.array([7 + o], np.int32), pos[o], True) for o in others]
+            logits = step(spans)
+            for o in others:
+                pos[o] += 1
+            fed += len(piece)
+        got.append(logits[0])
+        for i, tok in enumerate(nexts):
+            spans = [(s, np.array([tok], np.int32), len(prompt) + i, True)]
+            spans += [(o, np.array([9 + o], np.int32), pos[o], True) for o in others]
+            got.append(step(spans)[0])
+            for o in others:
+                pos[o] += 1
+        llama_cpp.llama_memory_seq_rm(self.memory, s, -1, -1)
+        return np.stack(got)
+
+
+def _runs(seq: np.ndarray):
+    """(start, end) of each run of equal sequence ids."""
+    if not len(seq):
+        return
+    cuts = np.flatnonzero(seq[1:] != seq[:-1]) + 1
+    bounds = np.concatenate([[0], cuts, [len(seq)]])
+    for a, b in zip(bounds[:-1], bounds[1:]):
+        yield int(a), int(b)
+
