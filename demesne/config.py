@@ -157,7 +157,11 @@ class EngineConfig:
                 "--deterministic needs flash attention (--flash-attn auto or on): without it attention"
                 " sums depend on where a sequence's cells lie",
             )
-            _require(self.ubatch_size >= 4, "--deterministic needs --ubatch-size of at least 4")
+            _require(
+                min(self.ubatch_size, self.batch_size) >= max(64, 8 * self.max_seqs),
+                "--deterministic needs --ubatch-size and --batch-size of at least 64 and 8 x --max-seqs"
+                " (a step's decode rows, padded to a multiple of 8, go in one llama_decode)",
+            )
         _require(self.drain_timeout >= 0, "--drain-timeout must be >= 0")
         _require(self.gateway_timeout >= 2, "--gateway-timeout must be at least 2 s (gateways ping every 0.5 s)")
         _require(

@@ -81,8 +81,8 @@ class Engine:
         self.config = config
         self.runner = runner
         self.n_ctx = runner.n_ctx_seq if config.streams else runner.n_ctx  # the most one request holds
-        if config.deterministic:  # room for the pad tokens after a sequence's own (invariant.py)
-            self.n_ctx -= ROW_QUANTUM - 1
+        if config.deterministic:  # room for the pad tokens after a stream's last token (invariant.py)
+            self.n_ctx -= ROW_QUANTUM
         self.tiers = _tiers(config, runner)
         self.scheduler = _scheduler(config, runner, self.tiers)
         self.sampler = Sampler(runner.n_vocab, config.max_seqs)  # one row per sequence (drafts' rows: one by one)
@@ -535,6 +535,7 @@ class Engine:
             "constraint_mask_wait_seconds_total": self.constraints.mask_wait_seconds,
             **(self.tiers.stats() if self.tiers else {}),
             **(self.speculator.stats() if self.speculator else {}),
+            **(self.runner.invariant.stats() if self.runner.invariant else {}),
         }
 
     def close(self) -> None:

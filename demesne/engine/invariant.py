@@ -5,25 +5,29 @@ llama.cpp's kernels compute each row of a step on its own, but *which* kernel ru
 the shape of the micro-batch (shared/LLAMA_FACTS.md; measured on the CPU backend of the
 vendored source, llama-cpp-python 0.3.36):
 
-- repacked quantized matmuls take the rows of a ubatch four at a time and the last
-  ``n % 4`` one by one, with a different summation order: a row gives other numbers in a
-  5-row step than in an 8-row one (up to 2.8 in the logits). **Every ubatch here has a
-  multiple of** :data:`ROW_QUANTUM` **rows.**
+- the quantized matrix kernels work on groups of rows (the repacked Q4_K kernel four at a
+  time, llamafile's tiles by four, wider paths by eight) and treat the rest apart, rounding
+  differently: a row gives other numbers in a 5-row call than in an 8-row one, and a 4-row
+  call differs now and then from an 8-row one (found by randomised trials: with multiples of
+  4, 1 of 60 crowds changed a row; with multiples of 8, none of 400). **Every ubatch has a
+  multiple of** :data:`ROW_QUANTUM` **rows, and so do its output rows** (the last layer and
+  the output matrix run on the output rows only).
 - flash attention sums one query row over its sequence's cells one cell at a time, in cell
   order, unless a sequence brings 64 or more rows to a ubatch (then it works in 64 x 64
   tiles, summing by tile) or a ubatch is one row alone over 512 or more cells (then the
   cells are split across threads). **A sequence brings at most** :data:`PIECE_MAX` **tokens to
-  a ubatch, and a ubatch is never one row alone.**
+  a ubatch**, and a ubatch is never one row alone (it has eight).
 - with separate KV streams (``--kv-layout streams``) llama.cpp puts into one ubatch only
   sequences of consecutive ids that feed the same number of tokens, so the engine's batch is
   run here as one ``llama_decode`` per such group.
 
 A step's batch is therefore cut into *pieces* (at most ``PIECE_MAX`` tokens of a sequence)
 and run in rounds: round ``r`` decodes the ``r``-th piece of every sequence, one call per
-group of equally long pieces. A call's rows are made a multiple of four by *pad tokens*:
+group of equally long pieces. A call's rows are made a multiple of eight by *pad tokens*:
 a token in each id between the group's (an idle or waiting stream, at its next position),
-more neighbouring ids, or more tokens after each sequence's own, whichever pads least. Pads
-have no output row and their cells are removed right after the call, so no stream changes.
+more neighbouring ids, or more tokens after each sequence's own, whichever pads least; pads
+(else quiet prompt rows) get thrown-away output rows until the outputs are a multiple of
+eight too. Pads' cells are removed right after the call, so no stream changes.
 Then the logits of every row, and the KV of every token, are the same bits whoever else is
 in the step and however a prompt was chunked: a request's output depends on its own inputs.
 
@@ -41,10 +45,9 @@ next cell goes wherever another sequence freed one. Hence streams only.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-import llama_cpp
 import numpy as np
 
 log = logging.getLogger("demesne.engine")
@@ -52,6 +55,14 @@ log = logging.getLogger("demesne.engine")
 ROW_QUANTUM = 8  # rows of every ubatch: a multiple of this
 PIECE_MAX = 56  # tokens of one sequence in one ubatch: below flash attention's 64-row tiles
 PAD_TOKEN = 0
+
+
+class KV(Protocol):
+    """What the decoder needs of the runner (runner.ModelRunner)."""
+
+    def decode_batch(self, batch) -> np.ndarray: ...  # logits of the output rows; raises DecodeError
+    def pos_max(self, seq_id: int) -> int: ...  # -1 for an empty stream
+    def remove(self, seq_id: int, p0: int = -1, p1: int = -1) -> None: ...
 
 
 class NotInvariant(RuntimeError):
@@ -69,26 +80,16 @@ class Piece:
 class InvariantDecoder:
     """Runs a filled :class:`runner.Batch` as invariant-shaped ``llama_decode`` calls."""
 
-    def __init__(self, llama_decode: Callable, ctx, memory, n_vocab: int, n_streams: int, n_ctx_seq: int, n_ubatch: int):
-        """``llama_decode(batch)``: decodes a ``llama_batch`` or raises (runner.DecodeError)."""
-        self._llama_decode = llama_decode
-        self.ctx, self.memory, self.n_vocab = ctx, memory, n_vocab
+    def __init__(self, kv: KV, batch, n_vocab: int, n_streams: int, n_ctx_seq: int, n_ubatch: int):
+        """``batch``: a runner.Batch of its own, of ``n_ubatch`` tokens; ``n_ubatch`` holds a
+        row quantum for every stream (the engine's config checks it)."""
+        self.kv, self._batch, self.n_vocab = kv, batch, n_vocab
         self.n_streams, self.n_ctx_seq = n_streams, n_ctx_seq
-        self.piece_max = min(PIECE_MAX, n_ubatch // ROW_QUANTUM * ROW_QUANTUM)
-        if self.piece_max < ROW_QUANTUM:
-            raise ValueError(f"--deterministic needs --ubatch-size of at least {ROW_QUANTUM}")
+        self.piece_max = PIECE_MAX
         self.n_ubatch = n_ubatch
         self.calls = 0  # llama_decode calls made
         self.pad_tokens = 0  # pad tokens decoded
         self._logits = np.empty((0, n_vocab), np.float32)
-        capacity = max(n_ubatch, n_streams * ROW_QUANTUM)
-        self._batch = llama_cpp.llama_batch_init(capacity, 0, 1)
-        self._capacity = capacity
-
-    def close(self) -> None:
-        if self._batch is not None:
-            llama_cpp.llama_batch_free(self._batch)
-            self._batch = None
 
     # -- one step ----------------------------------------------------------------------
 
@@ -121,18 +122,23 @@ class InvariantDecoder:
                         done += call[3].values()
         except BaseException:
             for piece in done:  # as a failed llama_decode: the KV as before the step
-                llama_cpp.llama_memory_seq_rm(self.memory, piece.seq, piece.pos0, -1)
+                self.kv.remove(piece.seq, piece.pos0, -1)
             raise
         return self._logits[:n_outputs]
 
+    def stats(self) -> dict[str, float]:
+        return {"deterministic_calls_total": self.calls, "deterministic_pad_tokens_total": self.pad_tokens}
+
     def _calls(self, pieces: list[Piece], t: int):
-        """The calls that decode these equally long pieces: (first id, ids, tokens each)."""
+        """The calls that decode these equally long pieces: (first id, last id, tokens each,
+        the pieces by id); at most ``n_ubatch`` tokens each, so llama.cpp splits none."""
         if t == 1:  # decode rows: one call over the whole id range, gaps padded (1 token each)
             runs = [pieces]
         else:  # prompt pieces: one call per run of consecutive ids (a gap costs t pad tokens)
             runs, run = [], [pieces[0]]
             for piece in pieces[1:]:
-                if piece.seq == run[-1].seq + 1 and (len(run) + 1) * t <= self.n_ubatch - ROW_QUANTUM * t:
+                # room in the ubatch for the run padded by tokens after each sequence's
+                if piece.seq == run[-1].seq + 1 and (len(run) + 1) * (t + ROW_QUANTUM - 1) <= self.n_ubatch:
                     run.append(piece)
                 else:
                     runs.append(run)
@@ -154,11 +160,11 @@ class InvariantDecoder:
         t2 = t
         while (n * t2) % ROW_QUANTUM:
             t2 += 1
-        if t2 <= self.piece_max and all(self._room(s, t2) for s in range(lo, hi + 1)):
+        if t2 <= self.piece_max and n * t2 <= self.n_ubatch and all(self._room(s, t2) for s in range(lo, hi + 1)):
             best = (n * (t2 - t), lo, hi, t2)
         # neighbouring ids: above first, then below
         a, b = lo, hi
-        while (b - a + 1) * t % ROW_QUANTUM:
+        while (b - a + 1) * t % ROW_QUANTUM and (b - a + 2) * t <= self.n_ubatch:
             if b + 1 < self.n_streams and self._room(b + 1, t):
                 b += 1
             elif a - 1 >= 0 and self._room(a - 1, t):
@@ -172,57 +178,48 @@ class InvariantDecoder:
         return best[1:]
 
     def _room(self, seq: int, n: int) -> bool:
-        return llama_cpp.llama_memory_seq_pos_max(self.memory, seq) + 1 + n <= self.n_ctx_seq
+        return self.kv.pos_max(seq) + 1 + n <= self.n_ctx_seq
 
     def _run(self, lo: int, hi: int, t: int, real: dict[int, Piece]) -> None:
         b = self._batch
-        n = 0
-        out: dict[int, int] = {}  # row of this call -> the batch's output index (-1: ignored)
+        b.clear()
+        out: dict[int, int] = {}  # row of this call -> the batch's output index (-1: thrown away)
         spare: list[int] = []  # rows without an output: pads first, then the sequences' own
         quiet: list[int] = []
         pads: list[tuple[int, int]] = []  # (seq, first pad position)
         for s in range(lo, hi + 1):
             piece = real.get(s)
+            tokens = np.full(t, PAD_TOKEN, np.int32)
             if piece is None:
-                k, p0 = 0, llama_cpp.llama_memory_seq_pos_max(self.memory, s) + 1
+                k, p0 = 0, self.kv.pos_max(s) + 1
             else:
                 k, p0 = len(piece.tokens), piece.pos0
-            for i in range(t):
-                row = n + i
-                b.token[row] = int(piece.tokens[i]) if i < k else PAD_TOKEN
-                b.pos[row] = p0 + i
-                b.n_seq_id[row] = 1
-                b.seq_id[row][0] = s
-                o = int(piece.outputs[i]) if i < k else -1
-                if o >= 0:
-                    out[row] = o
-                else:
-                    (quiet if i < k else spare).append(row)
+                tokens[:k] = piece.tokens
+                for i in np.flatnonzero(piece.outputs >= 0):
+                    out[b.n_tokens + int(i)] = int(piece.outputs[i])
+                quiet += [b.n_tokens + i for i in range(k) if piece.outputs[i] < 0]
+            spare += range(b.n_tokens + k, b.n_tokens + t)
             if k < t:
                 pads.append((s, p0 + k))
-            n += t
+            b.add_span(tokens, p0, s, output_last=False)
         # The rows that reach the last layer and the output matrix are a multiple of the
         # quantum too (their kernels pick by count as well): pads, else quiet rows, get an
         # output row that is thrown away.
         if out:
             for row in (spare + quiet)[: -len(out) % ROW_QUANTUM]:
                 out[row] = -1
-        for row in range(n):
-            b.logits[row] = row in out
-        b.n_tokens = n
+        b.logits[list(out)] = 1
+        b.n_outputs = len(out)
         try:
-            self._llama_decode(b)
+            got = self.kv.decode_batch(b)
             self.calls += 1
-            self.pad_tokens += n - sum(len(p.tokens) for p in real.values())
-            if out:
-                ptr = llama_cpp.llama_get_logits(self.ctx)
-                got = np.ctypeslib.as_array(ptr, shape=(len(out), self.n_vocab))
-                for j, row in enumerate(sorted(out)):  # output rows come back in batch order
-                    if out[row] >= 0:
-                        self._logits[out[row]] = got[j]
+            self.pad_tokens += len(spare)
+            for j, row in enumerate(sorted(out)):  # output rows come back in batch order
+                if out[row] >= 0:
+                    self._logits[out[row]] = got[j]
         finally:
             for s, p in pads:
-                llama_cpp.llama_memory_seq_rm(self.memory, s, p, -1)
+                self.kv.remove(s, p, -1)
 
     # -- proof at start ----------------------------------------------------------------
 
@@ -240,7 +237,7 @@ class InvariantDecoder:
             crowded = self._probe(0, prompt, nexts, others, cut=13)
         finally:
             for s in ids:
-                llama_cpp.llama_memory_seq_rm(self.memory, s, -1, -1)
+                self.kv.remove(s)
         worst = float(np.abs(alone - crowded).max())
         if worst != 0.0:
             raise NotInvariant(
@@ -282,7 +279,7 @@ class InvariantDecoder:
             got.append(step(spans)[0])
             for o in others:
                 pos[o] += 1
-        llama_cpp.llama_memory_seq_rm(self.memory, s, -1, -1)
+        self.kv.remove(s)
         return np.stack(got)
 
 

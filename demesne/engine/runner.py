@@ -147,21 +147,19 @@ class ModelRunner:
         self.n_ctx_seq = llama_cpp.llama_n_ctx_seq(self.ctx)  # the most one sequence may hold
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self.batch = Batch(config.batch_size, self.n_seq_max)
-        self.invariant = self._invariant(config) if config.deterministic else None
+        self.invariant = self._invariant() if config.deterministic else None
         self.eog = np.array(
             [llama_cpp.llama_vocab_is_eog(self.vocab, t) for t in range(self.n_vocab)], dtype=bool
         )
 
-    def _invariant(self, config: EngineConfig) -> InvariantDecoder:
+    def _invariant(self) -> InvariantDecoder:
         """--deterministic: steps in batch-invariant shapes (invariant.py), proven on this build."""
-        decoder = InvariantDecoder(
-            self._llama_decode, self.ctx, self.memory, llama_cpp.llama_vocab_n_tokens(self.vocab),
-            self.n_seq_max, self.n_ctx_seq, llama_cpp.llama_n_ubatch(self.ctx),
-        )
+        n_ubatch = llama_cpp.llama_n_ubatch(self.ctx)
+        batch = Batch(n_ubatch, 1)
+        decoder = InvariantDecoder(self, batch, self.n_vocab, self.n_seq_max, self.n_ctx_seq, n_ubatch)
         try:
             decoder.check()
         except NotInvariant as exc:
-            decoder.close()
             raise ModelLoadError(str(exc)) from None
         return decoder
 
@@ -244,17 +242,21 @@ class ModelRunner:
         if self.invariant:
             n = b.n_tokens
             return self.invariant.decode(b.token[:n], b.pos[:n], b.seq_id[:n, 0], b.logits[:n].astype(bool), b.n_outputs)
-        self._llama_decode(b.as_struct())
-        n_out = self.batch.n_outputs
-        if n_out == 0:
-            return np.empty((0, self.n_vocab), np.float32)
-        ptr = llama_cpp.llama_get_logits(self.ctx)
-        return np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
+        return self.decode_batch(b)
 
-    def _llama_decode(self, batch: llama_cpp.llama_batch) -> None:
-        rc = llama_cpp.llama_decode(self.ctx, batch)
+    def decode_batch(self, batch: Batch) -> np.ndarray:
+        """Run ``batch`` as it is (one ``llama_decode``); its logits as :meth:`decode`'s."""
+        rc = llama_cpp.llama_decode(self.ctx, batch.as_struct())
         if rc != 0:
             raise DecodeError(rc)
+        if batch.n_outputs == 0:
+            return np.empty((0, self.n_vocab), np.float32)
+        ptr = llama_cpp.llama_get_logits(self.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(batch.n_outputs, self.n_vocab))
+
+    def pos_max(self, seq_id: int) -> int:
+        """The last position ``seq_id`` holds in KV, -1 for none."""
+        return llama_cpp.llama_memory_seq_pos_max(self.memory, seq_id)
 
     def time_rows(self, n: int) -> float:
         """Seconds of one decode of ``n`` tokens of sequence 0, every one an output row (as a
@@ -338,9 +340,7 @@ class ModelRunner:
         return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     def close(self) -> None:
-        if self.invariant:
-            self.invariant.close()
-            self.invariant = None
+        self.invariant = None
         if self.ctx:
             llama_cpp.llama_free(self.ctx)
             self.ctx = None

@@ -93,6 +93,8 @@ _METRICS = {
     "spec_verified_tokens_total": ("counter", "...of which were verified (those after a draft's first miss are not)"),
     "spec_accepted_tokens_total": ("counter", "...of which the model's own sampling agreed with, and kept"),
     "spec_acceptance_rate": ("gauge", "Accepted draft tokens per verified one"),
+    "deterministic_calls_total": ("counter", "llama_decode calls of batch-invariant shape (--deterministic)"),
+    "deterministic_pad_tokens_total": ("counter", "...and the pad tokens they decoded to keep that shape"),
     "kv_restores_total": ("counter", "Saved prefixes restored into the KV cache (host or disk tier)"),
     "kv_restores_disk_total": ("counter", "...of which were read from the disk tier"),
     "kv_restored_tokens_total": ("counter", "Prompt tokens restored instead of recomputed"),
