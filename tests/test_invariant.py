@@ -144,9 +144,18 @@ def test_a_failed_call_leaves_the_kv_as_before_the_step(runner, monkeypatch):
 
 
 def test_the_start_up_proof_refuses_shapes_that_do_not_keep_the_bits(model_path, monkeypatch):
-    monkeypatch.setattr(invariant, "ROW_QUANTUM", 1)
+    monkeypatch.setattr(invariant, "QUANTA", (1,))
     with pytest.raises(ModelLoadError, match="other logits in other batch shapes"):
         ModelRunner(EngineConfig(model=model_path, threads=2, ctx_size=4096, max_seqs=4, deterministic=True))
+
+
+def test_the_start_up_proof_takes_the_first_quantum_that_keeps_the_bits(model_path, monkeypatch):
+    """Rows one by one do not keep the bits on this CPU; multiples of 8 do: the engine runs
+    with 8 and keeps 8 cells of each stream for pads."""
+    monkeypatch.setattr(invariant, "QUANTA", (1, 8))
+    engine = make_engine(model_path, deterministic=True, max_seqs=4, ctx_size=4096)
+    assert (engine.runner.invariant.quantum, engine.runner.invariant.piece_max) == (8, 56)
+    assert engine.n_ctx == engine.runner.n_ctx_seq - 8
 
 
 def test_deterministic_needs_streams_and_flash_attention(model_path):

@@ -22,7 +22,6 @@ from ..protocol import FINISH_LENGTH, FINISH_STOP, Delta, Error, Generate, Model
 from .budget import StepBudget
 from .faults import Faults
 from .request import Sequence
-from .invariant import ROW_QUANTUM
 from .runner import DecodeError, ModelRunner
 from .constraints import Constraint, Constraints, GrammarError
 from .sampler import Sampler, apply_penalties
@@ -82,7 +81,7 @@ class Engine:
         self.runner = runner
         self.n_ctx = runner.n_ctx_seq if config.streams else runner.n_ctx  # the most one request holds
         if config.deterministic:  # room for the pad tokens after a stream's last token (invariant.py)
-            self.n_ctx -= ROW_QUANTUM
+            self.n_ctx -= runner.invariant.quantum
         self.tiers = _tiers(config, runner)
         self.scheduler = _scheduler(config, runner, self.tiers)
         self.sampler = Sampler(runner.n_vocab, config.max_seqs)  # one row per sequence (drafts' rows: one by one)

@@ -10,18 +10,19 @@ vendored source, llama-cpp-python 0.3.36):
   differently: a row gives other numbers in a 5-row call than in an 8-row one, and a 4-row
   call differs now and then from an 8-row one (found by randomised trials: with multiples of
   4, 1 of 60 crowds changed a row; with multiples of 8, none of 400). **Every ubatch has a
-  multiple of** :data:`ROW_QUANTUM` **rows, and so do its output rows** (the last layer and
+  multiple of 8** (the first of :data:`QUANTA` the start-up check finds kept) **rows, and so
+  do its output rows** (the last layer and
   the output matrix run on the output rows only).
 - flash attention sums one query row over its sequence's cells one cell at a time, in cell
   order, unless a sequence brings 64 or more rows to a ubatch (then it works in 64 x 64
   tiles, summing by tile) or a ubatch is one row alone over 512 or more cells (then the
-  cells are split across threads). **A sequence brings at most** :data:`PIECE_MAX` **tokens to
+  cells are split across threads). **A sequence brings at most 56 (below 64, a multiple of the quantum) tokens to
   a ubatch**, and a ubatch is never one row alone (it has eight).
 - with separate KV streams (``--kv-layout streams``) llama.cpp puts into one ubatch only
   sequences of consecutive ids that feed the same number of tokens, so the engine's batch is
   run here as one ``llama_decode`` per such group.
 
-A step's batch is therefore cut into *pieces* (at most ``PIECE_MAX`` tokens of a sequence)
+A step's batch is therefore cut into *pieces* (at most 56 tokens of a sequence)
 and run in rounds: round ``r`` decodes the ``r``-th piece of every sequence, one call per
 group of equally long pieces. A call's rows are made a multiple of eight by *pad tokens*:
 a token in each id between the group's (an idle or waiting stream, at its next position),
@@ -53,8 +54,8 @@ import numpy as np
 
 log = logging.getLogger("demesne.engine")
 
-ROW_QUANTUM = 8  # rows of every ubatch: a multiple of this
-PIECE_MAX = 56  # tokens of one sequence in one ubatch: below flash attention's 64-row tiles
+QUANTA = (8, 16, 32)  # rows of every ubatch: a multiple of the first the start-up check finds kept
+FA_TILE = 64  # rows of one sequence at which CPU flash attention works in tiles
 PAD_TOKEN = 0
 CHECK_CROWDS = 16  # random crowds the start-up check tries...
 CHECK_SECONDS = 2.0  # ...or fewer (at least 2) once this much time has gone
@@ -88,11 +89,15 @@ class InvariantDecoder:
         row quantum for every stream (the engine's config checks it)."""
         self.kv, self._batch, self.n_vocab = kv, batch, n_vocab
         self.n_streams, self.n_ctx_seq = n_streams, n_ctx_seq
-        self.piece_max = PIECE_MAX
         self.n_ubatch = n_ubatch
+        self._use(QUANTA[0])
         self.calls = 0  # llama_decode calls made
         self.pad_tokens = 0  # pad tokens decoded
         self._logits = np.empty((0, n_vocab), np.float32)
+
+    def _use(self, quantum: int) -> None:
+        self.quantum = quantum  # rows of every call, and output rows: a multiple of this
+        self.piece_max = (FA_TILE - 1) // quantum * quantum  # tokens of one sequence a call
 
     # -- one step ----------------------------------------------------------------------
 
@@ -141,7 +146,7 @@ class InvariantDecoder:
             runs, run = [], [pieces[0]]
             for piece in pieces[1:]:
                 # room in the ubatch for the run padded by tokens after each sequence's
-                if piece.seq == run[-1].seq + 1 and (len(run) + 1) * (t + ROW_QUANTUM - 1) <= self.n_ubatch:
+                if piece.seq == run[-1].seq + 1 and (len(run) + 1) * (t + self.quantum - 1) <= self.n_ubatch:
                     run.append(piece)
                 else:
                     runs.append(run)
@@ -157,24 +162,24 @@ class InvariantDecoder:
         after each sequence's (``hi - lo + 1`` pad tokens a step)."""
         n = hi - lo + 1
         best = None
-        if n * t % ROW_QUANTUM == 0:
+        if n * t % self.quantum == 0:
             return lo, hi, t
         # more tokens per sequence: every id in the range needs room for them
         t2 = t
-        while (n * t2) % ROW_QUANTUM:
+        while (n * t2) % self.quantum:
             t2 += 1
         if t2 <= self.piece_max and n * t2 <= self.n_ubatch and all(self._room(s, t2) for s in range(lo, hi + 1)):
             best = (n * (t2 - t), lo, hi, t2)
         # neighbouring ids: above first, then below
         a, b = lo, hi
-        while (b - a + 1) * t % ROW_QUANTUM and (b - a + 2) * t <= self.n_ubatch:
+        while (b - a + 1) * t % self.quantum and (b - a + 2) * t <= self.n_ubatch:
             if b + 1 < self.n_streams and self._room(b + 1, t):
                 b += 1
             elif a - 1 >= 0 and self._room(a - 1, t):
                 a -= 1
             else:
                 break
-        if (b - a + 1) * t % ROW_QUANTUM == 0 and (best is None or (b - a + 1 - n) * t < best[0]):
+        if (b - a + 1) * t % self.quantum == 0 and (best is None or (b - a + 1 - n) * t < best[0]):
             best = ((b - a + 1 - n) * t, a, b, t)
         if best is None:
             raise RuntimeError(f"no room to pad sequences {lo}..{hi} ({t} tokens each) to an invariant shape")
@@ -209,7 +214,7 @@ class InvariantDecoder:
         # quantum too (their kernels pick by count as well): pads, else quiet rows, get an
         # output row that is thrown away.
         if out:
-            for row in (spare + quiet)[: -len(out) % ROW_QUANTUM]:
+            for row in (spare + quiet)[: -len(out) % self.quantum]:
                 out[row] = -1
         b.logits[list(out)] = 1
         b.n_outputs = len(out)
@@ -227,11 +232,38 @@ class InvariantDecoder:
     # -- proof at start ----------------------------------------------------------------
 
     def check(self, crowds: int = CHECK_CROWDS) -> None:
-        """Prove the invariance on this build before serving: one sequence's logits (its
-        prompt's last row, then three decode rows) alone and then beside other sequences,
-        its prompt cut differently; then ``crowds`` random crowds (a prompt alone, then beside
-        random others, some as long, some not) within :data:`CHECK_SECONDS`. All must be the
-        same bits, else :class:`NotInvariant`."""
+        """Prove the invariance on this build before serving, and find its row quantum: for
+        each of :data:`QUANTA` (while a call of that many rows per stream fits a ubatch), one
+        sequence's logits (its prompt's last row, then three decode rows) alone and then
+        beside other sequences, its prompt cut differently, then ``crowds`` random crowds (a
+        prompt alone, then beside random others, some as long, some not) within
+        :data:`CHECK_SECONDS`, must be the same bits; the first quantum that keeps them is
+        used. None: :class:`NotInvariant`."""
+        worst = None
+        for quantum in QUANTA:
+            if quantum * self.n_streams > self.n_ubatch:
+                break
+            self._use(quantum)
+            t0 = time.monotonic()
+            worst, done = self._trial(crowds)
+            if worst == 0.0:
+                log.info(
+                    "deterministic: batch-invariant shapes hold on this build (multiples of %d rows, at"
+                    " most %d tokens of a sequence a call; checked on %d crowds in %.1f s)",
+                    quantum, self.piece_max, done, time.monotonic() - t0,
+                )
+                return
+            log.info("deterministic: multiples of %d rows do not keep the bits here (max difference %.3g)", quantum, worst)
+        raise NotInvariant(
+            "--deterministic: this build's kernels give a row other logits in other batch shapes"
+            f" (max difference {worst:.3g} in the start-up check); serve without --deterministic"
+            if worst is not None else
+            f"--deterministic: --ubatch-size {self.n_ubatch} cannot hold {QUANTA[0]} rows for each of"
+            f" {self.n_streams} sequences"
+        )
+
+    def _trial(self, crowds: int) -> tuple[float, int]:
+        """The largest logit difference the probe and the crowds found, and the crowds tried."""
         deadline = time.monotonic() + CHECK_SECONDS
         rng = np.random.default_rng(20261206)
         prompt, nexts = self._tokens(rng, 37), self._tokens(rng, 3)
@@ -248,16 +280,7 @@ class InvariantDecoder:
         finally:
             for s in ids:
                 self.kv.remove(s)
-        if worst != 0.0:
-            raise NotInvariant(
-                "--deterministic: this build's kernels give a row other logits in other batch shapes"
-                f" (max difference {worst:.3g} in the start-up check); serve without --deterministic"
-            )
-        log.info(
-            "deterministic: batch-invariant shapes hold on this build (multiples of %d rows, at most %d"
-            " tokens of a sequence a call; checked on %d crowds in %.1f s)",
-            ROW_QUANTUM, PIECE_MAX, done, time.monotonic() - deadline + CHECK_SECONDS,
-        )
+        return worst, done
 
     def _tokens(self, rng: np.random.Generator, n: int) -> np.ndarray:
         return rng.integers(1000, min(self.n_vocab, 50000), n).astype(np.int32)
