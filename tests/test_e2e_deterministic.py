@@ -56,8 +56,20 @@ async def complete(http: aiohttp.ClientSession, url: str, body: dict, delay: flo
     return orjson.dumps([[c["index"], c["text"], c["logprobs"], c["finish_reason"]] for c in choices])
 
 
-async def runs(url: str, model_id: str, orders: int) -> tuple[list[bytes], list[list[bytes]]]:
-    """Each request alone, then all of them staggered in ``orders`` shuffled orders."""
+async def runs(processes, model_id: str, name: str, flags: tuple[str, ...], orders: int) -> tuple[list[bytes], list[list[bytes]]]:
+    """On an engine of its own started with ``flags``: each request alone, then all of them
+    staggered in ``orders`` shuffled orders."""
+    endpoint = processes.endpoint(name)
+    engine = processes.engine(endpoint, *flags)
+    gateway, url = processes.gateway([endpoint])
+    try:
+        return await _runs(url, model_id, orders)
+    finally:
+        gateway.stop()
+        engine.stop()
+
+
+async def _runs(url: str, model_id: str, orders: int) -> tuple[list[bytes], list[list[bytes]]]:
     bodies = requests(model_id)
     async with aiohttp.ClientSession() as http:
         alone = [await complete(http, url, body) for body in bodies]
@@ -73,14 +85,7 @@ async def runs(url: str, model_id: str, orders: int) -> tuple[list[bytes], list[
 
 
 async def test_deterministic_outputs_do_not_depend_on_load(processes, model_id):
-    endpoint = processes.endpoint("engine-deterministic")
-    engine = processes.engine(endpoint, "--deterministic")
-    gateway, url = processes.gateway([endpoint])
-    try:
-        alone, together = await runs(url, model_id, orders=3)
-    finally:
-        gateway.stop()
-        engine.stop()
+    alone, together = await runs(processes, model_id, "engine-deterministic", ("--deterministic",), orders=3)
     for k, got in enumerate(together):
         differ = [i for i in range(len(alone)) if got[i] != alone[i]]
         assert not differ, f"order {k}: requests {differ} differ from their one-at-a-time outputs"
@@ -90,14 +95,7 @@ async def test_deterministic_outputs_do_not_depend_on_load(processes, model_id):
 async def test_without_the_flag_load_changes_outputs(processes, model_id):
     """The control: the same requests on the default engine part from their one-at-a-time
     outputs (llama.cpp's kernels differ with the batch shape)."""
-    endpoint = processes.endpoint("engine-nondeterministic")
-    engine = processes.engine(endpoint)
-    gateway, url = processes.gateway([endpoint])
-    try:
-        alone, together = await runs(url, model_id, orders=1)
-    finally:
-        gateway.stop()
-        engine.stop()
+    alone, together = await runs(processes, model_id, "engine-nondeterministic", (), orders=1)
     differ = [i for i in range(len(alone)) if together[0][i] != alone[i]]
     print(f"without --deterministic, {len(differ)} of {len(alone)} requests differ under load: {differ}")
     assert differ
