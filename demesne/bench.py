@@ -393,15 +393,16 @@ async def run_bench(
     progress: bool = True,
     prefixes: int = 1,
     workload: str = "distinct",
+    seed: int = 0,
 ) -> BenchResult:
     """Send `requests` streaming requests, at most `concurrency` at a time, and time them."""
     url = url.rstrip("/")
     path = "/chat/completions" if endpoint == "chat" else "/completions"
     headers = _post_headers(api_key)
     if workload == "copy":
-        prompts = build_copy_prompts(requests, prompt_tokens)
+        prompts = build_copy_prompts(requests, prompt_tokens, seed=seed)
     else:
-        prompts = build_prompts(requests, prompt_tokens, shared_prefix_tokens, prefixes=prefixes)
+        prompts = build_prompts(requests, prompt_tokens, shared_prefix_tokens, seed=seed, prefixes=prefixes)
     async with _client(concurrency) as session:
         model = model or await fetch_model(session, url, api_key)
         bodies = [_request_body(endpoint, model, p, max_tokens, temperature, extras) for p in prompts]
@@ -614,10 +615,13 @@ def format_conversations(result: ConversationResult) -> str:
               help="Words in each conversation's own system prompt.")
 @click.option("--turn-tokens", default=45, show_default=True, type=click.IntRange(min=1),
               help="Words in each user turn.")
+@click.option("--seed", default=0, show_default=True, type=int,
+              help="Seed of the generated prompts: another seed, other prompts (repeated runs against a warm"
+                   " server that keeps its prefix cache measure prefill again instead of cache hits).")
 @click.option("--no-progress", is_flag=True, help="Do not draw a progress bar.")
 def bench(url, api_key, model, concurrency, n_requests, prompt_tokens, shared_prefix_tokens, prefixes, max_tokens,
           workload, temperature, endpoint, tool_choice, constrain, ignore_eos, conversations, turns, system_tokens, turn_tokens,
-          no_progress):
+          seed, no_progress):
     """Measure throughput and latency of an OpenAI-compatible server with streamed requests."""
     if (tool_choice or constrain == "tool_call") and endpoint != "chat":
         raise click.UsageError("--tool-choice and --constrain tool_call need --endpoint chat")
@@ -631,12 +635,12 @@ def bench(url, api_key, model, concurrency, n_requests, prompt_tokens, shared_pr
               "temperature": temperature, "progress": not no_progress}
     try:
         if conversations:
-            spec = ConversationSpec(conversations, turns, system_tokens, turn_tokens)
+            spec = ConversationSpec(conversations, turns, system_tokens, turn_tokens, seed)
             result = asyncio.run(run_conversations(url, spec, **common))
         else:
             result = asyncio.run(run_bench(
                 url, requests=n_requests, prompt_tokens=prompt_tokens, shared_prefix_tokens=shared_prefix_tokens,
-                prefixes=prefixes, workload=workload, endpoint=endpoint, extras=body_extras(tool_choice, constrain, ignore_eos), **common,
+                prefixes=prefixes, workload=workload, seed=seed, endpoint=endpoint, extras=body_extras(tool_choice, constrain, ignore_eos), **common,
             ))
     except (aiohttp.ClientError, KeyError, IndexError) as exc:
         # Only the model lookup can get here; the requests themselves record their errors.

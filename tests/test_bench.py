@@ -241,6 +241,21 @@ async def test_run_bench_measures_a_streaming_server(fake, endpoint):
     assert "10 ok, 0 failed" in format_result(result)
 
 
+@pytest.mark.parametrize("workload", ["distinct", "copy"])
+async def test_run_bench_seed_picks_the_prompts(fake, workload):
+    """Another --seed, other prompts (a warm server's prefix cache cannot answer a repeated
+    run); the same seed, the same prompts."""
+    server, url = fake
+    runs = {}
+    for seed in (0, 0, 7):
+        server.bodies.clear()
+        await run_bench(url, concurrency=2, requests=3, prompt_tokens=24, shared_prefix_tokens=0, max_tokens=2,
+                        api_key=API_KEY, progress=False, workload=workload, seed=seed)
+        runs.setdefault(seed, []).append(sorted(b["prompt"] for b in server.bodies))
+    assert runs[0][0] == runs[0][1]
+    assert not set(runs[0][0]) & set(runs[7][0])
+
+
 async def test_run_bench_with_tools_times_streamed_calls(fake):
     server, url = fake
     result = await run_bench(url, concurrency=2, requests=4, prompt_tokens=16, shared_prefix_tokens=0, max_tokens=5,

@@ -54,6 +54,7 @@ log = logging.getLogger("demesne.gateway")
 DISCONNECT_GRACE = 0.5  # seconds for the listener to read what came before a disconnect
 AUTH_RETRY = 5.0  # seconds before trying again an engine that refused our key
 VOCAB_TIMEOUT = 120.0  # seconds to receive a vocabulary (megabytes over a slow link)
+DRAIN_BATCH = 64  # frames read in one go before the event loop gets a turn
 
 
 class EngineUnavailable(RuntimeError):
@@ -80,24 +81,30 @@ class EngineClient:
         self._vocab_waiters: dict[tuple[EngineConn, str], asyncio.Future] = {}
         self.known_models: set[str] = set()  # every model id an engine has reported
         self._tasks: list[asyncio.Task] = []
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by the first _listen
         self._turn = itertools.count()  # --route round-robin
         self._once = curve.OnceLog(log)
 
     def _connect(self, endpoint: str, key: str | None) -> EngineConn:
         sock, monitor = open_socket(self._zctx, self.config, self.identity, endpoint, key)
         engine = EngineConn(endpoint, sock, key, monitor=monitor, model_loaded=self.registry.loaded)
-        loop = asyncio.get_running_loop()
-        engine.tasks = [loop.create_task(self._listen(engine)), loop.create_task(self._watch(engine))]
+        self._listen(engine)
+        engine.tasks = [asyncio.get_running_loop().create_task(self._watch(engine))]
         self.engines.append(engine)
         return engine
 
     def _resocket(self, engine: EngineConn) -> None:
         """Connect ``engine`` afresh: ZeroMQ stops retrying once an engine refused our key,
         and the key may be admitted later (the engine re-reads its directory on SIGHUP)."""
-        engine.tasks[0].cancel()  # the listener, on the old socket
-        close_socket(engine)
+        self._close_socket(engine)
         engine.sock, engine.monitor = open_socket(self._zctx, self.config, self.identity, engine.endpoint, engine.key)
-        engine.tasks[0] = asyncio.get_running_loop().create_task(self._listen(engine))
+        self._listen(engine)
+
+    def _close_socket(self, engine: EngineConn) -> None:
+        if engine.fd >= 0:
+            self._loop.remove_reader(engine.fd)
+            engine.fd = -1
+        close_socket(engine)
 
     async def start(self) -> None:
         for endpoint, key in self.config.engine_list():
@@ -127,7 +134,7 @@ class EngineClient:
             self.engines.remove(engine)
             for task in engine.tasks:
                 task.cancel()
-            close_socket(engine)
+            self._close_socket(engine)
 
     async def close(self) -> None:
         tasks = self._tasks + [t for e in self.engines for t in e.tasks]
@@ -136,7 +143,7 @@ class EngineClient:
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.registry.close()
         for e in self.engines:
-            close_socket(e)
+            self._close_socket(e)
         self._zctx.term()
 
     # -- what the routes use ------------------------------------------------------------
@@ -229,14 +236,19 @@ class EngineClient:
         if not self._try_send(engine, msg):
             raise EngineUnavailable(f"engine {engine.endpoint} is not connected")
 
-    @staticmethod
-    def _try_send(engine: EngineConn, msg: p.Message) -> bool:
+    def _try_send(self, engine: EngineConn, msg: p.Message) -> bool:
         """False when the engine is not connected (nothing is queued for it) or its queue is
-        full; a non-blocking send on an asyncio socket resolves at once."""
+        full."""
         if not engine.connected:
             return False
-        sent = engine.sock.send(p.encode(msg), zmq.NOBLOCK)
-        return sent.exception() is None
+        try:
+            engine.sock.send(p.encode(msg), zmq.NOBLOCK)
+        except zmq.ZMQError:
+            return False
+        finally:
+            # A send may consume the descriptor's signal while frames wait unread: look again.
+            self._loop.call_soon(self._drain, engine)
+        return True
 
     def _forget(self, rid: str) -> None:
         self._queues.pop(rid, None)
@@ -274,24 +286,49 @@ class EngineClient:
 
     # -- background tasks ---------------------------------------------------------------
 
-    async def _listen(self, engine: EngineConn) -> None:
-        while True:
-            frame = await engine.sock.recv()
+    def _listen(self, engine: EngineConn) -> None:
+        """Read ``engine``'s frames from a callback on its socket's descriptor. ZeroMQ's
+        descriptor only signals that the socket's state changed, so each wake-up (and each
+        send, which may take that signal) reads every frame that is ready."""
+        self._loop = asyncio.get_running_loop()
+        engine.fd = engine.sock.getsockopt(zmq.FD)
+        self._loop.add_reader(engine.fd, self._drain, engine)
+        self._loop.call_soon(self._drain, engine)
+
+    def _drain(self, engine: EngineConn) -> None:
+        sock = engine.sock
+        for _ in range(DRAIN_BATCH):
+            if sock.closed:
+                return
             try:
-                msg = p.decode(frame)
-            except p.ProtocolError as exc:
-                log.warning("bad frame from %s: %s", engine.endpoint, exc)
-                continue
-            engine.last_seen = time.monotonic()
-            if isinstance(msg, p.Deltas):
-                for delta in msg.items:
-                    self._deliver(delta.rid, delta)
-            elif isinstance(msg, p.Error):
-                self._deliver(msg.rid, msg)
-            elif isinstance(msg, p.Pong):
-                self._on_pong(engine, msg)
-            elif isinstance(msg, p.Vocab):
-                self._on_vocab(engine, msg)
+                frame = sock.recv(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            except zmq.ZMQError as exc:  # closed under us: its successor has its own reader
+                log.debug("reading %s: %s", engine.endpoint, exc)
+                return
+            try:
+                self._on_frame(engine, frame)
+            except Exception:  # noqa: BLE001 - one frame must not stop the reading
+                log.exception("handling a frame from %s", engine.endpoint)
+        self._loop.call_soon(self._drain, engine)  # more wait: after the loop's other work
+
+    def _on_frame(self, engine: EngineConn, frame: bytes) -> None:
+        try:
+            msg = p.decode(frame)
+        except p.ProtocolError as exc:
+            log.warning("bad frame from %s: %s", engine.endpoint, exc)
+            return
+        engine.last_seen = time.monotonic()
+        if isinstance(msg, p.Deltas):
+            for delta in msg.items:
+                self._deliver(delta.rid, delta)
+        elif isinstance(msg, p.Error):
+            self._deliver(msg.rid, msg)
+        elif isinstance(msg, p.Pong):
+            self._on_pong(engine, msg)
+        elif isinstance(msg, p.Vocab):
+            self._on_vocab(engine, msg)
 
     def _deliver(self, rid: str, item) -> None:
         queue = self._queues.get(rid)
@@ -374,6 +411,7 @@ class EngineClient:
                 # The listener reads them first, however long that takes on a busy host.
                 await asyncio.sleep(DISCONNECT_GRACE)
                 while not engine.connected and engine.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    self._drain(engine)  # (reading EVENTS took the descriptor's signal)
                     await asyncio.sleep(0.05)
                 if not engine.connected:
                     self._fail_inflight(engine, f"engine {engine.endpoint} went away")

@@ -31,11 +31,12 @@ class EngineConn:
     socket's events."""
 
     endpoint: str
-    sock: zmq.asyncio.Socket
+    sock: zmq.Socket  # plain (not asyncio): the engine client reads it from a descriptor callback
     key: str | None = None  # the engine's public key file (CURVE)
     info: p.ModelInfo | None = None
     stats: dict[str, float] = field(default_factory=dict)
     monitor: zmq.asyncio.Socket | None = None  # connection events of sock
+    fd: int = -1  # sock's descriptor while the engine client reads it
     connected: bool = False  # the socket monitor's view of the connection
     responsive: bool = False  # answered a heartbeat within heartbeat_timeout
     draining: bool = False
@@ -71,9 +72,12 @@ class EngineConn:
         return len(self.inflight)
 
 
-def open_socket(zctx: zmq.asyncio.Context, config: GatewayConfig, identity: bytes, endpoint: str, key: str | None) -> tuple[zmq.asyncio.Socket, zmq.asyncio.Socket]:
-    """A DEALER connecting to ``endpoint``, and the monitor of its connection events."""
-    sock = zctx.socket(zmq.DEALER)
+def open_socket(zctx: zmq.asyncio.Context, config: GatewayConfig, identity: bytes, endpoint: str, key: str | None) -> tuple[zmq.Socket, zmq.asyncio.Socket]:
+    """A DEALER connecting to ``endpoint``, and the monitor of its connection events (an
+    asyncio socket). The DEALER is a plain socket: every token of every stream comes through
+    it, and pyzmq's asyncio wrapper costs a future, a task wake-up and a dozen enum operations
+    per frame, which on a small machine is CPU taken from llama.cpp's threads."""
+    sock = zctx.socket(zmq.DEALER, socket_class=zmq.Socket)
     sock.setsockopt(zmq.LINGER, 0)
     sock.setsockopt(zmq.MAXMSGSIZE, p.MAX_FRAME_BYTES)  # a peer cannot make us hold more
     if key is not None:
