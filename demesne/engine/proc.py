@@ -1,9 +1,15 @@
 """The engine process: an I/O thread that owns the socket, and the step loop beside it.
 
 The I/O thread answers every Ping at once, mid-step too (``llama_decode`` releases the GIL),
-so a slow step is never taken for a dead engine. It checks every frame, hands requests to
-the step loop through a queue and sends out what the loop produces (an inproc socket wakes
-it). The step loop: take what arrived, run one step, hand its replies out, publish counters.
+so a slow step is never taken for a dead engine. It checks every frame and hands requests to
+the step loop through a queue. The step loop: take what arrived, run one step, send its
+replies, publish counters. Both use the one ROUTER socket, one at a time under a lock (a
+ZeroMQ socket may change threads across a full memory barrier): the step loop sends its
+replies itself instead of waking the I/O thread for every token, which on a machine whose
+cores all run llama.cpp costs a core's worth of time per token. The I/O thread waits on
+the socket's descriptor outside the lock; a send can take that descriptor's signal while
+frames wait unread, so after its sends the step loop looks and wakes the I/O thread
+(a pipe) if they do.
 
 SIGTERM (or SIGINT) drains: new requests are refused with 503 and gateways are told at once
 (they route elsewhere), running requests finish within ``--drain-timeout``, what is left is
@@ -21,6 +27,7 @@ import dataclasses
 import logging
 import os
 import queue
+import select
 import signal
 import threading
 import time
@@ -41,9 +48,9 @@ from .runner import ModelRunner
 log = logging.getLogger("demesne.engine")
 
 IDLE_WAIT = 0.1  # seconds the step loop blocks for new work when it has none
+IO_WAIT = 0.1  # seconds the I/O thread waits for frames before its housekeeping
 STATS_EVERY = 0.1  # seconds between refreshes of the counters Pongs carry
 SEND_HWM = 100_000  # frames queued for one slow gateway before ZeroMQ would drop them
-_STOP = b"stop"  # the step loop's last word to the I/O thread
 BYE_WAIT = 5.0  # seconds the I/O thread waits for gateways to confirm they read everything
 _GONE = object()  # in the inbox: a gateway went away
 
@@ -83,10 +90,14 @@ class EngineIO(threading.Thread):
             curve.set_link_timeout(self.sock, config.link_timeout)
         self.monitor = self.sock.get_monitor_socket(curve.HANDSHAKE_EVENTS & ~zmq.EVENT_HANDSHAKE_SUCCEEDED)
         sockets.bind(self.sock, config.listen)
-        self.outbox_endpoint = f"inproc://demesne-outbox-{id(self):x}"
-        self.outbox = zctx.socket(zmq.PULL)
-        self.outbox.setsockopt(zmq.LINGER, 0)
-        self.outbox.bind(self.outbox_endpoint)
+        # Held while a thread uses sock (the I/O thread reading and answering, the step loop
+        # sending); reentrant: sends made while handling frames take it again.
+        self.lock = threading.RLock()
+        self._wake_r, self._wake_w = os.pipe()  # the step loop wakes the I/O thread through it
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._stopping = False  # the step loop is done: close once its replies are read
+        self._unreachable: list[bytes] = []  # gateways a send failed for: forgotten by the I/O thread
         self.last_seen: dict[bytes, float] = {}
         self.refused: set[bytes] = set()  # gateways of another protocol version
         # Gateways that pinged this process (and were not since taken as gone). A gateway
@@ -100,28 +111,67 @@ class EngineIO(threading.Thread):
     # -- the thread ----------------------------------------------------------------------
 
     def run(self) -> None:
-        poller = zmq.Poller()
-        poller.register(self.sock, zmq.POLLIN)
-        poller.register(self.outbox, zmq.POLLIN)
-        poller.register(self.monitor, zmq.POLLIN)
-        while not self._closed():
-            ready = dict(poller.poll(100))
-            if self.sock in ready:
-                self._receive()
-            if self.outbox in ready:
-                self._forward()
-            if self.monitor in ready:
-                self._handshake_failed()
-            self._forget_silent()
-            self._announce_drain()
+        fds = [self.sock.getsockopt(zmq.FD), self.monitor.getsockopt(zmq.FD), self._wake_r]
+        while True:
+            with self.lock:
+                frames = self._ready_frames()
+            for client, frame in frames:
+                self._handle(client, frame)
+            with self.lock:
+                while self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    self._handshake_failed()
+                if self._stopping and self.closing_until is None:
+                    self._start_closing()
+                for client in self._unreachable:
+                    if client in self.last_seen:
+                        log.warning("a gateway cannot be reached; aborting its requests")
+                        self._forget(client)
+                self._unreachable.clear()
+                self._forget_silent()
+                self._announce_drain()
+                if self._closed():
+                    break
+                if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    continue  # (our own sends may have taken the descriptor's signal)
+            select.select(fds, [], [], IO_WAIT)
+            self._drain_wakes()
         if self.awaiting_bye:
             log.warning("closing without a bye from %d gateways: their last replies may be lost", len(self.awaiting_bye))
-        self.sock.disable_monitor()
-        self.monitor.close()
-        self.sock.close(linger=2000)
-        self.outbox.close()
+        with self.lock:
+            self.sock.disable_monitor()
+            self.monitor.close()
+            self.sock.close(linger=2000)
+        os.close(self._wake_r)
+        os.close(self._wake_w)
         if self.auth is not None:
             self.auth.stop()
+
+    def deliver(self, frames: list[tuple[bytes, bytes]]) -> None:
+        """The step loop's replies, sent from its own thread."""
+        with self.lock:
+            for client, frame in frames:
+                self._send_frame(client, frame)
+            if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._wake()
+
+    def stop(self) -> None:
+        """The step loop is done and every reply is sent: start closing."""
+        with self.lock:
+            self._stopping = True
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"!")
+        except BlockingIOError:  # the pipe is full of wake-ups already
+            pass
+
+    def _drain_wakes(self) -> None:
+        try:
+            while os.read(self._wake_r, 4096):
+                pass
+        except BlockingIOError:
+            pass
 
     def _handshake_failed(self) -> None:
         """A peer failed the handshake: logged once per kind (a refused key is logged, with the
@@ -150,15 +200,16 @@ class EngineIO(threading.Thread):
             self.awaiting_bye.add(client)
             self.send(client, pong)
 
-    def _receive(self) -> None:
-        while True:
-            try:
-                parts = self.sock.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
+    def _ready_frames(self) -> list[tuple[bytes, bytes]]:
+        """Every frame waiting on the socket (read under the lock, handled outside it: a
+        large request takes its time to check, and the step loop may want to send)."""
+        frames = []
+        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            parts = self.sock.recv_multipart(zmq.NOBLOCK)
             if len(parts) == 2:  # else: not one of ours
                 self.last_seen[parts[0]] = time.monotonic()
-                self._handle(*parts)
+                frames.append((parts[0], parts[1]))
+        return frames
 
     def _handle(self, client: bytes, frame: bytes) -> None:
         try:
@@ -216,29 +267,18 @@ class EngineIO(threading.Thread):
             self.status.draining, time.monotonic() - started if started else 0.0,
         )
 
-    def _forward(self) -> None:
-        """Send what the step loop queued; once it says it is done, start closing."""
-        while True:
-            try:
-                client, frame = self.outbox.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                return
-            if frame == _STOP and not client:
-                self._start_closing()
-                return
-            self._send_frame(client, frame)
-
     def send(self, client: bytes, msg: p.Message) -> None:
         self._send_frame(client, p.encode(msg))
 
     def _send_frame(self, client: bytes, frame: bytes) -> None:
-        try:
-            self.sock.send_multipart([client, frame], zmq.NOBLOCK)
-        except zmq.ZMQError as exc:  # EHOSTUNREACH: it disconnected; EAGAIN: it stopped reading
-            self.awaiting_bye.discard(client)
-            if client in self.last_seen:
-                log.warning("a gateway cannot be reached (%s); aborting its requests", exc.strerror)
-                self._forget(client)
+        with self.lock:
+            try:
+                self.sock.send_multipart([client, frame], zmq.NOBLOCK)
+            except zmq.ZMQError as exc:  # EHOSTUNREACH: it disconnected; EAGAIN: it stopped reading
+                log.debug("sending to a gateway: %s", exc.strerror)
+                self.awaiting_bye.discard(client)
+                self._unreachable.append(client)  # forgotten by the I/O thread
+                self._wake()
 
     def _forget_silent(self) -> None:
         now = time.monotonic()
@@ -271,10 +311,6 @@ class EngineProc:
         self.zctx = zmq.Context()
         self.status = Status(stats=engine.stats())
         self.io = EngineIO(self.zctx, config, engine_id, card, engine.model_info, self.status)
-        self.outbox = self.zctx.socket(zmq.PUSH)
-        self.outbox.setsockopt(zmq.LINGER, -1)
-        self.outbox.setsockopt(zmq.SNDHWM, 0)
-        self.outbox.connect(self.io.outbox_endpoint)
         self._stats_at = 0.0
         self.drain_deadline: float | None = None
         self.stop_now = False
@@ -347,19 +383,21 @@ class EngineProc:
 
     def _send(self, replies: list[tuple[bytes, p.Delta | p.Error]]) -> None:
         """One frame per gateway with all of its deltas; errors one frame each."""
+        if not replies:
+            return
+        frames: list[tuple[bytes, bytes]] = []
         deltas: dict[bytes, list[p.Delta]] = defaultdict(list)
         for client, item in replies:
             if isinstance(item, p.Delta):
                 deltas[client].append(item)
             else:
-                self.outbox.send_multipart([client, p.encode(item)])
-        for client, items in deltas.items():
-            self.outbox.send_multipart([client, p.encode(p.Deltas(items))])
+                frames.append((client, p.encode(item)))
+        frames += [(client, p.encode(p.Deltas(items))) for client, items in deltas.items()]
+        self.io.deliver(frames)
 
     def close(self) -> None:
-        self.outbox.send_multipart([b"", _STOP])
+        self.io.stop()
         self.io.join(BYE_WAIT + 5)
-        self.outbox.close()
         if not self.io.is_alive():  # else term() would wait on its socket; the process ends anyway
             self.zctx.term()
 
