@@ -59,6 +59,13 @@ class EventStream:
 
     async def _within(self, write) -> None:
         try:
-            await asyncio.wait_for(write, self.timeout)
+            if _timeout is None:  # Python 3.10
+                await asyncio.wait_for(write, self.timeout)
+            else:  # a timer, not a task per event as wait_for makes
+                async with _timeout(self.timeout):
+                    await write
         except asyncio.TimeoutError:  # (not the built-in TimeoutError before Python 3.11)
             raise SlowReader from None
+
+
+_timeout = getattr(asyncio, "timeout", None)
