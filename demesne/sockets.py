@@ -62,3 +62,10 @@ def remove(endpoint: str) -> None:
             os.unlink(path)
         except OSError:
             pass
+
+
+def has_input(sock: zmq.Socket) -> bool:
+    """A frame waits on ``sock``. Asking also takes the signal of the socket's descriptor
+    (``ZMQ_FD``), as any use of the socket may: whoever waits on that descriptor must ask
+    again after its own sends and reads, not only when it signals."""
+    return bool(sock.getsockopt(zmq.EVENTS) & zmq.POLLIN)

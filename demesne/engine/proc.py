@@ -97,7 +97,7 @@ class EngineIO(threading.Thread):
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self._stopping = False  # the step loop is done: close once its replies are read
-        self._unreachable: list[bytes] = []  # gateways a send failed for: forgotten by the I/O thread
+        self._unreachable: dict[bytes, str] = {}  # gateways a send failed for, and why: forgotten by the I/O thread
         self.last_seen: dict[bytes, float] = {}
         self.refused: set[bytes] = set()  # gateways of another protocol version
         # Gateways that pinged this process (and were not since taken as gone). A gateway
@@ -118,20 +118,20 @@ class EngineIO(threading.Thread):
             for client, frame in frames:
                 self._handle(client, frame)
             with self.lock:
-                while self.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                while sockets.has_input(self.monitor):
                     self._handshake_failed()
                 if self._stopping and self.closing_until is None:
                     self._start_closing()
-                for client in self._unreachable:
+                for client, why in self._unreachable.items():
                     if client in self.last_seen:
-                        log.warning("a gateway cannot be reached; aborting its requests")
+                        log.warning("a gateway cannot be reached (%s); aborting its requests", why)
                         self._forget(client)
                 self._unreachable.clear()
                 self._forget_silent()
                 self._announce_drain()
                 if self._closed():
                     break
-                if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                if sockets.has_input(self.sock):
                     continue  # (our own sends may have taken the descriptor's signal)
             select.select(fds, [], [], IO_WAIT)
             self._drain_wakes()
@@ -151,7 +151,7 @@ class EngineIO(threading.Thread):
         with self.lock:
             for client, frame in frames:
                 self._send_frame(client, frame)
-            if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if sockets.has_input(self.sock):
                 self._wake()
 
     def stop(self) -> None:
@@ -204,7 +204,7 @@ class EngineIO(threading.Thread):
         """Every frame waiting on the socket (read under the lock, handled outside it: a
         large request takes its time to check, and the step loop may want to send)."""
         frames = []
-        while self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+        while sockets.has_input(self.sock):
             parts = self.sock.recv_multipart(zmq.NOBLOCK)
             if len(parts) == 2:  # else: not one of ours
                 self.last_seen[parts[0]] = time.monotonic()
@@ -275,9 +275,8 @@ class EngineIO(threading.Thread):
             try:
                 self.sock.send_multipart([client, frame], zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # EHOSTUNREACH: it disconnected; EAGAIN: it stopped reading
-                log.debug("sending to a gateway: %s", exc.strerror)
                 self.awaiting_bye.discard(client)
-                self._unreachable.append(client)  # forgotten by the I/O thread
+                self._unreachable[client] = exc.strerror  # forgotten by the I/O thread
                 self._wake()
 
     def _forget_silent(self) -> None:

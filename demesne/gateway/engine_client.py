@@ -43,6 +43,7 @@ from zmq.utils.monitor import parse_monitor_message
 
 from .. import curve
 from .. import protocol as p
+from .. import sockets
 from ..config import ConfigError, GatewayConfig
 from .engine_link import HANDSHAKE_FAILURES, EngineConn, close_socket, open_socket
 from .models import ModelRegistry
@@ -300,7 +301,7 @@ class EngineClient:
         for _ in range(DRAIN_BATCH):
             try:
                 # (asking first: a recv that finds nothing raises, and that costs more)
-                if sock.closed or not sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                if sock.closed or not sockets.has_input(sock):
                     return
                 frame = sock.recv(zmq.NOBLOCK)
             except zmq.ZMQError as exc:  # closed under us: its successor has its own reader
@@ -409,8 +410,8 @@ class EngineClient:
                 # (a drained engine's last deltas) may still wait unread on the data socket.
                 # The listener reads them first, however long that takes on a busy host.
                 await asyncio.sleep(DISCONNECT_GRACE)
-                while not engine.connected and engine.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    self._drain(engine)  # (reading EVENTS took the descriptor's signal)
+                while not engine.connected and sockets.has_input(engine.sock):
+                    self._drain(engine)  # (asking took the descriptor's signal)
                     await asyncio.sleep(0.05)
                 if not engine.connected:
                     self._fail_inflight(engine, f"engine {engine.endpoint} went away")
