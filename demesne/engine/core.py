@@ -116,6 +116,7 @@ class Engine:
         speculator = Speculator(config.draft_max, runner.eog, draft_model and draft_model.costs)
         try:
             speculator.costs.calibrate(runner.time_rows, min(config.batch_size, 2 * config.max_seqs * (config.draft_max + 1)))
+            log.info("step costs measured for speculative decoding: %s", speculator.costs.describe())
         except DecodeError as exc:
             log.warning("measuring step costs failed (%s); serving without speculative decoding", exc)
             if draft_model:

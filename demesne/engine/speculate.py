@@ -35,15 +35,31 @@ is big enough that rows cost more than they bring, nobody drafts.
 
 from __future__ import annotations
 
+import bisect
+import math
 from dataclasses import dataclass
 
 import numpy as np
+
+try:
+    import resource
+except ImportError:  # Windows: preemptions are not counted
+    pass
 
 NGRAM_SIZES = (6, 4, 3, 2)  # longest first: a longer match is a better guess
 PRIOR_WEIGHT = 4.0  # draft tokens' worth of the engine-wide rate in a sequence's estimate
 MEMORY = 0.99  # the engine-wide counts fade by this at each verification
 OPTIMISM = 1.5  # standard deviations added to a sequence's estimated acceptance rate
-CALIBRATION_SECONDS = 2.0  # the most the start-up measurement of step costs may take
+CALIBRATION_SECONDS = 2.0  # the undisturbed seconds the start-up measurement of step costs may take
+CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # output rows measured at start
+CALIBRATION_TRIES = 4  # rounds over them at most (two undisturbed measurements a size are enough)
+SUBADDITIVE_SLACK = 1.25  # a size may cost this much more than two smaller ones adding up to it
+# A quiet machine preempts a decode a few times (timers, kernel threads: measured here up to
+# ~40 per second); another process competing for the cores, every scheduler slice (~250 per second).
+QUIET_SWITCHES, QUIET_SWITCH_RATE = 2, 100.0
+SCALE_RATE = 0.1  # how fast the step-cost scale follows the steps measured (a moving average)
+SHAPE_RATE = 0.1  # how fast the curve's knots do, from what sets one size apart from the rest
+LEARN_CLIP = 0.5  # the largest log error one step may teach
 MIN_GAIN = 1.02  # drafting must promise this much more throughput than not drafting
 
 
@@ -124,35 +140,83 @@ class SpecState:
 class StepCosts:
     """Seconds of a step by its number of output rows (in one ubatch).
 
-    The *shape* of the curve is measured once at start (:meth:`calibrate`: decodes of 1, 2,
-    3, 4, 6, ... rows; not linear on a CPU, where two rows may cost nearly as much as four, so
-    nothing is assumed about it) and interpolated between; its *scale* follows the
-    decode-only steps the engine runs (longer contexts make every step dearer), as a moving
-    average of measured over calibrated seconds.
+    The *shape* of the curve is measured at start (:meth:`calibrate`: decodes of 1, 2, 3, 4,
+    6, ... rows; not linear on a CPU, where two rows may cost nearly as much as four, so
+    nothing is assumed about it) and interpolated between; its *scale* follows every
+    decode-only step the engine runs (longer contexts make every step dearer), as a moving
+    average of measured over predicted seconds. The shape learns too, slowly, from the steps
+    of each size: a start-up measurement another process disturbed, or one that could only
+    extrapolate to the sizes verification uses, is corrected by the steps served instead of
+    steering every drafting decision for the life of the process.
     """
 
     def __init__(self) -> None:
         self.sizes = np.zeros(0)
         self.curve = np.zeros(0)
         self.scale = 1.0
+        self.mean_error = 0.0  # the recent average log error of predictions (see rescale)
+        self.shape_rate = SHAPE_RATE
+        self.disturbed = 0  # sizes of the calibration never measured without another process
 
-    def calibrate(self, time_rows, most: int, budget: float = CALIBRATION_SECONDS) -> None:
+    def calibrate(self, time_rows, most: int, budget: float = CALIBRATION_SECONDS, preemptions=None) -> None:
         """Measure the curve with ``time_rows(n)`` (seconds of a decode of n output rows),
-        from one row up, until ``budget`` seconds are spent (a large model on a CPU stops
-        early; beyond the last size measured the curve goes on along its last slope)."""
+        from one row up to ``most``, until ``budget`` seconds of undisturbed measurement are
+        spent (a large model on a CPU stops early; beyond the last size measured the curve
+        goes on along its last slope, to knots at doubling sizes up to ``most`` that the
+        served steps then correct).
+
+        Another process taking the cores only ever adds time, so each size keeps its least
+        time; a measurement during which this process was preempted more than a quiet machine
+        preempts it (``preemptions()``: involuntary context switches so far) was disturbed
+        and is taken again in the next round over the sizes, up to :data:`CALIBRATION_TRIES`
+        rounds; a size never measured undisturbed keeps its least disturbed time, and
+        :func:`_sane` caps what that can bend."""
+        preemptions = preemptions or _preemptions
         time_rows(1)  # warm-up: the first decode pays one-time costs
-        sizes, curve, spent = [], [], 0.0
-        for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64):
-            if n > most or (spent > budget and len(sizes) >= 2):
+        quiet: dict[int, list[float]] = {}  # by size measured: its undisturbed measurements
+        noisy: dict[int, list[float]] = {}  # ...and the disturbed ones
+        spent = total = 0.0
+        # Rounds over the sizes: what a disturbance spoiled is taken again in a later round,
+        # when the other process may be gone, rather than at once.
+        for round_ in range(CALIBRATION_TRIES):
+            for n in CALIBRATION_SIZES:
+                if n > most or total > CALIBRATION_TRIES * budget or (n not in quiet and len(quiet) >= 2 and spent > budget):
+                    break
+                got = quiet.setdefault(n, [])
+                for _ in range(2 - len(got) if round_ == 0 else min(1, 2 - len(got))):
+                    before = preemptions()
+                    seconds = time_rows(n)
+                    total += seconds
+                    if preemptions() - before <= QUIET_SWITCHES + QUIET_SWITCH_RATE * seconds:
+                        got.append(seconds)
+                        spent += seconds
+                    else:
+                        noisy.setdefault(n, []).append(seconds)
+            if all(len(got) >= 2 for got in quiet.values()):
                 break
-            # Twice, the least: another process taking the cores only ever adds time.
-            first, second = time_rows(n), time_rows(n)
-            sizes.append(n)
-            curve.append(min(first, second))
-            spent += first + second
+        sizes = sorted(quiet)
+        curve = [min(quiet[n] or noisy[n]) for n in sizes]
+        self.disturbed = sum(not quiet[n] for n in sizes)
         self.sizes = np.array(sizes, np.float64)
-        # A size dearer than a larger one was disturbed too: it costs what the larger one does.
-        self.curve = np.minimum.accumulate(np.array(curve)[::-1])[::-1]
+        self.curve = _sane(self.sizes, np.array(curve))
+        if self.sizes[-1] < most and len(sizes) >= 2:  # knots for the sizes verification uses
+            self._extend(most)
+            self.curve = _sane(self.sizes, self.curve)
+
+    def _extend(self, most: int) -> None:
+        """Knots at doubling sizes up to ``most``, on a line through the last size measured
+        whose slope is fitted to the upper half of the measured sizes (one size's error, bent
+        over eight times its rows, would mislead the larger verifications most)."""
+        sizes, curve = self.sizes, self.curve
+        upper = sizes >= sizes[-1] / 2
+        slope = float(np.polyfit(sizes[upper], curve[upper], 1)[0])
+        last = sizes[-1]
+        extra = []
+        while (extra[-1] if extra else last) < most:
+            extra.append(min(2 * (extra[-1] if extra else last), most))
+        extra = np.array(extra, np.float64)
+        self.sizes = np.concatenate([sizes, extra])
+        self.curve = np.concatenate([curve, curve[-1] + max(slope, 0.0) * (extra - last)])
 
     def predict(self, rows: int) -> float:
         sizes, curve = self.sizes, self.curve
@@ -161,8 +225,57 @@ class StepCosts:
         slope = (curve[-1] - curve[-2]) / (sizes[-1] - sizes[-2]) if len(sizes) > 1 else curve[-1]
         return self.scale * float(curve[-1] + slope * (rows - sizes[-1]))
 
+    def rescale(self, seconds: float, predicted: float) -> float:
+        """A step predicted to take ``predicted`` seconds took ``seconds``: the scale moves.
+        Returns what this step's error says about its own shape: the (log) error less the
+        recent average error of all steps. A change common to all sizes (the machine, the
+        context length) is the scale's and teaches no shape, however it arrives: only a
+        lasting difference between sizes does."""
+        error = min(LEARN_CLIP, max(-LEARN_CLIP, math.log(seconds / predicted)))
+        self.scale *= math.exp(SCALE_RATE * error)
+        self.mean_error += SCALE_RATE * (error - self.mean_error)
+        return error - self.mean_error
+
     def observe(self, rows: int, seconds: float) -> None:
-        self.scale = 0.9 * self.scale + 0.1 * seconds / (self.predict(rows) / self.scale)
+        """A decode of one ubatch of ``rows`` output rows took ``seconds``: the scale moves,
+        and the curve's two knots around ``rows`` by what is this size's own."""
+        own = self.shape_rate * self.rescale(seconds, self.predict(rows))
+        sizes, curve = self.sizes, self.curve
+        j = bisect.bisect_left(sizes, rows)
+        if j >= len(sizes) or sizes[j] == rows or j == 0:  # at a knot, or beyond the last
+            curve[min(j, len(sizes) - 1)] *= math.exp(own)
+        else:
+            w = (rows - sizes[j - 1]) / (sizes[j] - sizes[j - 1])
+            curve[j - 1] *= math.exp((1.0 - w) * own)
+            curve[j] *= math.exp(w * own)
+
+    def describe(self) -> str:
+        shown = [(int(n), c) for n, c in zip(self.sizes, self.curve) if n in (1, 4, 16, 64) or n == self.sizes[-1]]
+        text = ", ".join(f"{n} {'row' if n == 1 else 'rows'} {c * 1e3:.1f} ms" for n, c in shown)
+        return text + (f" ({self.disturbed} sizes measured only while another process ran)" if self.disturbed else "")
+
+
+def _sane(sizes: np.ndarray, curve: np.ndarray) -> np.ndarray:
+    """A measured curve with its disturbed points pulled down to what the others allow: a
+    decode of a + b rows costs about one of a rows plus one of b rows at most (it could be run
+    as those two; measured here, 32 rows cost up to 5% more than twice 16), and a size dearer
+    than a larger one costs what that one does."""
+    curve = curve.copy()
+    for j in range(1, len(sizes)):
+        for a in sizes[: j]:
+            if a > sizes[j] / 2:
+                break
+            both = np.interp(a, sizes, curve) + np.interp(sizes[j] - a, sizes, curve)
+            curve[j] = min(curve[j], SUBADDITIVE_SLACK * both)
+    return np.minimum.accumulate(curve[::-1])[::-1]
+
+
+def _preemptions() -> int:
+    """Involuntary context switches of this process so far (0 where the OS does not say)."""
+    try:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
+    except (NameError, OSError):  # no resource module (Windows)
+        return 0
 
 
 class Speculator:
@@ -180,8 +293,8 @@ class Speculator:
         # By n-gram size: accepted and verified draft tokens, fading (a longer match is a
         # better guess, and how much better depends on the model and the workload).
         self.by_size = {n: [0.0, 0.0] for n in (*NGRAM_SIZES, MODEL)}
-        # Measured over predicted seconds of steps where some sequences draft and others do
-        # not (two ubatches: the one-token rows of all, then the drafts' other rows).
+        # What steps where some sequences draft and others do not cost over the sum of their
+        # two ubatches (the one-token rows of all, then the drafts' other rows), learned.
         self.split = 1.0
 
     def before_end(self, draft: list[int]) -> list[int]:
@@ -265,11 +378,16 @@ class Speculator:
         return self.split * (self.costs.predict(n) + self.costs.predict(k * s))
 
     def observe(self, n: int, k: int, s: int, seconds: float) -> None:
-        """A decode of ``n`` sequences, ``s`` of which fed ``k`` draft tokens, took ``seconds``."""
+        """A decode of ``n`` sequences, ``s`` of which fed ``k`` draft tokens, took ``seconds``.
+        Every such step teaches the scale (a curve that only steps of two ubatches ran would
+        otherwise never learn that it predicts them all wrong); one of two ubatches teaches
+        their factor what sets such steps apart from the rest, never below 1: two ubatches
+        cost at least what each costs alone."""
         if s == 0 or s == n:
             self.costs.observe(n * (k + 1) if s else n, seconds)
-        else:
-            self.split = 0.9 * self.split + 0.1 * seconds / (self.step_seconds(n, k, s) / self.split)
+            return
+        own = self.costs.rescale(seconds, self.step_seconds(n, k, s))
+        self.split = max(1.0, self.split * math.exp(self.costs.shape_rate * own))
 
     def stats(self) -> dict[str, float]:
         return {
