@@ -53,6 +53,7 @@ OPTIMISM = 1.5  # standard deviations added to a sequence's estimated acceptance
 CALIBRATION_SECONDS = 2.0  # the undisturbed seconds the start-up measurement of step costs may take
 CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # output rows measured at start
 CALIBRATION_TRIES = 4  # rounds over them at most (two undisturbed measurements a size are enough)
+CALIBRATION_CAP = 2.0  # times the budget that all measurements, disturbed ones too, may take
 SUBADDITIVE_SLACK = 1.25  # a size may cost this much more than two smaller ones adding up to it
 # A quiet machine preempts a decode a few times (timers, kernel threads: measured here up to
 # ~40 per second); another process competing for the cores, every scheduler slice (~250 per second).
@@ -156,21 +157,23 @@ class StepCosts:
         self.scale = 1.0
         self.mean_error = 0.0  # the recent average log error of predictions (see rescale)
         self.shape_rate = SHAPE_RATE
-        self.disturbed = 0  # sizes of the calibration never measured without another process
+        self.measured = 0  # sizes the calibration measured (the knots after them are extrapolated)
+        self.disturbed = 0  # ...of which it never measured without another process running
 
     def calibrate(self, time_rows, most: int, budget: float = CALIBRATION_SECONDS, preemptions=None) -> None:
         """Measure the curve with ``time_rows(n)`` (seconds of a decode of n output rows),
         from one row up to ``most``, until ``budget`` seconds of undisturbed measurement are
-        spent (a large model on a CPU stops early; beyond the last size measured the curve
-        goes on along its last slope, to knots at doubling sizes up to ``most`` that the
-        served steps then correct).
+        spent, or twice that in all (a large model on a CPU stops early; beyond the last size
+        measured the curve goes on along a fitted slope, to knots at doubling sizes up to
+        ``most`` that the served steps then correct).
 
         Another process taking the cores only ever adds time, so each size keeps its least
         time; a measurement during which this process was preempted more than a quiet machine
         preempts it (``preemptions()``: involuntary context switches so far) was disturbed
         and is taken again in the next round over the sizes, up to :data:`CALIBRATION_TRIES`
-        rounds; a size never measured undisturbed keeps its least disturbed time, and
-        :func:`_sane` caps what that can bend."""
+        rounds, while a round still finds the machine quiet at times; a size never measured
+        undisturbed keeps its least disturbed time, and :func:`_sane` caps what that can
+        bend."""
         preemptions = preemptions or _preemptions
         time_rows(1)  # warm-up: the first decode pays one-time costs
         quiet: dict[int, list[float]] = {}  # by size measured: its undisturbed measurements
@@ -179,8 +182,9 @@ class StepCosts:
         # Rounds over the sizes: what a disturbance spoiled is taken again in a later round,
         # when the other process may be gone, rather than at once.
         for round_ in range(CALIBRATION_TRIES):
+            calm = 0  # undisturbed measurements this round
             for n in CALIBRATION_SIZES:
-                if n > most or total > CALIBRATION_TRIES * budget or (n not in quiet and len(quiet) >= 2 and spent > budget):
+                if n > most or total > CALIBRATION_CAP * budget or (n not in quiet and len(quiet) >= 2 and spent > budget):
                     break
                 got = quiet.setdefault(n, [])
                 for _ in range(2 - len(got) if round_ == 0 else min(1, 2 - len(got))):
@@ -190,13 +194,14 @@ class StepCosts:
                     if preemptions() - before <= QUIET_SWITCHES + QUIET_SWITCH_RATE * seconds:
                         got.append(seconds)
                         spent += seconds
+                        calm += 1
                     else:
                         noisy.setdefault(n, []).append(seconds)
-            if all(len(got) >= 2 for got in quiet.values()):
-                break
+            if calm == 0 or all(len(got) >= 2 for got in quiet.values()):
+                break  # done, or the machine stays busy: the served steps will correct the curve
         sizes = sorted(quiet)
         curve = [min(quiet[n] or noisy[n]) for n in sizes]
-        self.disturbed = sum(not quiet[n] for n in sizes)
+        self.measured, self.disturbed = len(sizes), sum(not quiet[n] for n in sizes)
         self.sizes = np.array(sizes, np.float64)
         self.curve = _sane(self.sizes, np.array(curve))
         if self.sizes[-1] < most and len(sizes) >= 2:  # knots for the sizes verification uses
@@ -252,7 +257,8 @@ class StepCosts:
     def describe(self) -> str:
         shown = [(int(n), c) for n, c in zip(self.sizes, self.curve) if n in (1, 4, 16, 64) or n == self.sizes[-1]]
         text = ", ".join(f"{n} {'row' if n == 1 else 'rows'} {c * 1e3:.1f} ms" for n, c in shown)
-        return text + (f" ({self.disturbed} sizes measured only while another process ran)" if self.disturbed else "")
+        busy = f"; {self.disturbed} of {self.measured} sizes measured only while another process ran" if self.disturbed else ""
+        return f"{text} ({self.measured} sizes measured{busy})"
 
 
 def _sane(sizes: np.ndarray, curve: np.ndarray) -> np.ndarray:
