@@ -165,6 +165,10 @@ def test_calibration_stops_at_its_budget_and_extrapolates():
     assert max(calls) == 2 and list(costs.sizes[:3]) == [1, 2, 4]  # then knots up to 64
     assert costs.predict(16) == pytest.approx(16.0)
     assert costs.predict(64) == pytest.approx(64.0)
+    flat = StepCosts()  # a top the machine disturbed, flat: rows beyond it are not free
+    flat.calibrate(lambda n: {1: 0.05, 2: 0.1}.get(n, 0.12), 544, budget=100.0, preemptions=lambda: 0)
+    assert flat.measured == 12 and flat.sizes[-1] == 544
+    assert flat.predict(544) == pytest.approx(0.12 + 480 * 0.25 * 0.12 / 64)
 
 
 class Machine:

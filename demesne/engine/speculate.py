@@ -54,6 +54,7 @@ CALIBRATION_SECONDS = 2.0  # the undisturbed seconds the start-up measurement of
 CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # output rows measured at start
 CALIBRATION_TRIES = 4  # rounds over them at most (two undisturbed measurements a size are enough)
 CALIBRATION_CAP = 2.0  # times the budget that all measurements, disturbed ones too, may take
+MIN_SLOPE = 0.25  # the least cost of a row beyond the measured sizes, over their average
 SUBADDITIVE_SLACK = 1.25  # a size may cost this much more than two smaller ones adding up to it
 # A quiet machine preempts a decode a few times (timers, kernel threads: measured here up to
 # ~40 per second); another process competing for the cores, every scheduler slice (~250 per second).
@@ -221,7 +222,10 @@ class StepCosts:
             extra.append(min(2 * (extra[-1] if extra else last), most))
         extra = np.array(extra, np.float64)
         self.sizes = np.concatenate([sizes, extra])
-        self.curve = np.concatenate([curve, curve[-1] + max(slope, 0.0) * (extra - last)])
+        # A row costs at least a quarter of the average row so far (a disturbed, flat top
+        # would make every verification look free; on a GPU the slope is nearer 0.4 of it).
+        slope = max(slope, MIN_SLOPE * curve[-1] / last)
+        self.curve = np.concatenate([curve, curve[-1] + slope * (extra - last)])
 
     def predict(self, rows: int) -> float:
         sizes, curve = self.sizes, self.curve
