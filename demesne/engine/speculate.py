@@ -44,7 +44,7 @@ import numpy as np
 try:
     import resource
 except ImportError:  # Windows: preemptions are not counted
-    pass
+    resource = None
 
 NGRAM_SIZES = (6, 4, 3, 2)  # longest first: a longer match is a better guess
 PRIOR_WEIGHT = 4.0  # draft tokens' worth of the engine-wide rate in a sequence's estimate
@@ -188,7 +188,8 @@ class StepCosts:
                 if n > most or total > CALIBRATION_CAP * budget or (n not in quiet and len(quiet) >= 2 and spent > budget):
                     break
                 got = quiet.setdefault(n, [])
-                for _ in range(2 - len(got) if round_ == 0 else min(1, 2 - len(got))):
+                wanted = 2 - len(got) if round_ == 0 else min(1, 2 - len(got))  # later rounds: one more
+                for _ in range(wanted):
                     before = preemptions()
                     seconds = time_rows(n)
                     total += seconds
@@ -216,10 +217,11 @@ class StepCosts:
         sizes, curve = self.sizes, self.curve
         upper = sizes >= sizes[-1] / 2
         slope = float(np.polyfit(sizes[upper], curve[upper], 1)[0])
-        last = sizes[-1]
+        last = edge = sizes[-1]
         extra = []
-        while (extra[-1] if extra else last) < most:
-            extra.append(min(2 * (extra[-1] if extra else last), most))
+        while edge < most:
+            edge = min(2 * edge, most)
+            extra.append(edge)
         extra = np.array(extra, np.float64)
         self.sizes = np.concatenate([sizes, extra])
         # A row costs at least a quarter of the average row so far (a disturbed, flat top
@@ -282,10 +284,7 @@ def _sane(sizes: np.ndarray, curve: np.ndarray) -> np.ndarray:
 
 def _preemptions() -> int:
     """Involuntary context switches of this process so far (0 where the OS does not say)."""
-    try:
-        return resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw
-    except (NameError, OSError):  # no resource module (Windows)
-        return 0
+    return resource.getrusage(resource.RUSAGE_SELF).ru_nivcsw if resource is not None else 0
 
 
 class Speculator:
