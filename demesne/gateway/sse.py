@@ -27,6 +27,9 @@ class EventStream:
     # it to megabytes, minutes of tokens, before a write has to wait. With the 64 KiB aiohttp
     # writes between drains, a client that stops reading blocks the writer within ~150 KiB.
     SEND_BUFFER = 32 * 1024
+    # An event this small, into an empty transport buffer, cannot fill it past the transport's
+    # high-water mark (64 KiB by default), so it is written without a timer.
+    UNTIMED_WRITE = 16 * 1024
 
     def __init__(self, request: web.Request, timeout: float):
         self.request = request
@@ -46,16 +49,27 @@ class EventStream:
     async def send(self, obj: dict, event: str | None = None) -> None:
         """One event; ``event`` names it (Anthropic's streams name every event)."""
         head = b"event: " + event.encode() + b"\n" if event else b""
-        await self._within(self.response.write(head + b"data: " + orjson.dumps(obj) + b"\n\n"))
+        await self._write(head + b"data: " + orjson.dumps(obj) + b"\n\n")
 
     async def close(self, done: bool = True) -> None:
         """``done``: OpenAI's closing ``data: [DONE]`` (Anthropic's streams end without it)."""
         if done:
-            await self._within(self.response.write(b"data: [DONE]\n\n"))
+            await self._write(b"data: [DONE]\n\n")
         try:
             await self._within(self.response.write_eof())
         except ConnectionResetError:  # the client had [DONE] and closed before the chunked end
             pass
+
+    async def _write(self, data: bytes) -> None:
+        transport = self.request.transport
+        if len(data) <= self.UNTIMED_WRITE and transport is not None and transport.get_write_buffer_size() == 0:
+            # Nothing waits in the transport, so this write cannot wait for the client: the
+            # event goes to the kernel at once or stays buffered below the high-water mark
+            # (aiohttp waits only in a drain, and only while the transport is paused above
+            # it). A timer per event cost ~15% of the gateway's time per streamed token.
+            await self.response.write(data)
+        else:
+            await self._within(self.response.write(data))
 
     async def _within(self, write) -> None:
         try:
