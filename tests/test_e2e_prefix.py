@@ -7,7 +7,7 @@ import asyncio
 import openai
 import pytest
 
-from conftest import API_KEY
+from conftest import API_KEY, wait_for
 from test_e2e_resilience import engine_stats
 
 pytestmark = pytest.mark.e2e
@@ -41,8 +41,12 @@ async def test_repeated_prompt_reports_cached_tokens(server, http, model_id):
     second = await client.chat.completions.create(model=model_id, messages=messages, max_tokens=4, temperature=0)
     assert second.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens - 1
     assert second.choices[0].message.content == first.choices[0].message.content
-    stats = await engine_stats(http, server.url)
-    assert stats["prompt_tokens_cached_total"] > 0 and stats["prefix_cache_nodes"] > 0
+
+    async def cached():  # the engine's counters reach /metrics with its next Pong
+        stats = await engine_stats(http, server.url)
+        return stats["prompt_tokens_cached_total"] > 0 and stats["prefix_cache_nodes"] > 0
+
+    await wait_for(cached, timeout=10)
 
 
 async def test_cache_and_no_cache_agree(server, uncached_url, model_id):

@@ -117,6 +117,39 @@ def test_a_returning_conversation_continues_in_place(low_thresholds):
     assert sim.prefill <= 5 and again.tokens == expected(again.tokens[: again.prompt_len], 2)
 
 
+def test_a_distinct_prompt_takes_an_empty_slot_not_an_idle_conversation(low_thresholds):
+    """Sharing only a first token (a BOS) with an idle slot is not worth its conversation:
+    the request takes an empty stream, nothing is saved on its first token's path, and the
+    conversation still continues in place. Once no slot is empty, the least recently used
+    one is taken (and saved)."""
+    sim = Sim(max_seqs=3, n_cells=64, budget=64)
+
+    def slot_of(s: Sequence) -> int:
+        [slot] = [i for i, slot in enumerate(sim.sched.slots) if list(slot.held[: s.prompt_len]) == s.tokens[: s.prompt_len]]
+        return slot
+
+    a, b, c, d = (seq(r, [1] + list(range(k, k + 20)), 3) for r, k in (("a", 10), ("b", 40), ("c", 70), ("d", 100)))
+    sim.add(a)
+    sim.run()
+    sim.add(b)
+    sim.run()
+    assert b.n_cached == 0 and slot_of(a) != slot_of(b)
+    assert sim.tiers.counters.saves == 0  # a's slot was left alone
+    sim.add(c)
+    sim.run()
+    assert len({slot_of(a), slot_of(b), slot_of(c)}) == 3 and sim.tiers.counters.saves == 0
+    was_a = slot_of(a)
+    sim.add(d)
+    sim.run()
+    assert slot_of(d) == was_a and sim.tiers.counters.saves > 0  # the least recently used, saved
+    again = seq("b2", b.tokens + [5, 6], 2)
+    sim.add(again)
+    sim.run()
+    assert again.n_cached == len(b.tokens) - 1  # in place: all but b's last sampled token
+    for s in (a, b, c, d, again):
+        assert s.tokens == expected(s.tokens[: s.prompt_len], s.max_tokens)
+
+
 def test_concurrent_requests_on_one_new_prefix_compute_it_once(low_thresholds):
     sim = Sim(max_seqs=4, n_cells=128, budget=16)
     prefix = list(range(100, 160))

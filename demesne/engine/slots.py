@@ -22,7 +22,9 @@ the best of:
   waits in the queue (others pass) and copies it once computed, so a prefix is decoded once
   however many requests arrive with it together.
 
-The target of a copy or restore is the least recently used idle slot (an empty one first);
+The target of a copy or restore is the least recently used idle slot (an empty one first), as
+it is for a request that would gain fewer than ``MIN_GAIN`` tokens in place where that would
+cut as many from the slot (a distinct prompt: its BOS alone is not worth a conversation);
 whatever a slot's tokens lose (the whole stream or a cut tail) is saved to the host tier first
 when worth keeping. On an SWA model a restored state lacks the sliding-window layers' cells
 below its last ``n_swa`` positions (its *gap*): it may be continued from its end, or kept up
@@ -274,6 +276,10 @@ class SlotScheduler:
                 return self._start(seq, target, n)
             if in_place is target:
                 in_place_m = 0
+        if in_place_m < tiering.MIN_GAIN and not len(target.held) and len(in_place.held) >= in_place_m + tiering.MIN_GAIN:
+            # A few shared tokens (a BOS) are not worth what the idle slot would lose (saved to
+            # the tiers on the first token's path, or gone): an empty slot takes the request.
+            in_place, in_place_m = target, 0
         if source is not in_place and source_m >= in_place_m + tiering.MIN_GAIN:
             self._save(target, 0)
             self.kv.copy_stream(source.seq_id, target.seq_id)
