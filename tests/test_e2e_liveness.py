@@ -281,6 +281,53 @@ async def test_replies_sent_before_an_engine_closes_all_arrive(processes, model_
         zctx.term()
 
 
+async def test_a_request_refused_as_draining_goes_to_another_engine(processes, model_path, model_id, tokenizer):
+    """An engine that refuses requests as draining while its Pongs do not yet say so (its
+    SIGTERM came mid-step): the gateway sends each such request to the other engine, and the
+    client gets its whole completion instead of a 503."""
+    zctx = zmq.asyncio.Context()
+    model, vocab = fake_model(model_id, model_path)
+    token = tokenizer.encode(" word")[-1]
+    n = 5
+    endpoints = [processes.endpoint("engine-refuses-draining"), processes.endpoint("engine-serves")]
+    socks = [zctx.socket(zmq.ROUTER) for _ in endpoints]
+    for sock, endpoint in zip(socks, endpoints):
+        sock.bind(endpoint)
+    refused: list[str] = []
+
+    async def fake_engine(sock, refuse: bool):
+        while True:
+            client, frame = await sock.recv_multipart()
+            msg = p.decode(frame)
+            if isinstance(msg, p.Ping):
+                await sock.send_multipart([client, p.encode(p.Pong(msg.sent, f"fake-{refuse}", model, {}))])
+            elif isinstance(msg, p.GetVocab):
+                await sock.send_multipart([client, p.encode(vocab)])
+            elif isinstance(msg, p.Generate) and refuse:
+                refused.append(msg.rid)
+                error = p.Error(msg.rid, 503, "the engine is shutting down; retry", "engine_draining")
+                await sock.send_multipart([client, p.encode(error)])
+            elif isinstance(msg, p.Generate):
+                for i in range(n):
+                    last = i == n - 1
+                    delta = p.Delta(msg.rid, [token], "length" if last else None, len(msg.prompt) if last else 0)
+                    await sock.send_multipart([client, p.encode(p.Deltas([delta]))])
+
+    tasks = [asyncio.ensure_future(fake_engine(sock, refuse)) for sock, refuse in zip(socks, (True, False))]
+    try:
+        _, url = await asyncio.to_thread(processes.gateway, endpoints, "--route", "round-robin")
+        async with aiohttp.ClientSession() as http:
+            await _wait_engines_up(http, url, 2)
+            results = await asyncio.wait_for(asyncio.gather(*(stream_completion(http, url, model_id, n) for _ in range(4))), timeout=60)
+        assert refused  # round-robin sent some to the refusing engine
+        for result in results:
+            assert_complete(result, n)
+    finally:
+        for task in tasks:
+            task.cancel()
+        zctx.destroy(linger=0)
+
+
 def _gateway_unhealthy(processes, endpoint: str):
     """A gateway whose only engine never becomes healthy: wait for it to listen."""
     port = free_port()

@@ -10,7 +10,8 @@ can take *new* requests and whether its *running* requests are lost are differen
 - an engine whose connection closed (the process exited; ZeroMQ's socket monitor says so at
   once, TCP keepalive for a vanished host) or that restarted (a new engine id) has lost its
   requests: they fail at once with :class:`EngineUnavailable` (the gateway answers 503);
-- an engine that is draining (SIGTERM) finishes its requests and gets no new ones;
+- an engine that is draining (SIGTERM) finishes its requests and gets no new ones; one
+  that refuses a request as draining before its Pong said so has it sent to another engine;
 - an engine of another protocol version, or claiming a model id that a live engine serves
   with another fingerprint (models.py), is refused, with one log line and a clear 503;
 - an engine whose model this gateway has not loaded yet (its vocabulary is on its way) waits.
@@ -208,6 +209,10 @@ class EngineClient:
                     if finished:
                         return
                 elif isinstance(item, p.Error):
+                    other = self._elsewhere(engine, req, item)
+                    if other is not None:
+                        engine = other
+                        continue
                     finished = True
                     raise EngineRefused(item)
                 else:
@@ -217,6 +222,28 @@ class EngineClient:
             self._forget(req.rid)
             if not finished:  # whatever the engine's state: it may still be decoding it
                 self._try_send(engine, p.Abort(req.rid))
+
+    def _elsewhere(self, engine: EngineConn, req: p.Generate, error: p.Error) -> EngineConn | None:
+        """A request an engine refused because it is draining (its SIGTERM came before the
+        Pong saying so) is sent again, as it is, to another engine serving the model, if one
+        can take it: the engine did no work on it, and the client need not retry. None: the
+        refusal stands."""
+        if error.code != "engine_draining" or engine.info is None:
+            return None
+        if not engine.draining:
+            log.warning("engine %s is draining; new requests go elsewhere", engine.endpoint)
+            engine.draining = True  # so it is not picked again: at most one resend per engine
+        try:
+            other = self.pick(engine.info.id, req.prompt)
+        except EngineUnavailable:
+            return None
+        engine.routed -= 1  # it served nothing
+        engine.inflight.discard(req.rid)
+        self._owner[req.rid] = other
+        other.inflight.add(req.rid)
+        if not self._try_send(other, req):
+            return None
+        return other
 
     def why_unavailable(self, model_id: str) -> str:
         """Why no engine can take a request for ``model_id``, in words for the client."""
