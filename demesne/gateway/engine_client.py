@@ -230,9 +230,7 @@ class EngineClient:
         refusal stands."""
         if error.code != "engine_draining" or engine.info is None:
             return None
-        if not engine.draining:
-            log.warning("engine %s is draining; new requests go elsewhere", engine.endpoint)
-            engine.draining = True  # so it is not picked again: at most one resend per engine
+        _set_draining(engine, True)  # so it is not picked again: at most one resend per engine
         try:
             other = self.pick(engine.info.id, req.prompt)
         except EngineUnavailable:
@@ -378,9 +376,7 @@ class EngineClient:
         engine.ponged.set()
         engine.info = pong.model
         engine.connected = True  # a pong can beat the monitor's event
-        if pong.draining and not engine.draining:
-            log.warning("engine %s is draining; new requests go elsewhere", engine.endpoint)
-        engine.draining = pong.draining
+        _set_draining(engine, pong.draining)
         self.known_models.add(pong.model.id)
         if not engine.responsive:
             engine.responsive = True
@@ -469,3 +465,9 @@ class EngineClient:
         gone = EngineUnavailable(why)
         for rid in list(engine.inflight):
             self._deliver(rid, gone)
+
+
+def _set_draining(engine: EngineConn, draining: bool) -> None:
+    if draining and not engine.draining:
+        log.warning("engine %s is draining; new requests go elsewhere", engine.endpoint)
+    engine.draining = draining
