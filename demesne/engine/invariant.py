@@ -234,11 +234,12 @@ class InvariantDecoder:
     def check(self, crowds: int = CHECK_CROWDS) -> None:
         """Prove the invariance on this build before serving, and find its row quantum: for
         each of :data:`QUANTA` (while a call of that many rows per stream fits a ubatch), one
-        sequence's logits (its prompt's last row, then three decode rows) alone and then
-        beside other sequences, its prompt cut differently, then ``crowds`` random crowds (a
-        prompt alone, then beside random others, some as long, some not) within
-        :data:`CHECK_SECONDS`, must be the same bits; the first quantum that keeps them is
-        used. None: :class:`NotInvariant`."""
+        sequence's logits (its prompt's last row, then three decode rows) alone and then in
+        the same calls as up to seven other sequences fed in lock-step, its prompt cut
+        differently (a fixed probe: it finds a quantum that does not keep the bits whatever
+        time the crowds get), then ``crowds`` random crowds (a prompt alone, then beside
+        random others, some as long, some not) within :data:`CHECK_SECONDS`, must be the
+        same bits; the first quantum that keeps them is used. None: :class:`NotInvariant`."""
         worst = None
         for quantum in QUANTA:
             if quantum * self.n_streams > self.n_ubatch:
@@ -264,16 +265,15 @@ class InvariantDecoder:
 
     def _trial(self, crowds: int) -> tuple[float, int]:
         """The largest logit difference the probe and the crowds found, and the crowds tried."""
-        deadline = time.monotonic() + CHECK_SECONDS
         rng = np.random.default_rng(20261206)
         prompt, nexts = self._tokens(rng, 37), self._tokens(rng, 3)
         ids = list(range(min(self.n_streams, 8)))
-        others = {s: self._tokens(rng, 11 + 7 * s) for s in ids[1:3]}
+        others = {s: self._tokens(rng, len(prompt) + len(nexts)) for s in ids[1:]}
         try:
-            alone = self._probe(0, prompt, nexts, {}, cut=37)
+            alone = self._probe(0, prompt, nexts, {}, cut=len(prompt))
             crowded = self._probe(0, prompt, nexts, others, cut=13)
             worst = float(np.abs(alone - crowded).max())
-            done = 0
+            done, deadline = 0, time.monotonic() + CHECK_SECONDS
             while done < crowds and (done < 2 or time.monotonic() < deadline):
                 worst = max(worst, self._crowd(rng, ids))
                 done += 1
@@ -311,30 +311,21 @@ class InvariantDecoder:
         return float(np.abs(alone - crowded).max())
 
     def _probe(self, s: int, prompt: np.ndarray, nexts: np.ndarray, others: dict[int, np.ndarray], cut: int) -> np.ndarray:
+        """Sequence ``s``'s logits (its prompt's last row, then one row per token of
+        ``nexts``), its prompt fed in two pieces cut at ``cut``; each of ``others`` (at least
+        as long as prompt and nexts together) fed in lock-step beside it, as many tokens as
+        ``s`` in every step, so that they share its calls (equally long pieces of consecutive
+        streams go into one ubatch)."""
         got = []
-        pos = {o: 0 for o in others}
-        spans = [(o, t, 0, True) for o, t in others.items()]  # the others' prompts first
-        if spans:
-            self._step(spans)
-            for o, t in others.items():
-                pos[o] = len(t)
         fed = 0
-        for piece in (prompt[:cut], prompt[cut:]):
+        for piece in (prompt[:cut], prompt[cut:], *np.split(nexts, len(nexts))):
             if not len(piece):
                 continue
-            spans = [(s, piece, fed, fed + len(piece) == len(prompt))]
-            spans += [(o, np.array([7 + o], np.int32), pos[o], True) for o in others]
+            spans = [(s, piece, fed, True)] + [(o, t[fed:fed + len(piece)], fed, True) for o, t in others.items()]
             logits = self._step(spans)
-            for o in others:
-                pos[o] += 1
             fed += len(piece)
-        got.append(logits[0])
-        for i, tok in enumerate(nexts):
-            spans = [(s, np.array([tok], np.int32), len(prompt) + i, True)]
-            spans += [(o, np.array([9 + o], np.int32), pos[o], True) for o in others]
-            got.append(self._step(spans)[0])
-            for o in others:
-                pos[o] += 1
+            if fed >= len(prompt):
+                got.append(logits[sorted(q for q, *_ in spans).index(s)])
         for q in (s, *others):
             self.kv.remove(q)
         return np.stack(got)
