@@ -246,9 +246,14 @@ class ProtocolError(ValueError):
 
 
 def encode(msg: Message) -> bytes:
-    body = {f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)}
+    cls = type(msg)
+    names = _NAMES.get(cls) or _NAMES.setdefault(cls, tuple(f.name for f in dataclasses.fields(cls)))
+    body = {name: getattr(msg, name) for name in names}
     body["t"] = msg.TAG
     return orjson.dumps(body)  # nested dataclasses serialise natively
+
+
+_NAMES: dict[type, tuple[str, ...]] = {}
 
 
 def decode(frame: bytes) -> Message:
@@ -277,20 +282,22 @@ def request_id(frame: bytes) -> str | None:
 
 # -- checking frames against the declared field types -----------------------------------------
 
-_Check = Callable[[Any, str], Any]  # returns the value, rebuilt where it is a struct
+# A check gets the value, then where it sits as a prefix and a name, joined only for the error
+# (a frame comes per decoded token: its checks must cost little). Returns the value, rebuilt
+# where it is a struct.
+_Check = Callable[[Any, str, str], Any]
 
 
 def _build(cls: type, body: Any, where: str) -> Any:
     if not isinstance(body, dict):
         raise ProtocolError(f"bad frame: {where or cls.__name__} must be an object")
     fields = _fields(cls)
-    unknown = body.keys() - fields.keys()
-    if unknown and not getattr(cls, "HANDSHAKE", False):
-        raise ProtocolError(f"bad frame: unknown fields {sorted(unknown)} in {cls.__name__}")
+    if not body.keys() <= fields.keys() and not getattr(cls, "HANDSHAKE", False):
+        raise ProtocolError(f"bad frame: unknown fields {sorted(body.keys() - fields.keys())} in {cls.__name__}")
     values = {}
     for name, (check, required) in fields.items():
         if name in body:
-            values[name] = check(body[name], f"{where}{name}")
+            values[name] = check(body[name], where, name)
         elif required:
             raise ProtocolError(f"bad frame: {cls.__name__} needs '{name}'")
     return cls(**values)
@@ -318,19 +325,30 @@ def _checker(hint: Any) -> _Check:
         options = [_checker(a) for a in args if a is not type(None)]
         nullable = type(None) in args
 
-        def check_union(value, where):
+        def check_union(value, where, name):
             if value is None and nullable:
                 return None
-            return options[0](value, where)
+            return options[0](value, where, name)
 
         return check_union
     if origin is list:
-        item = _checker(args[0]) if args else (lambda v, _w: v)
+        if args and args[0] is int:  # token ids: the hot path, one loop in C when all are ints
 
-        def check_list(value, where):
+            def check_ints(value, where, name):
+                if not isinstance(value, list):
+                    raise ProtocolError(f"bad frame: {where}{name} must be a list")
+                if not all(type(v) is int for v in value):
+                    for v in value:
+                        _int(v, where, name)
+                return value
+
+            return check_ints
+        item = _checker(args[0]) if args else (lambda v, _w, _n: v)
+
+        def check_list(value, where, name):
             if not isinstance(value, list):
-                raise ProtocolError(f"bad frame: {where} must be a list")
-            return [item(v, where) for v in value]
+                raise ProtocolError(f"bad frame: {where}{name} must be a list")
+            return [item(v, where, name) for v in value]
 
         return check_list
     if origin is dict:
@@ -338,26 +356,26 @@ def _checker(hint: Any) -> _Check:
     if hint is list:  # free-form (logprobs entries): only the engine sends these
         return _scalar(list, "a list")
     if dataclasses.is_dataclass(hint):
-        return lambda value, where: _build(hint, value, f"{where}.")
+        return lambda value, where, name: _build(hint, value, f"{where}{name}.")
     return {int: _int, float: _float, str: _scalar(str, "a string"), bool: _scalar(bool, "a boolean")}[hint]
 
 
-def _scalar(kind: type, name: str) -> _Check:
-    def check(value, where):
+def _scalar(kind: type, what: str) -> _Check:
+    def check(value, where, name):
         if not isinstance(value, kind):
-            raise ProtocolError(f"bad frame: {where} must be {name}")
+            raise ProtocolError(f"bad frame: {where}{name} must be {what}")
         return value
 
     return check
 
 
-def _int(value, where):
+def _int(value, where, name):
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ProtocolError(f"bad frame: {where} must be an integer")
+        raise ProtocolError(f"bad frame: {where}{name} must be an integer")
     return value
 
 
-def _float(value, where):
+def _float(value, where, name):
     if not isinstance(value, (int, float)) or isinstance(value, bool) or not math.isfinite(value):
-        raise ProtocolError(f"bad frame: {where} must be a finite number")
+        raise ProtocolError(f"bad frame: {where}{name} must be a finite number")
     return float(value)
