@@ -43,7 +43,7 @@ run: $(STAMP)
 	$(VENV)/bin/demesne serve $(ARGS)
 
 test: $(STAMP)
-	$(PY) -m pytest -ra $(ARGS)
+	$(PY) -m pytest -ra --durations=25 $(ARGS)
 
 bench: $(STAMP)
 	$(PY) -m demesne.bench_suite $(ARGS)
