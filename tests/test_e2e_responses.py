@@ -36,22 +36,31 @@ async def test_a_response_is_the_chat_completion_in_responses_shape(server, mode
         assert resp.incomplete_details.reason == "max_output_tokens"
 
 
+def _check_event_order(events) -> None:
+    """One streamed response's events in OpenAI's order, numbered, and its text deltas adding
+    up to the final response's text."""
+    kinds = [e.type for e in events]
+    final = events[-1].response
+    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"]
+    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
+                          "response.completed" if final.status == "completed" else "response.incomplete"]
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    assert deltas and deltas == final.output_text
+
+
 async def test_streamed_events_come_in_openais_order(server, model_id):
+    """Each stream checked against itself: a greedy reply may differ between two requests at a
+    near tie, since speculation verifies drafts in batch shapes that depend on the engine's
+    state (README: Reproducible outputs; CI once saw "Paris, France." then "Paris.")."""
     client = openai_client(server)
     kw = dict(model=model_id, input=ASK, max_output_tokens=16, temperature=0)
     await client.responses.create(**{**kw, "max_output_tokens": 1})  # cached from here on
     whole = await client.responses.create(**kw)
-    events = [e async for e in await client.responses.create(stream=True, **kw)]
-    kinds = [e.type for e in events]
-    assert kinds[:4] == ["response.created", "response.in_progress", "response.output_item.added", "response.content_part.added"]
-    assert kinds[-4:] == ["response.output_text.done", "response.content_part.done", "response.output_item.done",
-                          "response.completed" if whole.status == "completed" else "response.incomplete"]
-    assert [e.sequence_number for e in events] == list(range(len(events)))
-    deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
-    assert deltas == whole.output_text == events[-1].response.output_text
+    assert whole.output_text and whole.status in ("completed", "incomplete")
+    _check_event_order([e async for e in await client.responses.create(stream=True, **kw)])
     async with client.responses.stream(**kw) as stream:  # the SDK's helper, which parses every event
-        helper = [e async for e in stream]
-    assert [e.type for e in helper] == kinds and helper[-1].response.output_text == whole.output_text
+        _check_event_order([e async for e in stream])
 
 
 @pytest.mark.parametrize("stream", [False, True])
