@@ -15,9 +15,19 @@ ROUTES = ("prefix", "round-robin")  # gateway/routing.py
 TOOL_FORMATS = ("auto", "hermes", "llama3", "mistral", "mistral-v11", "generic")  # gateway/tool_formats.py
 
 
+def runtime_base() -> str | None:
+    """``$XDG_RUNTIME_DIR`` where it names a directory this user may use, else None.
+
+    ``su``, ``sudo`` and remote shells can leave it naming another session's directory, or one
+    that no longer exists: then the temporary directory is used, as the XDG spec says to.
+    """
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    return base if base and os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK) else None
+
+
 def default_dir() -> str:
     """Where engine sockets go by default: a directory only this user may enter (sockets.py)."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
+    base = runtime_base()
     return os.path.join(base, "demesne") if base else os.path.join(tempfile.gettempdir(), f"demesne-{os.getuid()}")
 
 

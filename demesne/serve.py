@@ -20,8 +20,7 @@ import signal
 import tempfile
 import time
 
-from .config import EngineConfig, GatewayConfig
-from .sockets import runtime_base
+from .config import EngineConfig, GatewayConfig, runtime_base
 
 log = logging.getLogger("demesne")
 
@@ -32,7 +31,7 @@ EXIT_UNUSABLE = 2  # the engine's exit code for a model or setting that cannot w
 
 def private_endpoint() -> tuple[str, str]:
     """A fresh directory only this user can enter (0700), and an IPC endpoint inside it."""
-    directory = tempfile.mkdtemp(prefix="demesne-", dir=runtime_base())
+    directory = tempfile.mkdtemp(prefix="demesne-", dir=runtime_base() or tempfile.gettempdir())
     return f"ipc://{directory}/engine.sock", directory
 
 

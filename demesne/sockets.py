@@ -10,15 +10,10 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 
 import zmq
 
 from .config import ConfigError, default_dir
-
-
-def runtime_base() -> str:
-    return os.environ.get("XDG_RUNTIME_DIR") or tempfile.gettempdir()
 
 
 def ipc_path(endpoint: str) -> str | None:

@@ -45,9 +45,9 @@ def decode(runner, spans, invariant_shapes: bool = True) -> np.ndarray:
         runner.invariant = saved
 
 
-def crowd_trials(runner, trials: int, invariant_shapes: bool) -> list[int]:
+def crowd_trials(runner, trials: int, invariant_shapes: bool, first_only: bool = False) -> list[int]:
     """Sequence 3's prompt alone, then beside random other sequences (some feeding as many
-    tokens, some not); the trials whose logits differ."""
+    tokens, some not); the trials whose logits differ (``first_only``: up to the first)."""
     differ = []
     for trial in range(trials):
         g = np.random.default_rng(trial)
@@ -65,6 +65,8 @@ def crowd_trials(runner, trials: int, invariant_shapes: bool) -> list[int]:
         crowded = decode(runner, spans, invariant_shapes)[[s for s, _, _ in spans].index(3)]
         if not np.array_equal(alone, crowded):
             differ.append(trial)
+            if first_only:
+                break
     clear(runner)
     return differ
 
@@ -75,7 +77,7 @@ def test_a_sequence_gets_the_same_bits_alone_and_in_any_crowd(runner):
 
 def test_without_the_shapes_the_crowd_changes_the_bits(runner):
     """The control: plain llama_decode calls of the same batches do differ."""
-    assert crowd_trials(runner, 40, invariant_shapes=False)
+    assert crowd_trials(runner, 40, invariant_shapes=False, first_only=True)
 
 
 def test_prompt_chunking_and_decode_steps_do_not_change_the_bits(runner):

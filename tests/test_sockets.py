@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 
 import pytest
 import zmq
@@ -53,3 +54,23 @@ def test_a_symlink_is_refused_as_the_private_directory(tmp_path):
     link.symlink_to(target)
     with pytest.raises(ConfigError):
         sockets.private_dir(str(link))
+
+
+@pytest.mark.parametrize("runtime", ["missing", "not-ours"])
+def test_an_unusable_runtime_dir_falls_back_to_the_temp_dir(monkeypatch, tmp_path, runtime):
+    """``su`` or a remote shell can leave XDG_RUNTIME_DIR naming a directory that does not
+    exist or is not ours: the sockets go to the temporary directory, and serve starts."""
+    from demesne.serve import private_endpoint
+
+    base = tmp_path / "run-user-1000"
+    if runtime == "not-ours":
+        base.mkdir(mode=0o500)  # (root may write anyway: then it is used, which is fine)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(base))
+    usable = os.path.isdir(base) and os.access(base, os.W_OK | os.X_OK)
+    assert default_dir() == (os.path.join(base, "demesne") if usable else os.path.join(tempfile.gettempdir(), f"demesne-{os.getuid()}"))
+    endpoint, directory = private_endpoint()
+    try:
+        assert endpoint.startswith(f"ipc://{directory}/")
+        assert os.path.dirname(directory) == (str(base) if usable else tempfile.gettempdir())
+    finally:
+        os.rmdir(directory)

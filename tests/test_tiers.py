@@ -5,6 +5,7 @@ turn is prefilled; a sliding-window model is never continued from inside a resto
 from __future__ import annotations
 
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -168,19 +169,36 @@ def test_branching_inside_a_restored_window_gap_recomputes(model_path, tokenizer
             e.runner.close()
 
 
+@pytest.fixture(scope="module")
+def stopped_engine_disk(model_path, tokenizer, tmp_path_factory):
+    """Per KV layout, made once: an engine's first turn of the conversation, and the directory
+    its disk tier left when it stopped (each test works on a copy)."""
+    made: dict[str, tuple[list[int], str]] = {}
+
+    def get(layout: str) -> tuple[list[int], str]:
+        if layout not in made:
+            where = tmp_path_factory.mktemp(f"disk-{layout}")
+            one = make_engine(model_path, batch_size=2048, host_cache=256 << 20, disk_cache=str(where), kv_layout=layout)
+            try:
+                out1, _, _ = turn(one, "d1", conversation(tokenizer)[0])
+            finally:
+                one.close()  # what the KV cache and host memory hold goes to disk
+                one.runner.close()
+            made[layout] = out1, str(where)
+        return made[layout]
+
+    return get
+
+
 @pytest.mark.parametrize("damage", [None, "corrupt", "truncate", "foreign"])
 @pytest.mark.parametrize("layout", LAYOUTS)
-def test_disk_tier_survives_a_restart(model_path, layout, tokenizer, tmp_path, damage):
+def test_disk_tier_survives_a_restart(model_path, layout, tokenizer, tmp_path, damage, stopped_engine_disk):
     """An engine stops, keeping what it held on disk; a new engine on the same directory restores it for the next turn. A damaged or foreign
     file is ignored and removed: the turn is recomputed and still right."""
     first, line = conversation(tokenizer)
+    out1, saved = stopped_engine_disk(layout)
+    shutil.copytree(saved, tmp_path, dirs_exist_ok=True)
     disk = dict(host_cache=256 << 20, disk_cache=str(tmp_path), kv_layout=layout)
-    one = make_engine(model_path, batch_size=2048, **disk)
-    try:
-        out1, _, _ = turn(one, "d1", first)
-    finally:
-        one.close()  # what the KV cache and host memory hold goes to disk
-        one.runner.close()
     paths = [tmp_path / f for f in os.listdir(tmp_path) if not f.startswith(".")]
     assert paths  # the conversation, and its first turn's prompt
     for path in paths:
