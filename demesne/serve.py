@@ -30,8 +30,9 @@ EXIT_UNUSABLE = 2  # the engine's exit code for a model or setting that cannot w
 
 
 def private_endpoint() -> tuple[str, str]:
-    """A fresh directory only this user can enter (0700), and an IPC endpoint inside it."""
-    directory = tempfile.mkdtemp(prefix="demesne-", dir=runtime_base() or tempfile.gettempdir())
+    """A fresh directory only this user can enter (0700), and an IPC endpoint inside it
+    (mkdtemp's own default where there is no usable runtime directory: the temp dir)."""
+    directory = tempfile.mkdtemp(prefix="demesne-", dir=runtime_base())
     return f"ipc://{directory}/engine.sock", directory
 
 
