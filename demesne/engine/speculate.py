@@ -30,7 +30,11 @@ picks one draft length ``k`` and the sequences that draft it so as to maximise e
 tokens per second: a sequence that accepts a share ``a`` of draft tokens adds
 ``a + a^2 + ... + a^k`` tokens in expectation. ``a`` is the sequence's own rate, starting
 from the engine's overall one, so the draft length adapts per sequence, and once the batch
-is big enough that rows cost more than they bring, nobody drafts.
+is big enough that rows cost more than they bring, nobody drafts. Only steps whose drafts'
+ubatch has a measured size are chosen: llama.cpp's CPU kernels take rows in groups, so the
+cost is not linear between two measured sizes (here 12 rows cost 79 ms, 11 rows 105 ms, 16
+rows 102 ms, 17 rows 143 ms): a sequence drafting alone drafts 1, 2, 3, 5, 7, 11, 15, 23,
+31 or 47 tokens, for steps of the measured 2, 3, 4, 6, 8, 12, 16, 24, 32 or 48 rows.
 """
 
 from __future__ import annotations
@@ -103,7 +107,7 @@ class NgramIndex:
 
 
 MODEL = 0  # the "n-gram size" of drafts from the draft model (draft.py)
-PROBE = 8  # the longest first draft of a request, or after a draft's first token was refused
+PROBE = 7  # the longest first draft of a request, or after a draft's first token was refused (a step of 8 rows)
 # Acceptance rates assumed before any draft of a source was verified (two drafts' worth).
 FIRST_RATE = {6: 0.8, 4: 0.7, 3: 0.6, 2: 0.5, MODEL: 0.6}
 
@@ -160,6 +164,7 @@ class StepCosts:
         self.shape_rate = SHAPE_RATE
         self.measured = 0  # sizes the calibration measured (the knots after them are extrapolated)
         self.disturbed = 0  # ...of which it never measured without another process running
+        self.knots: frozenset[int] = frozenset()  # the sizes the curve has a point for
 
     def calibrate(self, time_rows, most: int, budget: float = CALIBRATION_SECONDS, preemptions=None) -> None:
         """Measure the curve with ``time_rows(n)`` (seconds of a decode of n output rows),
@@ -209,6 +214,7 @@ class StepCosts:
         if self.sizes[-1] < most and len(sizes) >= 2:  # knots for the sizes verification uses
             self._extend(most)
             self.curve = _sane(self.sizes, self.curve)
+        self.knots = frozenset(int(n) for n in self.sizes)
 
     def _extend(self, most: int) -> None:
         """Knots at doubling sizes up to ``most``, on a line through the last size measured
@@ -354,6 +360,8 @@ class Speculator:
                     break
                 gained += gain
                 by_model += model
+                if not self.at_knot(n, k, s):
+                    continue
                 seconds = self.step_seconds(n, k, s)
                 if by_model:  # k decodes of the draft model, a row per sequence it drafts for
                     seconds += k * self.model_costs.predict(by_model)
@@ -372,13 +380,23 @@ class Speculator:
         seq.spec.count(tried, accepted)
         # Refusals come in runs (a wrong match is wrong from its first token on), which the
         # rate, taking tokens as independent, does not see: after a draft refused at once the
-        # next is a probe, and each draft may be at most twice as long as the last one kept.
-        seq.spec.reach = max(PROBE, 2 * accepted)
+        # next is a probe, and each step may have at most twice the rows of the tokens the
+        # last one kept (8 rows, 16, 32, 64 while drafts are kept whole).
+        seq.spec.reach = max(PROBE, 2 * accepted + 1)
         self.tried += tried
         self.accepted += accepted
         counts = self.by_size[seq.spec.match]
         counts[0] = MEMORY * counts[0] + accepted
         counts[1] = MEMORY * counts[1] + tried
+
+    def at_knot(self, n: int, k: int, s: int) -> bool:
+        """Whether the drafts' ubatch in a step of ``n`` sequences, ``s`` of which feed ``k``
+        draft tokens, has a size the cost curve has a point for. Only such steps are chosen:
+        between two points the curve interpolates, and what a size costs is not linear in it
+        (llama.cpp's CPU kernels take rows in groups: measured here, 17 rows cost 40% more
+        than 16, 49 rows 9% more than 48), so a size between two points may cost far more
+        than the line between them says."""
+        return (n * (k + 1) if s == n else k * s) in self.costs.knots
 
     def step_seconds(self, n: int, k: int, s: int) -> float:
         """Predicted seconds of a decode of ``n`` sequences of which ``s`` feed ``k`` draft tokens."""
@@ -391,7 +409,11 @@ class Speculator:
         Every such step teaches the scale (a curve that only steps of two ubatches ran would
         otherwise never learn that it predicts them all wrong); one of two ubatches teaches
         their factor what sets such steps apart from the rest, never below 1: two ubatches
-        cost at least what each costs alone."""
+        cost at least what each costs alone. Drafts of a size between the curve's points (a
+        draft model's, cut before an end token) teach nothing: they would bend the points around
+        them."""
+        if s and not self.at_knot(n, k, s):
+            return
         if s == 0 or s == n:
             self.costs.observe(n * (k + 1) if s else n, seconds)
             return
