@@ -31,10 +31,11 @@ tokens per second: a sequence that accepts a share ``a`` of draft tokens adds
 ``a + a^2 + ... + a^k`` tokens in expectation. ``a`` is the sequence's own rate, starting
 from the engine's overall one, so the draft length adapts per sequence, and once the batch
 is big enough that rows cost more than they bring, nobody drafts. Only steps whose drafts'
-ubatch has a measured size are chosen: llama.cpp's CPU kernels take rows in groups, so the
-cost is not linear between two measured sizes (here 12 rows cost 79 ms, 11 rows 105 ms, 16
-rows 102 ms, 17 rows 143 ms): a sequence drafting alone drafts 1, 2, 3, 5, 7, 11, 15, 23,
-31 or 47 tokens, for steps of the measured 2, 3, 4, 6, 8, 12, 16, 24, 32 or 48 rows.
+ubatch has a size the curve has a point for are chosen (a measured size, or beyond those a
+knot the served steps correct): llama.cpp's CPU kernels take rows in groups, so the cost is
+not linear between two points (here 12 rows cost 79 ms, 11 rows 105 ms, 16 rows 102 ms, 17
+rows 143 ms): a sequence drafting alone drafts 1, 2, 3, 5, 7, 11, 15, 23, 31 or 47 tokens,
+for steps of the measured 2, 3, 4, 6, 8, 12, 16, 24, 32 or 48 rows.
 """
 
 from __future__ import annotations
@@ -396,13 +397,14 @@ class Speculator:
         (llama.cpp's CPU kernels take rows in groups: measured here, 17 rows cost 40% more
         than 16, 49 rows 9% more than 48), so a size between two points may cost far more
         than the line between them says."""
-        return (n * (k + 1) if s == n else k * s) in self.costs.knots
+        return _draft_rows(n, k, s) in self.costs.knots
 
     def step_seconds(self, n: int, k: int, s: int) -> float:
         """Predicted seconds of a decode of ``n`` sequences of which ``s`` feed ``k`` draft tokens."""
+        rows = _draft_rows(n, k, s)
         if s == 0 or s == n:
-            return self.costs.predict(n * (k + 1) if s else n)
-        return self.split * (self.costs.predict(n) + self.costs.predict(k * s))
+            return self.costs.predict(rows)
+        return self.split * (self.costs.predict(n) + self.costs.predict(rows))
 
     def observe(self, n: int, k: int, s: int, seconds: float) -> None:
         """A decode of ``n`` sequences, ``s`` of which fed ``k`` draft tokens, took ``seconds``.
@@ -415,7 +417,7 @@ class Speculator:
         if s and not self.at_knot(n, k, s):
             return
         if s == 0 or s == n:
-            self.costs.observe(n * (k + 1) if s else n, seconds)
+            self.costs.observe(_draft_rows(n, k, s), seconds)
             return
         own = self.costs.rescale(seconds, self.step_seconds(n, k, s))
         self.split = max(1.0, self.split * math.exp(self.costs.shape_rate * own))
@@ -428,6 +430,15 @@ class Speculator:
             "spec_accepted_tokens_total": self.accepted,
             "spec_acceptance_rate": self.accepted / self.tried if self.tried else 0.0,
         }
+
+
+def _draft_rows(n: int, k: int, s: int) -> int:
+    """Rows of the ubatch that carries the drafts in a step of ``n`` sequences, ``s`` of which
+    feed ``k`` draft tokens: all of the step's when every sequence drafts (or none does), else
+    the second ubatch's (llama.cpp's KV streams put the one-token rows of all in the first)."""
+    if s == 0:
+        return n
+    return n * (k + 1) if s == n else k * s
 
 
 def _gain(rate: float, k: int) -> float:
