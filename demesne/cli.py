@@ -85,6 +85,7 @@ ENGINE_OPTIONS = [
     click.option("--drain-timeout", default=60.0, show_default=True, help="on SIGTERM: seconds to finish running requests (new ones are refused) before exiting"),
     click.option("--gateway-timeout", default=30.0, show_default=True, help="seconds of silence after which a gateway is taken as gone and its requests are failed"),
     click.option("--no-prefix-cache", "prefix_cache", is_flag=True, flag_value=False, default=True, help="turn off prefix sharing and retention (for A/B measurements)"),
+    click.option("--no-pad-steps", "pad_steps", is_flag=True, flag_value=False, default=True, help="turn off throwaway rows that make decode steps cheaper where the measured step costs say so (for A/B measurements)"),
 ]
 
 GATEWAY_OPTIONS = [

@@ -116,6 +116,7 @@ class EngineConfig:
     draft_max: int = 16  # the most draft tokens a sequence feeds in one step
     draft_model: str | None = None  # a small GGUF of the same vocabulary: drafts where n-grams have none
     deterministic: bool = False  # batch-invariant step shapes (engine/invariant.py)
+    pad_steps: bool = True  # streams: throwaway rows where they make a decode step cheaper (engine/padding.py)
     drain_timeout: float = 60.0  # on SIGTERM: seconds to finish running requests before exiting
     gateway_timeout: float = 30.0  # a gateway silent this long is gone: its requests are failed
     # CURVE (curve.py): this engine's secret key file and the directory of gateways' public keys.

@@ -29,7 +29,8 @@ from .kv_store import KVStore
 from .scheduler import Scheduler, StepPlan
 from .slots import SlotScheduler
 from .draft import DraftModel
-from .speculate import Speculator
+from .padding import EVERY_MOST, Padding
+from .speculate import Speculator, StepCosts
 from .tiers import Tiers
 
 log = logging.getLogger("demesne.engine")
@@ -85,7 +86,9 @@ class Engine:
         self.tiers = _tiers(config, runner)
         self.scheduler = _scheduler(config, runner, self.tiers)
         self.sampler = Sampler(runner.n_vocab, config.max_seqs)  # one row per sequence (drafts' rows: one by one)
-        self.speculator, self.draft_model = self._speculator(config, runner)
+        costs = self._step_costs(config, runner)
+        self.speculator, self.draft_model = self._speculator(config, runner, costs)
+        self.padding = Padding(costs.unpadded, runner.n_ctx_seq, runner.pos_max) if costs and _padded_steps(config) else None
         self.counters = Counters()
         self._eog_ids = np.flatnonzero(runner.eog)
         self.constraints = Constraints(runner.llg_tokenizer, runner.n_vocab, config.max_seqs, int(self._eog_ids[0]))
@@ -107,22 +110,30 @@ class Engine:
         )
 
     @staticmethod
-    def _speculator(config: EngineConfig, runner: ModelRunner) -> tuple[Speculator | None, DraftModel | None]:
-        """Speculative decoding, its step costs measured now; none if that measurement fails
-        (the engine serves without drafts rather than not at all)."""
-        if config.speculative == "off":
+    def _step_costs(config: EngineConfig, runner: ModelRunner) -> StepCosts | None:
+        """What a decode of n rows costs, measured now for speculative decoding and padded
+        steps; None if neither is on or the measurement fails (the engine serves without
+        them rather than not at all)."""
+        drafts, pads = config.speculative != "off", _padded_steps(config)
+        if not (drafts or pads):
+            return None
+        costs = StepCosts()
+        most = min(config.batch_size, 2 * config.max_seqs * (config.draft_max + 1)) if drafts else config.max_seqs
+        try:
+            costs.calibrate(runner.time_rows, most, every=min(config.max_seqs, EVERY_MOST) if pads else 0)
+        except DecodeError as exc:
+            log.warning("measuring step costs failed (%s); serving without speculative decoding or padded steps", exc)
+            return None
+        log.info("step costs measured: %s", costs.describe())
+        return costs
+
+    @staticmethod
+    def _speculator(config: EngineConfig, runner: ModelRunner, costs: StepCosts | None) -> tuple[Speculator | None, DraftModel | None]:
+        """Speculative decoding on the measured step costs (none without them)."""
+        if config.speculative == "off" or costs is None:
             return None, None
         draft_model = DraftModel(config, runner) if config.draft_model else None
-        speculator = Speculator(config.draft_max, runner.eog, draft_model and draft_model.costs)
-        try:
-            speculator.costs.calibrate(runner.time_rows, min(config.batch_size, 2 * config.max_seqs * (config.draft_max + 1)))
-            log.info("step costs measured for speculative decoding: %s", speculator.costs.describe())
-        except DecodeError as exc:
-            log.warning("measuring step costs failed (%s); serving without speculative decoding", exc)
-            if draft_model:
-                draft_model.close()
-            return None, None
-        return speculator, draft_model
+        return Speculator(config.draft_max, runner.eog, draft_model and draft_model.costs, costs), draft_model
 
     @property
     def has_work(self) -> bool:
@@ -267,7 +278,8 @@ class Engine:
     def _run(self, plan: StepPlan) -> list[tuple[bytes, Delta | Error]]:
         decode_only = not plan.node_chunks and all(n == 1 == s.n_remaining for s, n in plan.chunks)
         drafts = self._drafts(plan) if decode_only and self.speculator else {}
-        outputs, rows, drafted = self._fill_batch(plan, drafts)
+        pads, ubatches = self._pads(plan) if decode_only and not drafts and self.padding else ({}, 1)
+        outputs, rows, drafted = self._fill_batch(plan, drafts, pads)
         self.faults.before_decode(self.counters.steps + self.counters.step_faults)
         t0 = time.perf_counter()
         # Masks of the constrained rows are computed on another thread while llama.cpp decodes
@@ -279,14 +291,16 @@ class Engine:
             return self._on_decode_error(plan, exc)
         finally:
             self.constraints.wait()
+            for seq_id, pos in pads.items():  # a throwaway row leaves its idle stream as it was
+                self.runner.remove(seq_id, pos, -1)
         self._failed_decodes = 0
         self.scheduler.decoded()
         t1 = time.perf_counter()
         if not drafts:
             self.step_budget.observe(plan.n_tokens - sum(n == 1 for _, n in plan.chunks), t1 - t0)
         lengths = {len(d) for d in drafts.values()}
-        if decode_only and self.speculator and len(lengths) <= 1:  # as predicted (no draft cut short)
-            self.speculator.observe(len(plan.chunks), max(lengths, default=0), len(drafts), t1 - t0)
+        if decode_only and self.speculator and len(lengths) <= 1 and ubatches == 1:  # as predicted (no draft cut short)
+            self.speculator.observe(len(plan.chunks) + len(pads), max(lengths, default=0), len(drafts), t1 - t0)
         for seq, n in plan.chunks:
             seq.n_computed += n
         for node, n, _ in plan.node_chunks:
@@ -311,9 +325,15 @@ class Engine:
                 drafts[seq] = self.speculator.before_end(written.get(seq, []))
         return {s: d for s, d in drafts.items() if d}
 
-    def _fill_batch(self, plan: StepPlan, drafts: dict[Sequence, list[int]]):
-        """Write every chunk into the batch. Returns the sequences that get one output row and
-        their rows, and the sequences that feed a draft with the first of their rows."""
+    def _pads(self, plan: StepPlan) -> tuple[dict[int, int], int]:
+        """Throwaway rows for this decode step ({seq id: position}) and its ubatches then."""
+        return self.padding.pads([s.seq_id for s, _ in plan.chunks], self.scheduler.idle_ids(), len(self.scheduler.slots))
+
+    def _fill_batch(self, plan: StepPlan, drafts: dict[Sequence, list[int]], pads: dict[int, int]):
+        """Write every chunk into the batch, and the throwaway rows among them in order of
+        seq id (streams: the chunks come in that order). Returns the sequences that get one
+        output row and their rows, and the sequences that feed a draft with the first of
+        their rows."""
         batch = self.runner.batch
         batch.clear()
         for node, n, seq_ids in plan.node_chunks:
@@ -321,7 +341,10 @@ class Engine:
             batch.add_span(node.tokens[start : start + n], node.start + start, seq_ids, False)
             self.counters.prefill_tokens += n
         outputs, rows, drafted = [], [], []
+        padding = sorted(pads.items(), reverse=True)
         for seq, n in plan.chunks:
+            while padding and padding[-1][0] < seq.seq_id:
+                _add_pad(batch, *padding.pop())
             start = seq.n_computed
             last = start + n == len(seq.tokens)
             draft = drafts.get(seq)
@@ -339,6 +362,8 @@ class Engine:
                 self.counters.cached_tokens += seq.n_cached
             if n > 1 or start < seq.prompt_len:  # not the one-token decode of a sampled token
                 self.counters.prefill_tokens += n
+        while padding:
+            _add_pad(batch, *padding.pop())
         return outputs, rows, drafted
 
     def _shape(self, row: np.ndarray, seq: Sequence, tokens: list[int]) -> None:
@@ -535,6 +560,7 @@ class Engine:
             "constraint_mask_wait_seconds_total": self.constraints.mask_wait_seconds,
             **(self.tiers.stats() if self.tiers else {}),
             **(self.speculator.stats() if self.speculator else {}),
+            **({"step_pad_rows_total": self.padding.rows} if self.padding else {}),
             **(self.runner.invariant.stats() if self.runner.invariant else {}),
         }
 
@@ -568,6 +594,19 @@ def _scheduler(config: EngineConfig, runner: ModelRunner, tiers: Tiers | None) -
         tiers=tiers,
         n_swa=runner.n_swa,
     )
+
+
+_PAD_TOKEN = np.zeros(1, np.int32)  # any token: a throwaway row's output is never read
+
+
+def _add_pad(batch, seq_id: int, pos: int) -> None:
+    batch.add_span(_PAD_TOKEN, pos, seq_id, True)  # with an output row: the output layer is where rows group
+
+
+def _padded_steps(config: EngineConfig) -> bool:
+    """Whether decode steps get throwaway rows (padding.py): KV streams only (a unified
+    cache's ubatches take any rows), and not where --deterministic fixes the shapes."""
+    return config.pad_steps and config.streams and not config.deterministic
 
 
 def _tiers(config: EngineConfig, runner: ModelRunner) -> Tiers | None:

@@ -176,6 +176,11 @@ class SlotScheduler:
         plan.chunks.sort(key=lambda chunk: chunk[0].seq_id)
         return plan
 
+    def idle_ids(self) -> list[int]:
+        """Seq ids whose stream no request holds or is copying: each may take a throwaway
+        row after its last cell (padding.py)."""
+        return [s.seq_id for s in self.slots if s.owner is None and not s.busy]
+
     def decoding(self) -> list[Sequence]:
         return [s for s in self.running if s.n_remaining == 1]
 

@@ -56,11 +56,13 @@ PRIOR_WEIGHT = 4.0  # draft tokens' worth of the engine-wide rate in a sequence'
 MEMORY = 0.99  # the engine-wide counts fade by this at each verification
 OPTIMISM = 1.5  # standard deviations added to a sequence's estimated acceptance rate
 CALIBRATION_SECONDS = 2.0  # the undisturbed seconds the start-up measurement of step costs may take
+EVERY_SECONDS = 3.0  # ...and, apart from those, the measurement of every size up to a step's sequences
 CALIBRATION_SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)  # output rows measured at start
 CALIBRATION_TRIES = 4  # rounds over them at most (two undisturbed measurements a size are enough)
 CALIBRATION_CAP = 2.0  # times the budget that all measurements, disturbed ones too, may take
 MIN_SLOPE = 0.25  # the least cost of a row beyond the measured sizes, over their average
 SUBADDITIVE_SLACK = 1.25  # a size may cost this much more than two smaller ones adding up to it
+DEAR_SLACK = 1.1  # a size measured this much dearer than a larger one is not worth running as it is
 # A quiet machine preempts a decode a few times (timers, kernel threads: measured here up to
 # ~40 per second); another process competing for the cores, every scheduler slice (~250 per second).
 QUIET_SWITCHES, QUIET_SWITCH_RATE = 2, 100.0
@@ -165,14 +167,19 @@ class StepCosts:
         self.shape_rate = SHAPE_RATE
         self.measured = 0  # sizes the calibration measured (the knots after them are extrapolated)
         self.disturbed = 0  # ...of which it never measured without another process running
-        self.knots: frozenset[int] = frozenset()  # the sizes the curve has a point for
+        self.knots: frozenset[int] = frozenset()  # the sizes worth running that the curve has a point for
+        self.quiet: dict[int, float] = {}  # by size: its least undisturbed time, as measured
 
-    def calibrate(self, time_rows, most: int, budget: float = CALIBRATION_SECONDS, preemptions=None) -> None:
+    def calibrate(
+        self, time_rows, most: int, budget: float = CALIBRATION_SECONDS, preemptions=None, every: int = 0
+    ) -> None:
         """Measure the curve with ``time_rows(n)`` (seconds of a decode of n output rows),
         from one row up to ``most``, until ``budget`` seconds of undisturbed measurement are
         spent, or twice that in all (a large model on a CPU stops early; beyond the last size
         measured the curve goes on along a fitted slope, to knots at doubling sizes up to
-        ``most`` that the served steps then correct).
+        ``most`` that the served steps then correct). Every size up to ``every`` is measured
+        too, within :data:`EVERY_SECONDS` of its own (a decode step has as many rows as
+        sequences, and what an odd size costs is no interpolation: see :mod:`.padding`).
 
         Another process taking the cores only ever adds time, so each size keeps its least
         time; a measurement during which this process was preempted more than a quiet machine
@@ -185,14 +192,18 @@ class StepCosts:
         time_rows(1)  # warm-up: the first decode pays one-time costs
         quiet: dict[int, list[float]] = {}  # by size measured: its undisturbed measurements
         noisy: dict[int, list[float]] = {}  # ...and the disturbed ones
-        spent = total = 0.0
         # Rounds over the sizes: what a disturbance spoiled is taken again in a later round,
         # when the other process may be gone, rather than at once.
+        sizes = sorted({n for n in CALIBRATION_SIZES if n <= most} | set(range(1, every + 1)))
+        cap = CALIBRATION_CAP * (budget + (EVERY_SECONDS if every else 0.0))
+        spent = {False: 0.0, True: 0.0}  # undisturbed seconds, by whether the size is one of every's
+        total = 0.0
         for round_ in range(CALIBRATION_TRIES):
             calm = 0  # undisturbed measurements this round
-            for n in CALIBRATION_SIZES:
-                if n > most or total > CALIBRATION_CAP * budget or (n not in quiet and len(quiet) >= 2 and spent > budget):
-                    break
+            for n in sizes:
+                own = n <= every
+                if total > cap or (n not in quiet and len(quiet) >= 2 and spent[own] > (EVERY_SECONDS if own else budget)):
+                    continue
                 got = quiet.setdefault(n, [])
                 wanted = 2 - len(got) if round_ == 0 else min(1, 2 - len(got))  # later rounds: one more
                 for _ in range(wanted):
@@ -201,21 +212,34 @@ class StepCosts:
                     total += seconds
                     if preemptions() - before <= QUIET_SWITCHES + QUIET_SWITCH_RATE * seconds:
                         got.append(seconds)
-                        spent += seconds
+                        spent[own] += seconds
                         calm += 1
                     else:
                         noisy.setdefault(n, []).append(seconds)
             if calm == 0 or all(len(got) >= 2 for got in quiet.values()):
                 break  # done, or the machine stays busy: the served steps will correct the curve
         sizes = sorted(quiet)
-        curve = [min(quiet[n] or noisy[n]) for n in sizes]
+        curve = np.array([min(quiet[n] or noisy[n]) for n in sizes])
         self.measured, self.disturbed = len(sizes), sum(not quiet[n] for n in sizes)
+        self.quiet = {n: min(quiet[n]) for n in sizes if quiet[n]}
         self.sizes = np.array(sizes, np.float64)
-        self.curve = _sane(self.sizes, np.array(curve))
+        self.curve = _sane(self.sizes, curve)
+        # A size measured undisturbed and dearer than a larger one is no knot: llama.cpp's CPU
+        # kernels take rows in groups, and here 3 rows cost 35% more than 4, 15 rows
+        # 12% more than 16. A step of that size is not chosen; a decode step of that many
+        # sequences is padded (padding.py), which is what the curve, never dearer with more
+        # rows, says it costs.
+        dear = {n for n, c, fair in zip(sizes, curve, self.curve) if n in self.quiet and c > DEAR_SLACK * fair}
         if self.sizes[-1] < most and len(sizes) >= 2:  # knots for the sizes verification uses
             self._extend(most)
             self.curve = _sane(self.sizes, self.curve)
-        self.knots = frozenset(int(n) for n in self.sizes)
+        self.knots = frozenset(int(n) for n in self.sizes) - dear
+
+    def unpadded(self, rows: int) -> float:
+        """Unscaled seconds of one ubatch of ``rows`` rows as it is, unpadded: as measured
+        undisturbed where it was, else from the curve."""
+        seconds = self.quiet.get(rows)
+        return seconds if seconds is not None else float(np.interp(rows, self.sizes, self.curve))
 
     def _extend(self, most: int) -> None:
         """Knots at doubling sizes up to ``most``, on a line through the last size measured
@@ -297,10 +321,10 @@ def _preemptions() -> int:
 class Speculator:
     """Proposes each step's drafts and keeps the counts."""
 
-    def __init__(self, draft_max: int, eog: np.ndarray, model_costs: StepCosts | None = None):
+    def __init__(self, draft_max: int, eog: np.ndarray, model_costs: StepCosts | None = None, costs: StepCosts | None = None):
         self.draft_max = draft_max
         self.eog = eog  # end-of-generation tokens: a draft stops before one (a sampled end ends)
-        self.costs = StepCosts()
+        self.costs = costs or StepCosts()  # measured by the engine (StepCosts.calibrate)
         self.model_costs = model_costs  # a draft model's decode by rows; None: no draft model
         self.drafted = 0  # draft tokens fed
         self.drafted_by_model = 0  # ...of which the draft model wrote (the rest: n-grams)

@@ -88,6 +88,7 @@ _METRICS = {
     "constraint_refusals_total": ("counter", "Sampled tokens a grammar refused (the row was masked and sampled again)"),
     "constraint_mask_seconds_total": ("counter", "Seconds spent computing masks ahead, beside llama_decode"),
     "constraint_mask_wait_seconds_total": ("counter", "...of which steps waited for, after llama_decode had finished"),
+    "step_pad_rows_total": ("counter", "Throwaway rows added to decode steps to make them cheaper (idle KV streams, --no-pad-steps to turn off)"),
     "spec_draft_tokens_total": ("counter", "Draft tokens fed for verification (speculative decoding)"),
     "spec_model_draft_tokens_total": ("counter", "...of which the draft model wrote (--draft-model; the rest came from n-grams)"),
     "spec_verified_tokens_total": ("counter", "...of which were verified (those after a draft's first miss are not)"),
