@@ -81,6 +81,17 @@ def test_calibration_measures_every_step_size_and_no_dear_size_is_a_knot():
     assert costs.unpadded(3) == pytest.approx(0.070) and costs.predict(3) == pytest.approx(0.052)
 
 
+def test_measuring_every_size_is_bounded_on_a_slow_machine():
+    calls = []
+
+    def slow(n: int) -> float:  # a large model on a CPU: a second a row
+        calls.append(n)
+        return 1.0 * n
+
+    StepCosts().calibrate(slow, 64, budget=2.0, preemptions=lambda: 0, every=16)
+    assert max(calls) == 2  # both budgets spent on 1 and 2 rows: start-up stays seconds, not minutes
+
+
 def test_padded_steps_keep_outputs_and_leave_idle_streams_as_they_were(model_path):
     """Three requests decoding beside the one idle slot of four, which holds an earlier
     request's KV: each step pads with it (the step costs here say 3 rows cost more than 4),

@@ -194,15 +194,19 @@ class StepCosts:
         noisy: dict[int, list[float]] = {}  # ...and the disturbed ones
         # Rounds over the sizes: what a disturbance spoiled is taken again in a later round,
         # when the other process may be gone, rather than at once.
+        # Two budgets of undisturbed seconds: the curve's sizes (up to ``most``) and every size
+        # up to ``every``; a size of both counts for both, and is measured while either lasts.
+        budgets = {CALIBRATION_SIZES: budget, **({range(1, every + 1): EVERY_SECONDS} if every else {})}
+        spent = dict.fromkeys(budgets, 0.0)
         sizes = sorted({n for n in CALIBRATION_SIZES if n <= most} | set(range(1, every + 1)))
-        cap = CALIBRATION_CAP * (budget + (EVERY_SECONDS if every else 0.0))
-        spent = {False: 0.0, True: 0.0}  # undisturbed seconds, by whether the size is one of every's
         total = 0.0
         for round_ in range(CALIBRATION_TRIES):
             calm = 0  # undisturbed measurements this round
             for n in sizes:
-                own = n <= every
-                if total > cap or (n not in quiet and len(quiet) >= 2 and spent[own] > (EVERY_SECONDS if own else budget)):
+                groups = [g for g in budgets if n in g]
+                if total > CALIBRATION_CAP * sum(budgets.values()):
+                    break
+                if n not in quiet and len(quiet) >= 2 and all(spent[g] > budgets[g] for g in groups):
                     continue
                 got = quiet.setdefault(n, [])
                 wanted = 2 - len(got) if round_ == 0 else min(1, 2 - len(got))  # later rounds: one more
@@ -212,7 +216,8 @@ class StepCosts:
                     total += seconds
                     if preemptions() - before <= QUIET_SWITCHES + QUIET_SWITCH_RATE * seconds:
                         got.append(seconds)
-                        spent[own] += seconds
+                        for g in groups:
+                            spent[g] += seconds
                         calm += 1
                     else:
                         noisy.setdefault(n, []).append(seconds)
@@ -295,7 +300,9 @@ class StepCosts:
         shown = [(int(n), c) for n, c in zip(self.sizes, self.curve) if n in (1, 4, 16, 64) or n == self.sizes[-1]]
         text = ", ".join(f"{n} {'row' if n == 1 else 'rows'} {c * 1e3:.1f} ms" for n, c in shown)
         busy = f"; {self.disturbed} of {self.measured} sizes measured only while another process ran" if self.disturbed else ""
-        return f"{text} ({self.measured} sizes measured{busy})"
+        dear = sorted(n for n in self.quiet if n not in self.knots)
+        padded = f"; dearer than a larger size: {', '.join(map(str, dear))} rows" if dear else ""
+        return f"{text} ({self.measured} sizes measured{busy}{padded})"
 
 
 def _sane(sizes: np.ndarray, curve: np.ndarray) -> np.ndarray:
