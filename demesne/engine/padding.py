@@ -14,9 +14,10 @@ The rows of a decode step cost more than their number says, for two reasons:
   ubatches, each a pass over the weights, and a slot freed and taken again leaves such gaps.
 
 A sequence id whose slot is idle can take a *throwaway row*: one token after the end of its
-stream, with an output row (the output layer, 262,144 x 640 on that model, is most of a row's
-cost and where the grouping shows), its cell removed right after the step and its logits never
-read. :func:`plan` picks the idle ids to pad so that the step's ubatches, its runs of
+stream, with an output row, its cell removed right after the step and its logits never read.
+The output row is what counts: the grouping shows in the output layer (262,144 x 640 on that
+model, most of a row's cost), so 16 tokens with 15 output rows cost what 15 tokens do (167 and
+171 ms), and 16 with 16 output rows 148 ms. :func:`plan` picks the idle ids to pad so that the step's ubatches, its runs of
 consecutive ids, cost least by the measured step costs: three sequences decoding become a
 ubatch of four rows, and a gap is closed where one larger ubatch costs less than two. On a GPU
 the costs are flat and nothing is padded. What an idle stream holds is untouched: the row goes
