@@ -31,11 +31,12 @@ tokens per second: a sequence that accepts a share ``a`` of draft tokens adds
 ``a + a^2 + ... + a^k`` tokens in expectation. ``a`` is the sequence's own rate, starting
 from the engine's overall one, so the draft length adapts per sequence, and once the batch
 is big enough that rows cost more than they bring, nobody drafts. Only steps whose drafts'
-ubatch has a size the curve has a point for are chosen (a measured size, or beyond those a
-knot the served steps correct): llama.cpp's CPU kernels take rows in groups, so the cost is
-not linear between two points (here 12 rows cost 79 ms, 11 rows 105 ms, 16 rows 102 ms, 17
-rows 143 ms): a sequence drafting alone drafts 1, 2, 3, 5, 7, 11, 15, 23, 31 or 47 tokens,
-for steps of the measured 2, 3, 4, 6, 8, 12, 16, 24, 32 or 48 rows.
+ubatch has a size the curve has a point for are chosen (a measured size no dearer than a
+larger one, or beyond those a knot the served steps correct): llama.cpp's CPU kernels take
+rows in groups, so the cost is not linear between two points (here 12 rows cost 79 ms, 11
+rows 105 ms, 16 rows 102 ms, 17 rows 143 ms), and from 3 rows up an odd size costs more than
+the even one above it: on such a machine a sequence drafting alone drafts 1, 3, 5, 7, 11, 15,
+23, 31 or 47 tokens, for steps of 2, 4, 6, 8, 12, 16, 24, 32 or 48 rows.
 """
 
 from __future__ import annotations
