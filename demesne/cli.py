@@ -14,7 +14,7 @@ from collections.abc import Callable
 import click
 
 from .bench import bench
-from .config import CACHE_TYPES, FLASH_ATTN, KV_LAYOUTS, ROUTES, SPECULATIVE, SPLIT_MODES, TOOL_FORMATS, ConfigError, EngineConfig, GatewayConfig, default_engine_endpoint, parse_size
+from .config import CACHE_TYPES, FLASH_ATTN, KV_LAYOUTS, ROUTES, SPECULATIVE, SPLIT_MODES, TOOL_FORMATS, ConfigError, EngineConfig, GatewayConfig, default_engine_endpoint, default_step_costs_file, parse_size
 from .model import ModelNotFound, resolve_model
 
 log = logging.getLogger("demesne")
@@ -85,6 +85,7 @@ ENGINE_OPTIONS = [
     click.option("--drain-timeout", default=60.0, show_default=True, help="on SIGTERM: seconds to finish running requests (new ones are refused) before exiting"),
     click.option("--gateway-timeout", default=30.0, show_default=True, help="seconds of silence after which a gateway is taken as gone and its requests are failed"),
     click.option("--no-prefix-cache", "prefix_cache", is_flag=True, flag_value=False, default=True, help="turn off prefix sharing and retention (for A/B measurements)"),
+    click.option("--step-costs-file", type=click.Path(dir_okay=False), default=default_step_costs_file, help="where the step costs measured at start are kept for the next start of the same model, settings and machine, which times a few sizes again instead of all ('': measure at every start) [default: $XDG_CACHE_HOME/demesne/step-costs.json]"),
     click.option("--no-pad-steps", "pad_steps", is_flag=True, flag_value=False, default=True, help="turn off throwaway rows that make decode steps cheaper where the measured step costs say so (for A/B measurements)"),
 ]
 
@@ -126,6 +127,8 @@ def _template_options(kw: dict) -> dict:
 
 def _engine_config(model: str | None, listen: str, **kw) -> EngineConfig:
     kw.pop("log_level", None)
+    if "step_costs_file" in kw:  # '': off
+        kw["step_costs_file"] = kw["step_costs_file"] or None
     return EngineConfig(model=resolve_model(model), listen=listen, **kw)
 
 

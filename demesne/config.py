@@ -6,6 +6,8 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
+from .model import cache_dir
+
 CACHE_TYPES = ("f16", "q8_0", "q4_0")
 SPLIT_MODES = ("none", "layer", "row")
 FLASH_ATTN = ("auto", "on", "off")
@@ -29,6 +31,10 @@ def default_dir() -> str:
     """Where engine sockets go by default: a directory only this user may enter (sockets.py)."""
     base = runtime_base()
     return os.path.join(base, "demesne") if base else os.path.join(tempfile.gettempdir(), f"demesne-{os.getuid()}")
+
+
+def default_step_costs_file() -> str:
+    return str(cache_dir() / "step-costs.json")
 
 
 def default_engine_endpoint() -> str:
@@ -117,6 +123,8 @@ class EngineConfig:
     draft_model: str | None = None  # a small GGUF of the same vocabulary: drafts where n-grams have none
     deterministic: bool = False  # batch-invariant step shapes (engine/invariant.py)
     pad_steps: bool = True  # streams: throwaway rows where they make a decode step cheaper (engine/padding.py)
+    # Step costs measured at start, kept for the next start of the same set-up (engine/costs_file.py); None: off.
+    step_costs_file: str | None = field(default_factory=default_step_costs_file)
     drain_timeout: float = 60.0  # on SIGTERM: seconds to finish running requests before exiting
     gateway_timeout: float = 30.0  # a gateway silent this long is gone: its requests are failed
     # CURVE (curve.py): this engine's secret key file and the directory of gateways' public keys.

@@ -29,6 +29,7 @@ from .kv_store import KVStore
 from .scheduler import Scheduler, StepPlan
 from .slots import SlotScheduler
 from .draft import DraftModel
+from . import costs_file
 from .padding import EVERY_MOST, Padding
 from .speculate import Speculator, StepCosts
 from .tiers import Tiers
@@ -111,20 +112,27 @@ class Engine:
 
     @staticmethod
     def _step_costs(config: EngineConfig, runner: ModelRunner) -> StepCosts | None:
-        """What a decode of n rows costs, measured now for speculative decoding and padded
-        steps; None if neither is on or the measurement fails (the engine serves without
-        them rather than not at all)."""
+        """What a decode of n rows costs, for speculative decoding and padded steps: measured
+        now, or at earlier starts of the same set-up with a few sizes timed again
+        (costs_file.py); None if neither is on or the measurement fails (the engine serves
+        without them rather than not at all)."""
         drafts, pads = config.speculative != "off", _padded_steps(config)
         if not (drafts or pads):
             return None
         costs = StepCosts()
         most = min(config.batch_size, 2 * config.max_seqs * (config.draft_max + 1)) if drafts else config.max_seqs
+        every = min(config.max_seqs, EVERY_MOST) if pads else 0
+        path = config.step_costs_file
+        key = costs_file.costs_key(config, runner, most, every) if path else ""
         try:
-            costs.calibrate(runner.time_rows, most, every=min(config.max_seqs, EVERY_MOST) if pads else 0)
+            measured = costs.calibrate(runner.time_rows, most, every=every, known=costs_file.load(path, key) if path else None)
         except DecodeError as exc:
             log.warning("measuring step costs failed (%s); serving without speculative decoding or padded steps", exc)
             return None
-        log.info("step costs measured: %s", costs.describe())
+        if path:
+            costs_file.save(path, key, costs.measurements())
+        how = "measured" if measured else f"of {costs.starts} starts ({path})"
+        log.info("step costs %s: %s", how, costs.describe())
         return costs
 
     @staticmethod

@@ -16,7 +16,6 @@ import hashlib
 import logging
 import os
 import time
-import warnings
 
 import llama_cpp
 import numpy as np
@@ -223,9 +222,10 @@ class ModelRunner:
         off the step loop."""
         from llguidance.llamacpp import lltokenizer_from_vocab
 
-        # It reads each token's attributes through a call llama-cpp-python marks deprecated:
-        # one warning per token, 262,144 of them, otherwise.
-        warnings.filterwarnings("ignore", "llama_token_get_attr is deprecated", DeprecationWarning)
+        # It reads each token's attributes through an alias llama-cpp-python marks deprecated:
+        # a warning per token (filtered or not, a second of the build for 262,144 tokens). The
+        # alias becomes the call its warning names, which takes the same arguments.
+        llama_cpp.llama_token_get_attr = llama_cpp.llama_vocab_get_attr
         return lltokenizer_from_vocab(self.vocab, eos_token=np.flatnonzero(self.eog).tolist())
 
     def bos_eos_text(self) -> tuple[str, str]:
@@ -340,6 +340,11 @@ class ModelRunner:
             return True
         self.remove(seq_id)  # a refused state may have left cells behind
         return False
+
+    @staticmethod
+    def system_info() -> str:
+        """llama.cpp's build as it runs here: its backends and the CPU features it uses."""
+        return llama_cpp.llama_print_system_info().decode("utf-8", "replace")
 
     def kv_fingerprint(self) -> str:
         """What a saved state depends on: the model's weights and every setting that changes

@@ -70,6 +70,11 @@ QUIET_SWITCHES, QUIET_SWITCH_RATE = 2, 100.0
 SCALE_RATE = 0.1  # how fast the step-cost scale follows the steps measured (a moving average)
 SHAPE_RATE = 0.1  # how fast the curve's knots do, from what sets one size apart from the rest
 LEARN_CLIP = 0.5  # the largest log error one step may teach
+# A start with earlier starts' step costs times one row and RETIMED more sizes (in turn, those
+# under RETIME_MOST seconds) again; it measures them all anew where the sizes timed again are
+# slower or faster than before by more than RECHECK_SPEED (one machine here varies by 40%
+# from day to day; a size measured twice minutes apart by up to a third).
+RETIMED, RETIME_MOST, RECHECK_SPEED = 3, 0.25, 1.6
 MIN_GAIN = 1.02  # drafting must promise this much more throughput than not drafting
 
 
@@ -170,10 +175,13 @@ class StepCosts:
         self.disturbed = 0  # ...of which it never measured without another process running
         self.knots: frozenset[int] = frozenset()  # the sizes worth running that the curve has a point for
         self.quiet: dict[int, float] = {}  # by size: its least undisturbed time, as measured
+        self._noisy: dict[int, float] = {}  # ...and for a size never measured undisturbed, its least
+        self.starts = 1  # engine starts whose measurements these are (see calibrate's known)
 
     def calibrate(
-        self, time_rows, most: int, budget: float = CALIBRATION_SECONDS, preemptions=None, every: int = 0
-    ) -> None:
+        self, time_rows, most: int, budget: float = CALIBRATION_SECONDS, preemptions=None, every: int = 0,
+        known: dict | None = None,
+    ) -> bool:
         """Measure the curve with ``time_rows(n)`` (seconds of a decode of n output rows),
         from one row up to ``most``, until ``budget`` seconds of undisturbed measurement are
         spent, or twice that in all (a large model on a CPU stops early; beyond the last size
@@ -188,11 +196,27 @@ class StepCosts:
         and is taken again in the next round over the sizes, up to :data:`CALIBRATION_TRIES`
         rounds, while a round still finds the machine quiet at times; a size never measured
         undisturbed keeps its least disturbed time, and :func:`_sane` caps what that can
-        bend."""
+        bend.
+
+        ``known``: what earlier starts measured with the same model, settings and machine
+        (:meth:`measurements`). Then only a few sizes are timed again (:meth:`_retime`), each
+        keeping its least time over the starts: on a machine whose measurements of one size
+        vary by a third from minute to minute, the curve gets better with every start instead
+        of being drawn anew from one. Returns whether the curve was measured anew."""
         preemptions = preemptions or _preemptions
         time_rows(1)  # warm-up: the first decode pays one-time costs
-        quiet: dict[int, list[float]] = {}  # by size measured: its undisturbed measurements
-        noisy: dict[int, list[float]] = {}  # ...and the disturbed ones
+        if known is not None:
+            merged = self._retime(known, time_rows, preemptions)
+            if merged is not None:
+                self._fit(*merged, most)
+                return False
+        self._fit(*self._measure(time_rows, most, budget, preemptions, every), most)
+        return True
+
+    def _measure(self, time_rows, most: int, budget: float, preemptions, every: int):
+        """By size measured: its undisturbed times, and its disturbed ones (see calibrate)."""
+        quiet: dict[int, list[float]] = {}
+        noisy: dict[int, list[float]] = {}
         # Rounds over the sizes: what a disturbance spoiled is taken again in a later round,
         # when the other process may be gone, rather than at once.
         # Two budgets of undisturbed seconds: the curve's sizes (up to ``most``) and every size
@@ -212,10 +236,9 @@ class StepCosts:
                 got = quiet.setdefault(n, [])
                 wanted = 2 - len(got) if round_ == 0 else min(1, 2 - len(got))  # later rounds: one more
                 for _ in range(wanted):
-                    before = preemptions()
-                    seconds = time_rows(n)
+                    seconds, calm_ = _timed(time_rows, n, preemptions)
                     total += seconds
-                    if preemptions() - before <= QUIET_SWITCHES + QUIET_SWITCH_RATE * seconds:
+                    if calm_:
                         got.append(seconds)
                         for g in groups:
                             spent[g] += seconds
@@ -224,10 +247,15 @@ class StepCosts:
                         noisy.setdefault(n, []).append(seconds)
             if calm == 0 or all(len(got) >= 2 for got in quiet.values()):
                 break  # done, or the machine stays busy: the served steps will correct the curve
+        return quiet, noisy
+
+    def _fit(self, quiet: dict[int, list[float]], noisy: dict[int, list[float]], most: int) -> None:
+        """The curve, its knots and the sizes' undisturbed times from what was measured."""
         sizes = sorted(quiet)
         curve = np.array([min(quiet[n] or noisy[n]) for n in sizes])
         self.measured, self.disturbed = len(sizes), sum(not quiet[n] for n in sizes)
         self.quiet = {n: min(quiet[n]) for n in sizes if quiet[n]}
+        self._noisy = {n: min(noisy[n]) for n in sizes if not quiet[n]}
         self.sizes = np.array(sizes, np.float64)
         self.curve = _sane(self.sizes, curve)
         # A size measured undisturbed and dearer than a larger one is no knot: llama.cpp's CPU
@@ -240,6 +268,43 @@ class StepCosts:
             self._extend(most)
             self.curve = _sane(self.sizes, self.curve)
         self.knots = frozenset(int(n) for n in self.sizes) - dear
+
+    def measurements(self) -> dict:
+        """What :meth:`calibrate` measured, as ``known`` for a later start: by size, its least
+        undisturbed time (``quiet``), or for a size never measured undisturbed its least time
+        (``noisy``); and how many starts measured them (``starts``)."""
+        return {"quiet": dict(self.quiet), "noisy": dict(self._noisy), "starts": self.starts}
+
+    def _retime(self, known: dict, time_rows, preemptions):
+        """One row and the next :data:`RETIMED` sizes of ``known`` in turn (those a decode of
+        under :data:`RETIME_MOST` seconds; the larger ones the served steps correct), timed
+        twice each; every size keeps its least time. Returns (quiet, noisy) as
+        :meth:`_measure` does, or None where they do not describe this machine now (no size
+        timed undisturbed, or all of them slower or faster than ``known`` by more than
+        :data:`RECHECK_SPEED`: measure again)."""
+        quiet, noisy, starts = known["quiet"], known["noisy"], known.get("starts", 1)
+        cheap = [n for n in sorted({*quiet, *noisy}) if n > 1 and quiet.get(n, noisy.get(n)) < RETIME_MOST]
+        turn = [cheap[(starts * RETIMED + i) % len(cheap)] for i in range(min(RETIMED, len(cheap)))]
+        fresh: dict[int, list[float]] = {}
+        busy: dict[int, list[float]] = {}
+        for n in (1, *turn):
+            for _ in range(2):
+                seconds, calm = _timed(time_rows, n, preemptions)
+                (fresh if calm else busy).setdefault(n, []).append(seconds)
+        ratios = [min(fresh[n]) / quiet[n] for n in fresh if n in quiet]
+        if not ratios:
+            return None
+        speed = math.exp(sum(map(math.log, ratios)) / len(ratios))
+        if not 1 / RECHECK_SPEED <= speed <= RECHECK_SPEED:
+            return None
+        merged = {n: [t, *fresh.get(n, ())] for n, t in quiet.items()}
+        merged.update((n, times) for n, times in fresh.items() if n not in quiet)
+        disturbed = {n: [t] for n, t in noisy.items() if n not in merged}
+        for n, times in busy.items():
+            if n not in merged:
+                disturbed.setdefault(n, []).extend(times)
+        self.starts = starts + 1
+        return {**dict.fromkeys(disturbed, []), **merged}, disturbed
 
     def unpadded(self, rows: int) -> float:
         """Unscaled seconds of one ubatch of ``rows`` rows as it is, unpadded: as measured
@@ -319,6 +384,14 @@ def _sane(sizes: np.ndarray, curve: np.ndarray) -> np.ndarray:
             both = np.interp(a, sizes, curve) + np.interp(sizes[j] - a, sizes, curve)
             curve[j] = min(curve[j], SUBADDITIVE_SLACK * both)
     return np.minimum.accumulate(curve[::-1])[::-1]
+
+
+def _timed(time_rows, n: int, preemptions) -> tuple[float, bool]:
+    """Seconds of a decode of ``n`` rows, and whether no other process disturbed it (this
+    one was preempted no more than a quiet machine preempts it)."""
+    before = preemptions()
+    seconds = time_rows(n)
+    return seconds, preemptions() - before <= QUIET_SWITCHES + QUIET_SWITCH_RATE * seconds
 
 
 def _preemptions() -> int:
