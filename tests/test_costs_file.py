@@ -3,11 +3,13 @@ measurements only where sizes timed again agree with them, and the file never st
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
 import pytest
 
+from demesne.config import EngineConfig
 from demesne.engine import costs_file, speculate
 from demesne.engine.runner import ModelRunner
 from demesne.engine.speculate import RETIMED, StepCosts
@@ -175,3 +177,33 @@ def test_an_engine_starts_on_the_costs_an_earlier_start_measured(model_path, tmp
     assert len(calls) > 1 + 3 * 3
     with open(path) as f:
         assert len(json.load(f)) == 2
+
+
+def test_the_key_tells_set_ups_apart(monkeypatch):
+    class Runner:
+        fingerprint = "f"
+
+        def kv_fingerprint(self):
+            return self.fingerprint
+
+        @staticmethod
+        def system_info():
+            return "CPU : AVX2 = 1"
+
+    runner, config = Runner(), EngineConfig(model="m.gguf")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    key = costs_file.costs_key(config, runner, 272, 8)
+    assert costs_file.costs_key(EngineConfig(model="m.gguf"), runner, 272, 8) == key
+    others = [
+        costs_file.costs_key(dataclasses.replace(config, threads=1), runner, 272, 8),
+        costs_file.costs_key(dataclasses.replace(config, max_seqs=4), runner, 272, 8),
+        costs_file.costs_key(dataclasses.replace(config, n_gpu_layers=-1), runner, 272, 8),
+        costs_file.costs_key(config, runner, 544, 8),
+        costs_file.costs_key(config, runner, 272, 0),
+    ]
+    runner.fingerprint = "another model or KV type"
+    others.append(costs_file.costs_key(config, runner, 272, 8))
+    runner.fingerprint = "f"
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # another GPU, the engine's device 0
+    others.append(costs_file.costs_key(config, runner, 272, 8))
+    assert len({key, *others}) == 1 + len(others)

@@ -10,11 +10,14 @@ size keeping its least time over the starts, and keeps the result here.
 One JSON file holds several set-ups, each under a key that hashes everything the times
 depend on: the model file and its KV settings (the runner's KV fingerprint, which names the
 llama.cpp build too), the decode's settings (threads, ubatch, offload, GPUs, sequences,
-cells), the sizes asked for, and the machine (its CPU, the cores this process may use and
-llama.cpp's system info). The file is written whole and renamed into place, so engines
-starting together never read half of one; one may lose the other's entry, which the next
-start measures again. A file that cannot be read or written costs a measurement, never a
-start.
+cells), the sizes asked for, and the machine (its CPU, the cores this process may use, the
+GPUs it is shown, and llama.cpp's system info). A GPU swapped for another under the same
+index keeps the key: where that changes the costs by more than ``RECHECK_SPEED``, the sizes
+timed again say so and all are measured again.
+
+The file is written whole and renamed into place, so engines starting together never read
+half of one; one may lose the other's entry, which the next start measures again. A file
+that cannot be read or written costs a measurement, never a start.
 """
 
 from __future__ import annotations
@@ -48,6 +51,10 @@ def costs_key(config, runner, most: int, every: int) -> str:
     return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
+# The GPUs a process sees (one engine per GPU: each unit of deploy/ sees its own as device 0).
+DEVICE_VARIABLES = ("CUDA_VISIBLE_DEVICES", "HIP_VISIBLE_DEVICES", "ROCR_VISIBLE_DEVICES", "GGML_VK_VISIBLE_DEVICES")
+
+
 def _machine() -> str:
     cpu = platform.processor() or platform.machine()
     try:
@@ -56,7 +63,8 @@ def _machine() -> str:
     except OSError:
         pass
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return f"{cpu} cores={cores}"
+    devices = " ".join(f"{v}={os.environ[v]}" for v in DEVICE_VARIABLES if v in os.environ)
+    return f"{cpu} cores={cores} {devices}"
 
 
 def load(path: str, key: str) -> dict | None:
