@@ -146,8 +146,8 @@ def stop(engine) -> None:
 def test_an_engine_starts_on_the_costs_an_earlier_start_measured(model_path, tmp_path, monkeypatch):
     """The real model: the first engine measures and keeps its costs; the second, with the
     same set-up, times only a few sizes again (told to take them whatever today's speed:
-    this machine's noise is not what is tested here) and keeps each size's least time;
-    another set-up measures its own."""
+    this machine's noise is not what is tested here) and keeps each size's least time; one
+    of more sequences measures only the sizes it lacks; another set-up measures its own."""
     path = str(tmp_path / "step-costs.json")
     calls = []
     time_rows = ModelRunner.time_rows
@@ -172,9 +172,18 @@ def test_an_engine_starts_on_the_costs_an_earlier_start_measured(model_path, tmp
     assert costs_file.load(path, key)["quiet"] == again.quiet
     stop(second)
 
+    calls.clear()  # more sequences: the sizes up to 16 the entry lacks are measured, once
+    third = make_engine(model_path, step_costs_file=path, max_seqs=16)
+    lacking = {9, 10, 11, 13, 14, 15}  # (12 and 16 rows are among the curve's sizes)
+    assert len(calls) == 1 + 2 * (1 + RETIMED + len(lacking)) and lacking <= set(calls)
+    assert set(range(1, 17)) <= third.speculator.costs.quiet.keys() | set(third.speculator.costs._noisy)
+    stop(third)
+    with open(path) as f:
+        assert len(json.load(f)) == 1  # the same set-up: a decode of n rows costs what it did
+
     calls.clear()
-    stop(make_engine(model_path, step_costs_file=path, max_seqs=4))
-    assert len(calls) > 1 + 3 * 3
+    stop(make_engine(model_path, step_costs_file=path, ubatch_size=256))
+    assert len(calls) > 1 + 2 * (1 + RETIMED)
     with open(path) as f:
         assert len(json.load(f)) == 2
 
@@ -192,18 +201,34 @@ def test_the_key_tells_set_ups_apart(monkeypatch):
 
     runner, config = Runner(), EngineConfig(model="m.gguf")
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    key = costs_file.costs_key(config, runner, 272, 8)
-    assert costs_file.costs_key(EngineConfig(model="m.gguf"), runner, 272, 8) == key
+    key = costs_file.costs_key(config, runner)
+    assert costs_file.costs_key(EngineConfig(model="m.gguf"), runner) == key
+    # a decode of n rows of one sequence costs the same whatever the other sequences and cells
+    assert costs_file.costs_key(dataclasses.replace(config, max_seqs=4, ctx_size=4096), runner) == key
     others = [
-        costs_file.costs_key(dataclasses.replace(config, threads=1), runner, 272, 8),
-        costs_file.costs_key(dataclasses.replace(config, max_seqs=4), runner, 272, 8),
-        costs_file.costs_key(dataclasses.replace(config, n_gpu_layers=-1), runner, 272, 8),
-        costs_file.costs_key(config, runner, 544, 8),
-        costs_file.costs_key(config, runner, 272, 0),
+        costs_file.costs_key(dataclasses.replace(config, threads=1), runner),
+        costs_file.costs_key(dataclasses.replace(config, ubatch_size=128), runner),
+        costs_file.costs_key(dataclasses.replace(config, n_gpu_layers=-1), runner),
+        costs_file.costs_key(dataclasses.replace(config, deterministic=True), runner),
     ]
     runner.fingerprint = "another model or KV type"
-    others.append(costs_file.costs_key(config, runner, 272, 8))
+    others.append(costs_file.costs_key(config, runner))
     runner.fingerprint = "f"
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "1")  # another GPU, the engine's device 0
-    others.append(costs_file.costs_key(config, runner, 272, 8))
+    others.append(costs_file.costs_key(config, runner))
     assert len({key, *others}) == 1 + len(others)
+
+
+def test_sizes_the_earlier_starts_lacked_are_measured_and_larger_ones_kept():
+    small = StepCosts()  # an engine of 6 sequences, 48 rows at most
+    assert small.calibrate(Machine().time_rows, 48, budget=10.0, preemptions=lambda: 0, every=6)
+    known = small.measurements()
+    machine = Machine()
+    again = StepCosts()  # one of 12
+    assert not machine.calibrate(again, known)
+    assert machine.calls == 1 + 2 * (1 + RETIMED + 4)  # 7, 9, 10 and 11 rows: measured now
+    assert set(range(1, 13)) <= again.quiet.keys()
+    fewer = StepCosts()  # one of 2 sequences, 8 rows at most: the file keeps the larger sizes
+    assert not fewer.calibrate(Machine().time_rows, 8, preemptions=lambda: 0, every=2, known=again.measurements())
+    assert max(fewer.quiet) == 8
+    assert fewer.measurements()["quiet"].keys() == again.measurements()["quiet"].keys() == known["quiet"].keys() | set(range(1, 13))

@@ -123,7 +123,7 @@ class Engine:
         most = min(config.batch_size, 2 * config.max_seqs * (config.draft_max + 1)) if drafts else config.max_seqs
         every = min(config.max_seqs, EVERY_MOST) if pads else 0
         path = config.step_costs_file
-        key = costs_file.costs_key(config, runner, most, every) if path else ""
+        key = costs_file.costs_key(config, runner) if path else ""
         try:
             measured = costs.calibrate(runner.time_rows, most, every=every, known=costs_file.load(path, key) if path else None)
         except DecodeError as exc:

@@ -9,8 +9,7 @@ size keeping its least time over the starts, and keeps the result here.
 
 One JSON file holds several set-ups, each under a key that hashes everything the times
 depend on: the model file and its KV settings (the runner's KV fingerprint, which names the
-llama.cpp build too), the decode's settings (threads, ubatch, offload, GPUs, sequences,
-cells), the sizes asked for, and the machine (its CPU, the cores this process may use, the
+llama.cpp build too), the decode's settings (threads, ubatch, offload, GPUs), and the machine (its CPU, the cores this process may use, the
 GPUs it is shown, and llama.cpp's system info). A GPU swapped for another under the same
 index keeps the key: where that changes the costs by more than ``RECHECK_SPEED``, the sizes
 timed again say so and all are measured again.
@@ -37,14 +36,15 @@ log = logging.getLogger("demesne.engine")
 MAX_ENTRIES = 32  # set-ups kept; the least recently saved goes first
 
 
-def costs_key(config, runner, most: int, every: int) -> str:
-    """What the step costs of ``config`` on ``runner`` depend on, hashed."""
+def costs_key(config, runner) -> str:
+    """What the step costs of ``config`` on ``runner`` depend on, hashed. Not the number of
+    sequences or cells: a decode of n rows of one sequence costs the same whatever the
+    others (the sizes an engine needs and the entry lacks are measured then)."""
     c = config
     parts = [
         runner.kv_fingerprint(),
-        f"threads={c.threads}/{c.threads_batch} ubatch={c.ubatch_size} batch={c.batch_size}",
+        f"threads={c.threads}/{c.threads_batch} ubatch={c.ubatch_size} deterministic={c.deterministic}",
         f"gpu_layers={c.n_gpu_layers} split={c.split_mode}:{list(c.tensor_split)} main_gpu={c.main_gpu}",
-        f"seqs={c.max_seqs} cells={c.ctx_size} most={most} every={every}",
         _machine(),
         runner.system_info(),
     ]

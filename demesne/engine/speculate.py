@@ -177,6 +177,7 @@ class StepCosts:
         self.quiet: dict[int, float] = {}  # by size: its least undisturbed time, as measured
         self._noisy: dict[int, float] = {}  # ...and for a size never measured undisturbed, its least
         self.starts = 1  # engine starts whose measurements these are (see calibrate's known)
+        self._beyond: tuple[dict, dict] = ({}, {})  # what calibrate merged, all sizes (see measurements)
 
     def calibrate(
         self, time_rows, most: int, budget: float = CALIBRATION_SECONDS, preemptions=None, every: int = 0,
@@ -206,9 +207,12 @@ class StepCosts:
         preemptions = preemptions or _preemptions
         time_rows(1)  # warm-up: the first decode pays one-time costs
         if known is not None:
-            merged = self._retime(known, time_rows, preemptions)
+            merged = self._retime(known, time_rows, preemptions, every)
             if merged is not None:
-                self._fit(*merged, most)
+                self._beyond = merged  # sizes beyond this engine's (an engine of more sequences measured them) stay in the file
+                top = max(most, every)
+                quiet, noisy = ({n: t for n, t in part.items() if n <= top} for part in merged)
+                self._fit(quiet, noisy, most)
                 return False
         self._fit(*self._measure(time_rows, most, budget, preemptions, every), most)
         return True
@@ -273,21 +277,27 @@ class StepCosts:
         """What :meth:`calibrate` measured, as ``known`` for a later start: by size, its least
         undisturbed time (``quiet``), or for a size never measured undisturbed its least time
         (``noisy``); and how many starts measured them (``starts``)."""
-        return {"quiet": dict(self.quiet), "noisy": dict(self._noisy), "starts": self.starts}
+        quiet, noisy = self._beyond
+        return {
+            "quiet": {n: min(t) for n, t in quiet.items() if t} | self.quiet,
+            "noisy": {n: min(t) for n, t in noisy.items() if not quiet.get(n)} | self._noisy,
+            "starts": self.starts,
+        }
 
-    def _retime(self, known: dict, time_rows, preemptions):
+    def _retime(self, known: dict, time_rows, preemptions, every: int):
         """One row and the next :data:`RETIMED` sizes of ``known`` in turn (those a decode of
         under :data:`RETIME_MOST` seconds; the larger ones the served steps correct), timed
-        twice each; every size keeps its least time. Returns (quiet, noisy) as
-        :meth:`_measure` does, or None where they do not describe this machine now (no size
-        timed undisturbed, or all of them slower or faster than ``known`` by more than
-        :data:`RECHECK_SPEED`: measure again)."""
+        twice each, and the sizes up to ``every`` it lacks; every size keeps its least time.
+        Returns (quiet, noisy) as :meth:`_measure` does, or None where they do not describe
+        this machine now (no size timed undisturbed, or all of them slower or faster than
+        ``known`` by more than :data:`RECHECK_SPEED`: measure again)."""
         quiet, noisy, starts = known["quiet"], known["noisy"], known.get("starts", 1)
         cheap = [n for n in sorted({*quiet, *noisy}) if n > 1 and quiet.get(n, noisy.get(n)) < RETIME_MOST]
         turn = [cheap[(starts * RETIMED + i) % len(cheap)] for i in range(min(RETIMED, len(cheap)))]
+        lacking = [n for n in range(2, every + 1) if n not in quiet and n not in noisy]
         fresh: dict[int, list[float]] = {}
         busy: dict[int, list[float]] = {}
-        for n in (1, *turn):
+        for n in sorted({1, *turn, *lacking}):
             for _ in range(2):
                 seconds, calm = _timed(time_rows, n, preemptions)
                 (fresh if calm else busy).setdefault(n, []).append(seconds)
