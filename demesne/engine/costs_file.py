@@ -84,7 +84,10 @@ def load(path: str, key: str) -> dict | None:
         starts = entry["starts"]
         if not isinstance(starts, int) or starts < 1:
             raise ValueError(f"starts: {starts!r}")
-        return {"quiet": _times(entry["quiet"]), "noisy": _times(entry["noisy"]), "starts": starts}
+        drift = float(entry.get("drift", 0.0))
+        if not math.isfinite(drift):
+            raise ValueError(f"drift: {drift!r}")
+        return {"quiet": _times(entry["quiet"]), "noisy": _times(entry["noisy"]), "starts": starts, "drift": drift}
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
         log.warning("a bad entry in %s (%r): measuring step costs", path, exc)
         return None
@@ -111,6 +114,7 @@ def save(path: str, key: str, measurements: dict) -> None:
             "quiet": {str(n): t for n, t in measurements["quiet"].items()},
             "noisy": {str(n): t for n, t in measurements["noisy"].items()},
             "starts": measurements["starts"],
+            "drift": measurements.get("drift", 0.0),
             "saved": time.time(),
         }
         if len(entries) > MAX_ENTRIES:

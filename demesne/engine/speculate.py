@@ -75,6 +75,7 @@ LEARN_CLIP = 0.5  # the largest log error one step may teach
 # slower or faster than before by more than RECHECK_SPEED (one machine here varies by 40%
 # from day to day; a size measured twice minutes apart by up to a third).
 RETIMED, RETIME_MOST, RECHECK_SPEED = 3, 0.25, 1.6
+DRIFT_STARTS = 8  # the typical ratio of a re-timing to the kept least time: a mean over about this many starts
 MIN_GAIN = 1.02  # drafting must promise this much more throughput than not drafting
 
 
@@ -177,6 +178,7 @@ class StepCosts:
         self.quiet: dict[int, float] = {}  # by size: its least undisturbed time, as measured
         self._noisy: dict[int, float] = {}  # ...and for a size never measured undisturbed, its least
         self.starts = 1  # engine starts whose measurements these are (see calibrate's known)
+        self.drift = 0.0  # how much slower than the least times re-timings typically are (log; see _retime)
         self._beyond: tuple[dict, dict] = ({}, {})  # what calibrate merged, all sizes (see measurements)
 
     def calibrate(
@@ -240,9 +242,9 @@ class StepCosts:
                 got = quiet.setdefault(n, [])
                 wanted = 2 - len(got) if round_ == 0 else min(1, 2 - len(got))  # later rounds: one more
                 for _ in range(wanted):
-                    seconds, calm_ = _timed(time_rows, n, preemptions)
+                    seconds, undisturbed = _timed(time_rows, n, preemptions)
                     total += seconds
-                    if calm_:
+                    if undisturbed:
                         got.append(seconds)
                         for g in groups:
                             spent[g] += seconds
@@ -282,6 +284,7 @@ class StepCosts:
             "quiet": {n: min(t) for n, t in quiet.items() if t} | self.quiet,
             "noisy": {n: min(t) for n, t in noisy.items() if not quiet.get(n)} | self._noisy,
             "starts": self.starts,
+            "drift": self.drift,
         }
 
     def _retime(self, known: dict, time_rows, preemptions, every: int):
@@ -289,9 +292,12 @@ class StepCosts:
         under :data:`RETIME_MOST` seconds; the larger ones the served steps correct), timed
         twice each, and the sizes up to ``every`` it lacks; every size keeps its least time.
         Returns (quiet, noisy) as :meth:`_measure` does, or None where they do not describe
-        this machine now (no size timed undisturbed, or all of them slower or faster than
-        ``known`` by more than :data:`RECHECK_SPEED`: measure again)."""
+        this machine now (the sizes timed undisturbed are together slower or faster than
+        ``known``, by more than :data:`RECHECK_SPEED` beyond the typical ``drift``, or ``known``
+        lacks one row: measure again). A start on a busy machine keeps ``known``."""
         quiet, noisy, starts = known["quiet"], known["noisy"], known.get("starts", 1)
+        if 1 not in quiet and 1 not in noisy:
+            return None
         cheap = [n for n in sorted({*quiet, *noisy}) if n > 1 and quiet.get(n, noisy.get(n)) < RETIME_MOST]
         turn = [cheap[(starts * RETIMED + i) % len(cheap)] for i in range(min(RETIMED, len(cheap)))]
         lacking = [n for n in range(2, every + 1) if n not in quiet and n not in noisy]
@@ -301,12 +307,22 @@ class StepCosts:
             for _ in range(2):
                 seconds, calm = _timed(time_rows, n, preemptions)
                 (fresh if calm else busy).setdefault(n, []).append(seconds)
+        # Sizes timed undisturbed that disagree with what was before are another machine (or a
+        # throttled one). A busy machine is no reason to measure again: what it times now is
+        # no better than the least times of earlier starts, disturbed ones included (another
+        # process only ever adds time), and each size keeps its least.
+        # Each size keeping its least time, a size timed again is typically slower than what
+        # is kept, the more so the more starts there were: the check is against that typical
+        # ratio (``drift``, averaged over the last starts), or a noisy machine would one day
+        # throw away a good entry.
         ratios = [min(fresh[n]) / quiet[n] for n in fresh if n in quiet]
-        if not ratios:
-            return None
-        speed = math.exp(sum(map(math.log, ratios)) / len(ratios))
-        if not 1 / RECHECK_SPEED <= speed <= RECHECK_SPEED:
-            return None
+        drift = known.get("drift", 0.0)
+        if ratios:
+            slower = sum(map(math.log, ratios)) / len(ratios)
+            if abs(slower - drift) > math.log(RECHECK_SPEED):
+                return None
+            drift += (slower - drift) / min(starts + 1, DRIFT_STARTS)
+        self.drift = drift
         merged = {n: [t, *fresh.get(n, ())] for n, t in quiet.items()}
         merged.update((n, times) for n, times in fresh.items() if n not in quiet)
         disturbed = {n: [t] for n, t in noisy.items() if n not in merged}
