@@ -4,13 +4,18 @@ from __future__ import annotations
 
 from types import SimpleNamespace
 
+import pytest
+
 from demesne.engine.budget import StepBudget
 
 
 def scheduler(decoding: int, prefilling: int = 1):
     rows = [SimpleNamespace(attached=True, n_remaining=1) for _ in range(decoding)]
     rows += [SimpleNamespace(attached=False, n_remaining=500) for _ in range(prefilling)]
-    return SimpleNamespace(decoding=lambda: [s for s in rows if s.attached and s.n_remaining == 1])
+    return SimpleNamespace(
+        decoding=lambda: [s for s in rows if s.attached and s.n_remaining == 1],
+        first_token_waiters=lambda: sum(not s.attached for s in rows),
+    )
 
 
 def test_nobody_decoding_takes_the_whole_batch():
@@ -33,7 +38,27 @@ def test_a_slow_machine_lets_prompts_take_a_share_of_the_step_rather_than_starve
     budget = StepBudget(4096, target=0.5)
     budget.observe(0, 0.5)  # decode rows alone take the whole target (a full cache)
     budget.observe(1000, 1.5)  # 1 ms per prompt token
-    assert budget.tokens(scheduler(decoding=16)) == 16 + int(StepBudget.PROMPT_SHARE * 500)
+    assert budget.tokens(scheduler(decoding=16, prefilling=0)) == 16 + int(StepBudget.PROMPT_SHARE * 500)
+
+
+@pytest.mark.parametrize(
+    "decoding, waiting, times",
+    [
+        (1, 15, 15),  # a burst beside one stream about to finish: one long step, not 30 short ones
+        (2, 8, 4),
+        (1, 1, 1),  # one arrival beside one stream: the stream keeps its pace
+        (15, 1, 1),
+        (8, 8, 1),
+        (4, 0, 1),
+    ],
+)
+def test_where_more_wait_than_decode_the_prompt_time_grows_with_them(decoding, waiting, times):
+    budget = StepBudget(8192, target=0.5)
+    for _ in range(5):
+        budget.observe(0, 0.1)
+        budget.observe(1000, 1.1)  # 1 ms per prompt token: 0.4 s is ~400 tokens
+    prompt = budget.tokens(scheduler(decoding=decoding, prefilling=waiting)) - decoding
+    assert times * 390 <= prompt <= times * 401
 
 
 def test_prompts_always_get_a_minimum_chunk():

@@ -162,6 +162,13 @@ class Scheduler:
         """Running sequences with one token to feed: a decode row each."""
         return [s for s in self.running if s.attached and s.n_remaining == 1]
 
+    def first_token_waiters(self) -> int:
+        """Requests this step could feed a prompt to: admitted and not yet decoding, and
+        waiting ones there are sequence ids for (a preempted request among them: it waits
+        for its tokens to be fed again as a new one waits for its first)."""
+        admitted = sum(not s.attached for s in self.running)
+        return admitted + min(len(self.waiting), self.ids.n_free)
+
     def _evict_for(self, cells: int) -> None:
         """Evict unheld trie leaves until ``cells`` cells are free, if they allow."""
         if self.free_cells() < cells:

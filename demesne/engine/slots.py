@@ -184,6 +184,11 @@ class SlotScheduler:
     def decoding(self) -> list[Sequence]:
         return [s for s in self.running if s.n_remaining == 1]
 
+    def first_token_waiters(self) -> int:
+        """Requests this step could feed a prompt to (see Scheduler.first_token_waiters)."""
+        free = sum(slot.owner is None for slot in self.slots)
+        return sum(s.n_remaining > 1 for s in self.running) + min(len(self.waiting), free)
+
     def cells_used(self) -> int:
         return sum(len(self._content(s)) for s in self.slots)
 
