@@ -9,8 +9,9 @@ size keeping its least time over the starts, and keeps the result here.
 
 One JSON file holds several set-ups, each under a key that hashes everything the times
 depend on: the model file and its KV settings (the runner's KV fingerprint, which names the
-llama.cpp build too), the decode's settings (threads, ubatch, offload, GPUs), and the machine (its CPU, the cores this process may use, the
-GPUs it is shown, and llama.cpp's system info). A GPU swapped for another under the same
+llama.cpp build too), the decode's settings (threads, ubatch, offload, GPUs), and the
+machine (its CPU, the cores this process may use, the GPUs it is shown, and llama.cpp's
+system info). A GPU swapped for another under the same
 index keeps the key: where that changes the costs by more than ``RECHECK_SPEED``, the sizes
 timed again say so and all are measured again.
 

@@ -179,7 +179,7 @@ class StepCosts:
         self._noisy: dict[int, float] = {}  # ...and for a size never measured undisturbed, its least
         self.starts = 1  # engine starts whose measurements these are (see calibrate's known)
         self.drift = 0.0  # how much slower than the least times re-timings typically are (log; see _retime)
-        self._beyond: tuple[dict, dict] = ({}, {})  # what calibrate merged, all sizes (see measurements)
+        self._beyond: tuple[dict, dict] = ({}, {})  # quiet and noisy least times of sizes beyond this engine's (see measurements)
 
     def calibrate(
         self, time_rows, most: int, budget: float = CALIBRATION_SECONDS, preemptions=None, every: int = 0,
@@ -211,9 +211,13 @@ class StepCosts:
         if known is not None:
             merged = self._retime(known, time_rows, preemptions, every)
             if merged is not None:
-                self._beyond = merged  # sizes beyond this engine's (an engine of more sequences measured them) stay in the file
                 top = max(most, every)
                 quiet, noisy = ({n: t for n, t in part.items() if n <= top} for part in merged)
+                # Sizes beyond this engine's (an engine of more sequences measured them) stay in the file.
+                self._beyond = (
+                    {n: min(t) for n, t in merged[0].items() if n > top and t},
+                    {n: min(t) for n, t in merged[1].items() if n > top and not merged[0].get(n)},
+                )
                 self._fit(quiet, noisy, most)
                 return False
         self._fit(*self._measure(time_rows, most, budget, preemptions, every), most)
@@ -281,8 +285,8 @@ class StepCosts:
         (``noisy``); and how many starts measured them (``starts``)."""
         quiet, noisy = self._beyond
         return {
-            "quiet": {n: min(t) for n, t in quiet.items() if t} | self.quiet,
-            "noisy": {n: min(t) for n, t in noisy.items() if not quiet.get(n)} | self._noisy,
+            "quiet": quiet | self.quiet,
+            "noisy": noisy | self._noisy,
             "starts": self.starts,
             "drift": self.drift,
         }
@@ -307,14 +311,12 @@ class StepCosts:
             for _ in range(2):
                 seconds, calm = _timed(time_rows, n, preemptions)
                 (fresh if calm else busy).setdefault(n, []).append(seconds)
-        # Sizes timed undisturbed that disagree with what was before are another machine (or a
-        # throttled one). A busy machine is no reason to measure again: what it times now is
-        # no better than the least times of earlier starts, disturbed ones included (another
-        # process only ever adds time), and each size keeps its least.
-        # Each size keeping its least time, a size timed again is typically slower than what
-        # is kept, the more so the more starts there were: the check is against that typical
-        # ratio (``drift``, averaged over the last starts), or a noisy machine would one day
-        # throw away a good entry.
+        # Only sizes timed undisturbed can say this is another machine (or a throttled one): a
+        # busy one times nothing better than the least times kept, each size keeping its least
+        # (another process only ever adds time). Those least times fall over the starts, so a
+        # size timed again is typically slower than what is kept: the check is against that
+        # typical ratio (``drift``, a mean over the last starts), or a noisy machine would one
+        # day throw away a good entry.
         ratios = [min(fresh[n]) / quiet[n] for n in fresh if n in quiet]
         drift = known.get("drift", 0.0)
         if ratios:
