@@ -89,6 +89,7 @@ class Sim:
                     assert [st.data[p] for p in range(len(slot.held))] == list(slot.held)
         for s in sched.running:
             assert self.kv.streams[s.seq_id].used == set(range(s.n_computed))
+        assert sched.cells_used() == sum(len(sched._content(slot)) for slot in sched.slots)  # counted, as listed
 
     def run(self, max_steps: int = 20_000) -> None:
         for _ in range(max_steps):

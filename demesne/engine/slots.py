@@ -190,7 +190,8 @@ class SlotScheduler:
         return sum(s.n_remaining > 1 for s in self.running) + min(len(self.waiting), free)
 
     def cells_used(self) -> int:
-        return sum(len(self._content(s)) for s in self.slots)
+        # (counted, not listed: _content makes an array of a running sequence's tokens)
+        return sum(len(s.held) if s.owner is None else s.owner.n_computed for s in self.slots)
 
     def spare_cells(self, n_planned: int) -> int:
         """Cells left for draft tokens: a request's stream holds its prompt and max_tokens, and
