@@ -48,7 +48,6 @@ from .runner import ModelRunner
 log = logging.getLogger("demesne.engine")
 
 IDLE_WAIT = 0.1  # seconds the step loop blocks for new work when it has none
-_NOBLOCK, _MORE_NOBLOCK = int(zmq.NOBLOCK), int(zmq.SNDMORE | zmq.NOBLOCK)
 IO_WAIT = 0.1  # seconds the I/O thread waits for frames before its housekeeping
 STATS_EVERY = 0.1  # seconds between refreshes of the counters Pongs carry
 SEND_HWM = 100_000  # frames queued for one slow gateway before ZeroMQ would drop them
@@ -274,10 +273,7 @@ class EngineIO(threading.Thread):
     def _send_frame(self, client: bytes, frame: bytes) -> None:
         with self.lock:
             try:
-                # Two sends, not send_multipart: its flags are enum members, whose ``|`` costs
-                # more than the send itself (this runs once per step).
-                self.sock.send(client, _MORE_NOBLOCK)
-                self.sock.send(frame, _NOBLOCK)
+                sockets.send_to(self.sock, client, frame)
             except zmq.ZMQError as exc:  # EHOSTUNREACH: it disconnected; EAGAIN: it stopped reading
                 self.awaiting_bye.discard(client)
                 self._unreachable[client] = exc.strerror  # forgotten by the I/O thread

@@ -70,7 +70,7 @@ class Sampler:
         self._top_k = np.full(max_rows, n_vocab, np.int64)
         self._min_p = np.zeros(max_rows)
         self._greedy = np.ones(max_rows, bool)
-        self._prepared = (0, True)  # rows prepared, and whether all of them are greedy
+        self._all_greedy = True  # every row prepared is greedy
         # One open row's probabilities as (depth, stripe); the padding past n_vocab stays 0.
         self._probs = np.zeros((-(-n_vocab // _STRIPES), _STRIPES), np.float32)
         self._row = self._probs.reshape(-1)[:n_vocab]
@@ -79,7 +79,7 @@ class Sampler:
 
     def prepare(self, params: list[SamplingParams]) -> None:
         """Gather the rows' parameters for the coming :meth:`sample` call."""
-        self._prepared = (len(params), all(p.greedy for p in params))
+        self._all_greedy = all(p.greedy for p in params)  # (numpy's all() costs more on a few rows)
         for i, p in enumerate(params):
             self._greedy[i] = p.greedy
             self._temp[i] = p.temperature if not p.greedy else 1.0
@@ -97,8 +97,7 @@ class Sampler:
         else:  # row by row: a gather would copy a vocabulary's worth of floats per row
             best = np.fromiter((logits[r].argmax() for r in rows), np.int64, len(rows))
         n = len(rows)
-        prepared, greedy = self._prepared
-        if greedy if n == prepared else self._greedy[:n].all():  # (numpy's all() costs more on a few rows)
+        if self._all_greedy:
             return best
         for i in np.flatnonzero(~self._greedy[:n]):
             x = logits[rows[i]]
